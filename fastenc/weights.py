@@ -300,20 +300,28 @@ def save_checkpoint(model, directory: str | os.PathLike, *, extra_files: dict[st
     config["torch_dtype"] = str(model.compute_dtype).removeprefix("torch.")
 
     def write(name: str, writer: Callable[[Path], None]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            writer(Path(tmp))
-            os.replace(tmp, directory / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(directory / name, writer)
 
     write(WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt", "layout": "fastenc"}))
     write(CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     for name, writer in (extra_files or {}).items():
         write(name, writer)
     return directory
+
+
+def atomic_write(target: Path, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(tmp)`` on a temporary name beside ``target``, then rename it into place."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
 
 
 def check_config_matches(cfg: EncoderConfig, size_cfg: EncoderConfig, where: Path) -> None:

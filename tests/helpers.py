@@ -101,3 +101,28 @@ def make_t5_tokenizer_json(directory: str | Path, vocab_size: int = 300) -> Path
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     return path
+
+
+def make_t5_spiece_model(directory: str | Path, vocab_size: int = 150) -> Path:
+    """Write a tiny T5-style SentencePiece ``spiece.model`` (pad=0, eos=1, unk=2, no bos) into ``directory``.
+
+    Needs the ``sentencepiece`` package; returns the model's path.
+    """
+    import sentencepiece as spm
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS.splitlines() + PROMPTS),
+        model_prefix=str(directory / "spiece"),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    (directory / "spiece.vocab").unlink(missing_ok=True)
+    return directory / "spiece.model"

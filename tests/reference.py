@@ -37,12 +37,10 @@ class Reference(nn.Module):
 
         torch.manual_seed(seed)
         self.encoder = T5EncoderModel(hf_config(cfg)).eval()
-        with torch.no_grad():  # transformers' init leaves some tensors tiny; spread everything out
+        with torch.no_grad():  # transformers' T5 init, plus norm weights that are not all ones
             for name, p in self.encoder.named_parameters():
                 if "layer_norm" in name:
                     p.uniform_(0.5, 1.5)
-                elif p.dim() == 2:
-                    p.normal_(0.0, 1.0 if "shared" in name or "relative" in name else p.shape[1] ** -0.5)
         self.final_projection = None
         if cfg.projection_dim:
             P = cfg.projection_dim

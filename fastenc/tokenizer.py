@@ -1,0 +1,289 @@
+"""T5 SentencePiece (unigram) tokenizer wrapper with per-target padding and truncation.
+
+The result of :meth:`Tokenizer.__call__` equals what diffusers gets from
+``T5TokenizerFast(prompts, padding="max_length", max_length=L, truncation=True)``:
+ids end with ``</s>`` (the tokenizer.json post-processor appends it, and truncation keeps it),
+padding uses the tokenizer's pad id (0 for T5), the attention mask is 1 for tokens
+including ``</s>`` and 0 for padding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import processors
+
+from .config import max_length_for
+from .errors import ConfigError, InputError
+
+logger = logging.getLogger("fastenc")
+
+#: Subfolders of a diffusers pipeline that may hold the T5 tokenizer (Flux, SD3, PixArt), in search order.
+PIPELINE_SUBFOLDERS = ("tokenizer_2", "tokenizer_3", "tokenizer")
+PADDING_MODES = ("max_length", "longest")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token ids and mask for a batch of prompts.
+
+    ``input_ids``/``attention_mask``: ``torch.long`` ``[B, L]``; ``num_truncated`` prompts
+    (at indices ``truncated``) were longer than ``max_length`` and lost their tail.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    num_truncated: int = 0
+    truncated: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        """Copy of the batch with both tensors on ``device``."""
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.num_truncated, list(self.truncated))
+
+
+def _special_token(config: dict[str, Any], name: str, default: str) -> str:
+    value = config.get(name, default)
+    if isinstance(value, dict):  # AddedToken serialisation: {"content": "<pad>", ...}
+        value = value.get("content", default)
+    return str(value) if value else default
+
+
+class Tokenizer:
+    """A T5 SentencePiece tokenizer (a ``tokenizers.Tokenizer``) with diffusers-style batching.
+
+    Thread-safe: the wrapped tokenizer's padding/truncation state is never mutated per call.
+    """
+
+    def __init__(self, tokenizer: _HFTokenizer, *, pad_token: str = "<pad>", eos_token: str = "</s>") -> None:
+        self._tok = tokenizer
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        pad_id, eos_id = tokenizer.token_to_id(pad_token), tokenizer.token_to_id(eos_token)
+        if pad_id is None or eos_id is None:
+            missing = pad_token if pad_id is None else eos_token
+            raise ConfigError(f"tokenizer has no {missing!r} token; is it a T5 SentencePiece tokenizer?")
+        self._pad_id, self._eos_id = pad_id, eos_id
+        if self._tok.post_processor is None:  # T5 always appends </s>; transformers adds the same template
+            logger.info("tokenizer.json has no post-processor; appending %r like T5TokenizerFast", eos_token)
+            self._tok.post_processor = processors.TemplateProcessing(
+                single=["$A", eos_token], pair=["$A", eos_token, "$B", eos_token], special_tokens=[(eos_token, eos_id)]
+            )
+        self._num_special = self._tok.post_processor.num_special_tokens_to_add(False)
+
+    # ---- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        """Load a ``tokenizer.json``; special tokens come from a ``tokenizer_config.json`` beside it, if any."""
+        path = Path(path)
+        try:
+            tok = _HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses for bad JSON
+            raise ConfigError(f"{path}: not a valid tokenizer.json ({exc})") from None
+        config: dict[str, Any] = {}
+        cfg_path = path.parent / "tokenizer_config.json"
+        if cfg_path.is_file():
+            try:
+                config = json.loads(cfg_path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                logger.warning("ignoring unreadable %s (%s)", cfg_path, exc)
+        return cls(tok, pad_token=_special_token(config, "pad_token", "<pad>"), eos_token=_special_token(config, "eos_token", "</s>"))
+
+    @classmethod
+    def from_spiece(cls, path: str | Path) -> "Tokenizer":
+        """Convert a SentencePiece ``spiece.model`` through ``transformers.T5TokenizerFast`` (needs transformers+sentencepiece)."""
+        path = Path(path)
+        try:
+            from transformers import T5TokenizerFast
+            import sentencepiece  # noqa: F401  (the conversion needs it)
+        except ImportError as exc:
+            raise ConfigError(
+                f"{path.parent} has spiece.model but no tokenizer.json; converting it needs transformers and "
+                f"sentencepiece ({exc}). Install them (pip install 'fastenc[diffusers]') or pass a folder with tokenizer.json"
+            ) from None
+        try:  # from_pretrained converts in transformers 4 and 5 (5's __init__ ignores vocab_file)
+            if path.name == "spiece.model":
+                hf = T5TokenizerFast.from_pretrained(str(path.parent), local_files_only=True)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copyfile(path, Path(tmp) / "spiece.model")
+                    hf = T5TokenizerFast.from_pretrained(tmp, local_files_only=True)
+        except Exception as exc:
+            raise ConfigError(f"{path}: could not convert spiece.model ({exc})") from None
+        return cls(hf.backend_tokenizer, pad_token=str(hf.pad_token), eos_token=str(hf.eos_token))
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, subfolder: str | None = None) -> "Tokenizer":
+        """Load the T5 tokenizer from a folder, a diffusers pipeline folder, a file, or a hub id.
+
+        Local folders are searched for ``tokenizer.json`` (or ``spiece.model``) in ``subfolder`` if
+        given, else in the folder itself, then ``tokenizer_2/``, ``tokenizer_3/``, ``tokenizer/``;
+        a ``tokenizer.json`` whose model is not Unigram (e.g. SD3's CLIP tokenizers) is skipped.
+        A path that does not exist but looks like ``owner/name`` is fetched from the hub.
+        """
+        path = Path(source).expanduser()
+        if path.is_file():
+            return cls.from_spiece(path) if path.suffix == ".model" else cls.from_file(path)
+        if path.is_dir():
+            names = [subfolder] if subfolder is not None else ["", *PIPELINE_SUBFOLDERS]
+            skipped: list[str] = []
+            for name in names:
+                folder = path / name if name else path
+                if (folder / "tokenizer.json").is_file():
+                    kind = _model_type(folder / "tokenizer.json")
+                    if kind == "Unigram":
+                        return cls.from_file(folder / "tokenizer.json")
+                    skipped.append(f"{folder / 'tokenizer.json'} ({kind} model, not T5 SentencePiece)")
+                elif (folder / "spiece.model").is_file():
+                    return cls.from_spiece(folder / "spiece.model")
+            looked = ", ".join(str(path / n) if n else str(path) for n in names)
+            extra = f"; skipped {'; '.join(skipped)}" if skipped else ""
+            raise ConfigError(f"no T5 tokenizer.json or spiece.model found in {looked}{extra}")
+        text = str(source)
+        if not _HUB_ID.match(text) or ".." in text or "--" in text:
+            raise ConfigError(f"tokenizer path {text!r} does not exist (and is not a Hugging Face hub id)")
+        return cls.from_file(_download(text, subfolder))
+
+    # ---- encoding -----------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        target: str = "flux-dev",
+        max_length: int | None = None,
+        padding: str = "max_length",
+    ) -> TokenBatch:
+        """Tokenize ``prompts`` to ``[B, L]`` ids and mask, ``L`` = ``max_length`` or the target's length.
+
+        ``padding="max_length"`` pads to ``L``; ``"longest"`` pads to the longest prompt (at most ``L``).
+        Prompts longer than ``L`` tokens are cut to ``L - 1`` tokens plus ``</s>``, with a warning.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise InputError("Tokenizer got an empty prompt list")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise InputError(f"prompt {i} is {type(prompt).__name__}, expected str")
+        length = max_length_for(target) if max_length is None else max_length
+        if not isinstance(length, int) or isinstance(length, bool) or length < max(1, self._num_special):
+            raise ConfigError(f"max_length must be an integer >= {max(1, self._num_special)}, got {length!r}")
+        if padding not in PADDING_MODES:
+            raise ConfigError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+
+        keep = length - self._num_special
+        rows: list[list[int]] = []
+        truncated: list[int] = []
+        for i, enc in enumerate(self._tok.encode_batch(prompts, add_special_tokens=False)):
+            if len(enc.ids) > keep:
+                truncated.append(i)
+                enc.truncate(keep)
+            rows.append(self._tok.post_process(enc).ids)
+        if truncated:
+            logger.warning("%d of %d prompts were longer than %d tokens and were truncated", len(truncated), len(prompts), length)
+        width = length if padding == "max_length" else max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, : len(row)] = 1
+        return TokenBatch(input_ids, attention_mask, len(truncated), truncated)
+
+    def decode(self, ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> str | list[str]:
+        """Ids back to text: one string for a 1-D sequence, a list of strings for ``[B, L]``."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        ids = list(ids)
+        if ids and isinstance(ids[0], (list, tuple)):
+            return self._tok.decode_batch([list(map(int, r)) for r in ids], skip_special_tokens=skip_special_tokens)
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # ---- properties / saving ------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (32100 for T5; the model's table is 32128)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The wrapped ``tokenizers.Tokenizer`` (do not enable padding/truncation on it)."""
+        return self._tok
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``directory/tokenizer.json`` atomically (temp file, then ``os.replace``); returns its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / "tokenizer.json"
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer.", suffix=".json.tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self._tok.to_str(pretty=True))
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+
+def _model_type(path: Path) -> str:
+    """The ``model.type`` of a tokenizer.json ("Unigram" for T5), or "unreadable"."""
+    try:
+        model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+    except (OSError, ValueError):
+        return "unreadable"
+    return str(model.get("type", "unknown")) if isinstance(model, dict) else "unknown"
+
+
+def _download(repo_id: str, subfolder: str | None) -> Path:
+    """Fetch a Unigram ``tokenizer.json`` from hub repo ``repo_id`` (root, then pipeline subfolders)."""
+    hint = (
+        "pass a local folder that contains tokenizer.json instead (e.g. a Flux pipeline's tokenizer_2 folder, "
+        "or the folder where Tokenizer.save() wrote one)"
+    )
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError as exc:
+        raise ConfigError(f"cannot download {repo_id!r} without huggingface_hub ({exc}); {hint}") from None
+    names = [subfolder] if subfolder is not None else [None, *PIPELINE_SUBFOLDERS]
+    failure = "tokenizer.json not found in the repo or its tokenizer_2/, tokenizer_3/, tokenizer/ subfolders"
+    for name in names:
+        try:
+            file = Path(hf_hub_download(repo_id, "tokenizer.json", subfolder=name))
+        except LocalEntryNotFoundError as exc:  # offline / unreachable and not cached: try the next location
+            failure = f"not available offline or hub unreachable: {exc}"
+            continue
+        except EntryNotFoundError:  # the repo exists but has no such file
+            continue
+        except Exception as exc:  # repo not found, auth, network, ...
+            failure = f"{type(exc).__name__}: {exc}"
+            break
+        if _model_type(file) == "Unigram":
+            return file
+        logger.info("skipping %s: not a T5 SentencePiece tokenizer", file)
+    raise ConfigError(f"could not download a T5 tokenizer.json from Hugging Face hub repo {repo_id!r} ({failure}); {hint}")
