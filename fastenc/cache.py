@@ -107,7 +107,9 @@ class EmbeddingCache:
     def put(self, k: CacheKey, embeds: torch.Tensor, mask: torch.Tensor) -> None:
         """Store one prompt's ``embeds [L, P]`` and ``mask [L]`` (copied to the CPU)."""
         if embeds.dim() != 2 or mask.dim() != 1 or embeds.shape[0] != mask.shape[0]:
-            raise InputError(f"cache entries are embeds [L, P] and mask [L], got {tuple(embeds.shape)} and {tuple(mask.shape)}")
+            raise InputError(
+                f"cache entries are embeds [L, P] and mask [L], got {tuple(embeds.shape)} and {tuple(mask.shape)}"
+            )
         entry = (embeds.detach().to("cpu", copy=True).contiguous(), mask.detach().to("cpu", copy=True).contiguous())
         with self._lock:
             self._insert(k, entry)
@@ -140,7 +142,8 @@ class EmbeddingCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
         try:
-            save_file({"embeds": entry[0], "mask": entry[1]}, tmp, metadata={"key": json.dumps(list(k), ensure_ascii=False)})
+            metadata = {"key": json.dumps(list(k), ensure_ascii=False)}
+            save_file({"embeds": entry[0], "mask": entry[1]}, tmp, metadata=metadata)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -52,7 +52,9 @@ class TokenBatch:
 
     def to(self, device: torch.device | str) -> "TokenBatch":
         """Copy of the batch with both tensors on ``device``."""
-        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.num_truncated, list(self.truncated))
+        return TokenBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.num_truncated, list(self.truncated)
+        )
 
 
 def _special_token(config: dict[str, Any], name: str, default: str) -> str:
@@ -101,11 +103,12 @@ class Tokenizer:
                 config = json.loads(cfg_path.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 logger.warning("ignoring unreadable %s (%s)", cfg_path, exc)
-        return cls(tok, pad_token=_special_token(config, "pad_token", "<pad>"), eos_token=_special_token(config, "eos_token", "</s>"))
+        pad, eos = _special_token(config, "pad_token", "<pad>"), _special_token(config, "eos_token", "</s>")
+        return cls(tok, pad_token=pad, eos_token=eos)
 
     @classmethod
     def from_spiece(cls, path: str | Path) -> "Tokenizer":
-        """Convert a SentencePiece ``spiece.model`` through ``transformers.T5TokenizerFast`` (needs transformers+sentencepiece)."""
+        """Convert a SentencePiece ``spiece.model`` via transformers' T5TokenizerFast (needs sentencepiece)."""
         path = Path(path)
         try:
             from transformers import T5TokenizerFast
@@ -113,7 +116,8 @@ class Tokenizer:
         except ImportError as exc:
             raise ConfigError(
                 f"{path.parent} has spiece.model but no tokenizer.json; converting it needs transformers and "
-                f"sentencepiece ({exc}). Install them (pip install 'fastenc[diffusers]') or pass a folder with tokenizer.json"
+                f"sentencepiece ({exc}). Install them (pip install 'fastenc[diffusers]') "
+                "or pass a folder with tokenizer.json"
             ) from None
         try:  # from_pretrained converts in transformers 4 and 5 (5's __init__ ignores vocab_file)
             if path.name == "spiece.model":
@@ -196,7 +200,9 @@ class Tokenizer:
                 enc.truncate(keep)
             rows.append(self._tok.post_process(enc).ids)
         if truncated:
-            logger.warning("%d of %d prompts were longer than %d tokens and were truncated", len(truncated), len(prompts), length)
+            logger.warning(
+                "%d of %d prompts were longer than %d tokens and were truncated", len(truncated), len(prompts), length
+            )
         width = length if padding == "max_length" else max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -205,7 +211,9 @@ class Tokenizer:
             attention_mask[i, : len(row)] = 1
         return TokenBatch(input_ids, attention_mask, len(truncated), truncated)
 
-    def decode(self, ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> str | list[str]:
+    def decode(
+        self, ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], *, skip_special_tokens: bool = True
+    ) -> str | list[str]:
         """Ids back to text: one string for a 1-D sequence, a list of strings for ``[B, L]``."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
@@ -286,4 +294,6 @@ def _download(repo_id: str, subfolder: str | None) -> Path:
         if _model_type(file) == "Unigram":
             return file
         logger.info("skipping %s: not a T5 SentencePiece tokenizer", file)
-    raise ConfigError(f"could not download a T5 tokenizer.json from Hugging Face hub repo {repo_id!r} ({failure}); {hint}")
+    raise ConfigError(
+        f"could not download a T5 tokenizer.json from Hugging Face hub repo {repo_id!r} ({failure}); {hint}"
+    )

@@ -14,7 +14,7 @@ from fastenc.cache import CacheStats, EmbeddingCache, key
 from fastenc.errors import ConfigError, InputError
 
 
-def _entry(seed: int, length: int = 8, dim: int = 6, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def _entry(seed: int, length: int = 8, dim: int = 6, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(length, dtype=torch.long)
     mask[: 3 + seed % 4] = 1

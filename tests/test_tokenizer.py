@@ -67,7 +67,9 @@ def test_matches_t5_tokenizer_fast(tok: Tokenizer, hf, max_length: int, padding:
     assert got.truncated == expected and got.num_truncated == len(expected)
 
 
-@pytest.mark.parametrize("target, length", [("flux-dev", 512), ("flux-schnell", 256), ("sd3", 256), ("pixart-alpha", 120)])
+@pytest.mark.parametrize(
+    "target, length", [("flux-dev", 512), ("flux-schnell", 256), ("sd3", 256), ("pixart-alpha", 120)]
+)
 def test_target_lengths(tok: Tokenizer, hf, target: str, length: int) -> None:
     got = tok(PROMPTS, target=target)
     ref = hf(PROMPTS, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
@@ -116,12 +118,12 @@ def test_properties_decode_and_save(tok: Tokenizer, hf, tmp_path: Path) -> None:
     batch = tok(["a cat", "a dog on the beach"], max_length=16)
     assert tok.decode(batch.input_ids[0]) == "a cat"
     assert tok.decode(batch.input_ids) == ["a cat", "a dog on the beach"]
-    assert tok.decode([4], skip_special_tokens=False) != tok.decode(batch.input_ids[0].tolist(), skip_special_tokens=False)
+    assert tok.decode(batch.input_ids[0], skip_special_tokens=False).startswith("a cat</s>")
     saved = tok.save(tmp_path / "out")
-    assert saved == tmp_path / "out" / "tokenizer.json" and sorted(p.name for p in saved.parent.iterdir()) == ["tokenizer.json"]
+    assert saved == tmp_path / "out" / "tokenizer.json"
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["tokenizer.json"]  # no temp file left
     again = Tokenizer.from_pretrained(tmp_path / "out")
-    assert torch.equal(again(PROMPTS, max_length=16).input_ids, batch_ids := tok(PROMPTS, max_length=16).input_ids)
-    assert batch_ids.shape == (len(PROMPTS), 16)
+    assert torch.equal(again(PROMPTS, max_length=16).input_ids, tok(PROMPTS, max_length=16).input_ids)
 
 
 # ---- input validation ------------------------------------------------------------------
