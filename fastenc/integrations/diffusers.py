@@ -1,0 +1,117 @@
+"""Put a fastenc encoder into a diffusers pipeline's T5 slot (Flux*, StableDiffusion3*, PixArt*).
+
+The pipeline itself is left as it is: its own T5 tokenizer still produces the ids, and it calls the
+encoder exactly as it called T5 (PixArt with the attention mask, Flux and SD3 without).
+
+    pipe = FluxPipeline.from_pretrained(repo, text_encoder_2=T5Replacement(encoder), torch_dtype=torch.bfloat16)
+    # or, on a loaded pipeline:
+    use_in_pipeline(pipe, encoder)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from ..api import Encoder
+from ..errors import ConfigError
+from .text_encoder import T5Replacement
+
+log = logging.getLogger("fastenc")
+
+__all__ = ["T5_SLOTS", "find_t5_slot", "expected_embedding_dims", "use_in_pipeline"]
+
+#: (pipeline class-name prefix, T5 encoder slot, its tokenizer slot); matched along the class's MRO.
+T5_SLOTS: tuple[tuple[str, str, str], ...] = (
+    ("Flux", "text_encoder_2", "tokenizer_2"),
+    ("StableDiffusion3", "text_encoder_3", "tokenizer_3"),
+    ("PixArt", "text_encoder", "tokenizer"),
+)
+#: Config fields of the denoiser (and its controlnets) giving the embedding width it expects from T5.
+DIM_FIELDS = ("joint_attention_dim", "caption_channels")
+DENOISER_SLOTS = ("transformer", "controlnet")
+T5_MODEL_TYPES = frozenset({"t5", "umt5", "fastenc"})
+
+
+def _tokenizer_slot(encoder_slot: str) -> str:
+    return "tokenizer" + encoder_slot.removeprefix("text_encoder")
+
+
+def find_t5_slot(pipe) -> tuple[str, str]:
+    """``(encoder slot, tokenizer slot)`` holding T5 in ``pipe``; ConfigError when there is none."""
+    components = pipe.components
+    for cls in type(pipe).__mro__:
+        for prefix, enc_slot, tok_slot in T5_SLOTS:
+            if cls.__name__.startswith(prefix) and enc_slot in components:
+                return enc_slot, tok_slot
+    holding_t5 = [name for name, module in components.items() if name.startswith("text_encoder")
+                  and getattr(getattr(module, "config", None), "model_type", None) in T5_MODEL_TYPES]
+    if len(holding_t5) == 1:
+        return holding_t5[0], _tokenizer_slot(holding_t5[0])
+    known = ", ".join(f"{prefix}*: {enc}" for prefix, enc, _ in T5_SLOTS)
+    raise ConfigError(f"cannot tell which component of {type(pipe).__name__} is its T5 text encoder "
+                      f"(known: {known}); pass slot='text_encoder_N'")
+
+
+def expected_embedding_dims(pipe) -> list[tuple[str, int]]:
+    """``[(where, width)]``: the embedding widths the pipeline's transformer and controlnets expect."""
+    dims = []
+    for name in DENOISER_SLOTS:
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        nets = getattr(module, "nets", None)  # multi-controlnet wrappers hold a ModuleList of nets
+        members = [(f"{name}.nets[{i}]", net) for i, net in enumerate(nets)] if nets is not None else [(name, module)]
+        for where, net in members:
+            cfg = getattr(net, "config", None)
+            for field in DIM_FIELDS:
+                value = getattr(cfg, field, None)
+                if isinstance(value, int):
+                    dims.append((f"{where}.config.{field}", value))
+    return dims
+
+
+def use_in_pipeline(pipe, encoder: Encoder | T5Replacement, *, slot: str | None = None, match_dtype: bool = True):
+    """Replace the T5 text encoder of ``pipe`` with ``encoder``; returns ``pipe``.
+
+    Checks before changing anything: the encoder's projection dim equals every width the transformer
+    (and controlnets) expect, the pipeline still has its T5 tokenizer, and that tokenizer's ids fit the
+    encoder's vocabulary. With ``match_dtype`` the encoder is cast to the transformer's dtype (the
+    pipelines feed the transformer embeddings in the text encoder's dtype).
+    """
+    adapter = encoder if isinstance(encoder, T5Replacement) else T5Replacement(encoder)
+    name = type(pipe).__name__
+    if slot is None:
+        slot, tok_slot = find_t5_slot(pipe)
+    elif slot not in pipe.components:
+        raise ConfigError(f"{name} has no component {slot!r}; its components: {', '.join(pipe.components)}")
+    else:
+        tok_slot = _tokenizer_slot(slot)
+
+    dim = adapter.projection_dim
+    for where, want in expected_embedding_dims(pipe):
+        if want != dim:
+            raise ConfigError(f"the fastenc encoder projects to {dim} dims but {name}.{where} is {want}; "
+                              f"use a checkpoint whose projection dim is {want}")
+    tokenizer = getattr(pipe, tok_slot, None)
+    if tokenizer is None:
+        raise ConfigError(f"{name}.{tok_slot} is None: the pipeline's T5 tokenizer produces the ids the encoder "
+                          f"reads; load the pipeline with its {tok_slot}")
+    vocab = adapter.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"{name}.{tok_slot} has {len(tokenizer)} tokens but the fastenc encoder's vocab_size "
+                          f"is {vocab}; it needs the T5 vocabulary the encoder was trained with")
+
+    old = getattr(pipe, slot, None)
+    if old is not None and any(hasattr(m, "_hf_hook") for m in old.modules()):
+        log.warning("%s.%s had offload hooks; call enable_model_cpu_offload() again so the fastenc encoder "
+                    "gets them too", name, slot)
+    transformer = getattr(pipe, "transformer", None)
+    if match_dtype and isinstance(transformer, nn.Module) and transformer.dtype != adapter.dtype:
+        log.info("casting the fastenc encoder from %s to %s to match %s.transformer", adapter.dtype,
+                 transformer.dtype, name)
+        adapter.to(transformer.dtype)
+    pipe.register_modules(**{slot: adapter})
+    log.info("%s.%s is now fastenc %s (%d-dim embeddings)", name, slot, adapter.encoder.config.name, dim)
+    return pipe

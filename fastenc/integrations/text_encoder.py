@@ -1,0 +1,165 @@
+"""``T5Replacement``: a fastenc :class:`~fastenc.Encoder` behind the interface diffusers expects of T5.
+
+Diffusers pipelines call their T5 slot as ``text_encoder(input_ids, attention_mask=...)`` (some add
+``output_hidden_states=False``), read ``[0]`` or ``.last_hidden_state``, cast the result to
+``text_encoder.dtype`` and place inputs on ``text_encoder.device``. ``DiffusionPipeline.from_pretrained``
+only accepts a passed-in component for a slot declared as a transformers model if it subclasses
+``transformers.PreTrainedModel``, so the adapter does; it owns no transformers layers, only the
+fastenc encoder (an ``nn.Module``, so ``pipe.to`` and accelerate's offload hooks move it).
+Diffusers still logs "Expected types for text_encoder_2: T5EncoderModel" when one is passed in; that
+check only warns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel  # PreTrainedModel must be a module-level name:
+from transformers.modeling_outputs import BaseModelOutput  # diffusers looks it up here to pick the load method
+
+from ..api import Encoder, load, parse_dtype, save
+from ..errors import ConfigError, InputError
+
+log = logging.getLogger("fastenc")
+
+__all__ = ["T5Replacement", "T5ReplacementConfig"]
+
+
+class T5ReplacementConfig(PretrainedConfig):
+    """Describes the adapter: ``hidden_size`` is the width of ``last_hidden_state`` (the projection dim)."""
+
+    model_type = "fastenc"
+
+    def __init__(self, hidden_size: int = 4096, vocab_size: int = 32128, encoder: dict | None = None, **kwargs):
+        self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
+        self.encoder = encoder or {}  # fastenc EncoderConfig as a transformers-style T5 dict
+        super().__init__(**kwargs)
+
+
+class T5Replacement(PreTrainedModel):
+    """Wraps a fastenc encoder so it can sit in a diffusers pipeline's T5 slot.
+
+    ``forward(input_ids [B, L], attention_mask [B, L] | None)`` returns a ``BaseModelOutput`` whose
+    ``last_hidden_state`` (also ``[0]``) holds the projected embeddings ``[B, L, P]`` in ``self.dtype``.
+    The mask is used when the pipeline passes one (PixArt) and not otherwise (Flux, SD3), as with T5.
+    """
+
+    config_class = T5ReplacementConfig
+    base_model_prefix = "fastenc"
+    main_input_name = "input_ids"
+
+    def __init__(self, encoder: Encoder):
+        if not isinstance(encoder, Encoder):
+            raise ConfigError(f"T5Replacement wraps a fastenc.Encoder (from fastenc.load), "
+                              f"got {type(encoder).__name__}")
+        cfg = encoder.config
+        super().__init__(T5ReplacementConfig(hidden_size=cfg.output_dim, vocab_size=cfg.vocab_size,
+                                             encoder=cfg.to_hf_dict()))
+        self.encoder = encoder
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Weights come from the fastenc checkpoint; transformers' initialisation must never touch them."""
+
+    # ---- what pipelines read ----------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @property
+    def projection_dim(self) -> int:
+        """Width of the embeddings handed to the diffusion transformer."""
+        return self.encoder.config.output_dim
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutput | tuple[torch.Tensor]:
+        if inputs_embeds is not None:
+            raise InputError("T5Replacement takes input_ids, not inputs_embeds")
+        if output_attentions or output_hidden_states:
+            flag = "output_attentions" if output_attentions else "output_hidden_states"
+            raise InputError(f"T5Replacement returns only the final projected embeddings; {flag}=True is not supported")
+        unknown = sorted(k for k, v in kwargs.items() if v is not None)
+        if unknown:
+            raise InputError(f"T5Replacement.forward got unsupported arguments: {', '.join(unknown)}")
+        embeds = self.encoder(input_ids, attention_mask).to(self.dtype)  # [B, L, P]
+        if return_dict is False:
+            return (embeds,)
+        return BaseModelOutput(last_hidden_state=embeds)
+
+    # ---- dtype / device moves (fp16 keeps T5's FFN output projection in fp32) --------------
+
+    def to(self, *args: Any, **kwargs: Any) -> "T5Replacement":
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        non_blocking = bool(kwargs.pop("non_blocking", False))
+        if kwargs:
+            raise InputError(f"T5Replacement.to got unsupported arguments: {', '.join(sorted(kwargs))}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif isinstance(arg, torch.Tensor):
+                device, dtype = arg.device, arg.dtype
+            elif arg is not None:
+                device = arg
+        if device is not None:
+            nn.Module.to(self, device=torch.device(device), non_blocking=non_blocking)
+        if dtype is not None and dtype != self.dtype:
+            self.encoder.model.cast(parse_dtype(dtype, self.device))
+        return self
+
+    def half(self) -> "T5Replacement":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "T5Replacement":
+        return self.to(torch.bfloat16)
+
+    def float(self) -> "T5Replacement":
+        return self.to(torch.float32)
+
+    # ---- save / load, so pipe.save_pretrained and DiffusionPipeline.from_pretrained round-trip ----
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the encoder in fastenc's format (config.json + model.safetensors [+ tokenizer.json])."""
+        if kwargs:
+            log.debug("T5Replacement.save_pretrained ignores %s", ", ".join(sorted(kwargs)))
+        save(self.encoder, save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        backend: str = "auto",
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> "T5Replacement":
+        """Load any checkpoint ``fastenc.load`` reads. Diffusers' loader options (device_map,
+        low_cpu_mem_usage, variant, ...) do not apply and are ignored; the encoder loads on the CPU
+        unless ``device`` says otherwise, as diffusers components do before ``pipe.to(...)``."""
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ConfigError(f"pass dtype or torch_dtype, not both ({dtype} vs {torch_dtype})")
+        ignored = sorted(k for k, v in kwargs.items() if v is not None)
+        if ignored:
+            log.debug("T5Replacement.from_pretrained ignores %s", ", ".join(ignored))
+        encoder = load(pretrained_model_name_or_path, dtype=dtype or torch_dtype, device=device or "cpu",
+                       backend=backend, subfolder=subfolder)
+        return cls(encoder)

@@ -1,0 +1,388 @@
+"""fastenc encoders inside real, unmodified diffusers pipelines (tiny random components, offline)."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+import fastenc
+from fastenc.errors import ConfigError, InputError
+from fastenc.integrations import T5Replacement, find_t5_slot, use_in_pipeline
+from fastenc.model import T5Encoder
+from helpers import make_t5_tokenizer_json
+from reference import TINY, hf_config
+
+DIM = 32  # joint_attention_dim / caption_channels of the tiny transformers = the encoder's projection dim
+SEQ = 16  # max_sequence_length used for T5 in every pipeline here
+CFG = TINY.replace(projection_dim=DIM)
+IMAGE = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=SEQ, output_type="np")
+
+
+# ---- components ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("diffusers")
+    make_t5_tokenizer_json(root / "t5_tokenizer")
+    _write_clip_tokenizer(root / "clip_tokenizer")
+    torch.manual_seed(0)
+    fastenc.save(T5Encoder(CFG), root / "encoder")
+    fastenc.save(T5Encoder(TINY), root / "encoder_64")  # projection dim 64: does not fit the tiny DiTs
+    return {"root": root, "t5": root / "t5_tokenizer", "clip": root / "clip_tokenizer",
+            "encoder": root / "encoder", "encoder_64": root / "encoder_64"}
+
+
+def _write_clip_tokenizer(directory: Path) -> None:
+    """A tiny CLIP BPE vocabulary: every character alone and word-final, plus a few merges."""
+    directory.mkdir(parents=True)
+    chars = string.ascii_lowercase + string.digits + ".,'!?-"
+    merges = [("a", "t</w>"), ("c", "at</w>"), ("t", "h"), ("th", "e</w>"), ("o", "n</w>")]
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges)]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77,
+                                                                 "tokenizer_class": "CLIPTokenizer"}))
+
+
+@pytest.fixture
+def encoder(dirs) -> fastenc.Encoder:
+    return fastenc.load(dirs["encoder"], device="cpu", cache=False)
+
+
+@pytest.fixture
+def t5_tokenizer(dirs) -> T5TokenizerFast:
+    return T5TokenizerFast.from_pretrained(dirs["t5"])
+
+
+def _clip(with_projection: bool, hidden: int, projection: int):
+    cfg = CLIPTextConfig(vocab_size=100, hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, projection_dim=projection, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
+
+
+def _vae(latent_channels: int) -> AutoencoderKL:
+    return AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=latent_channels,
+                         norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
+                         scaling_factor=1.5)
+
+
+def _t5():
+    """A real transformers T5 (width DIM) in the slot first, as a loaded pipeline would have it."""
+    return T5EncoderModel(hf_config(CFG)).eval()
+
+
+def _flux_transformer(joint_dim: int = DIM, controlnet: bool = False):
+    cls = FluxControlNetModel if controlnet else FluxTransformer2DModel
+    return cls(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=joint_dim, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+
+
+def make_flux(dirs, controlnet_dim: int | None = None):
+    torch.manual_seed(0)
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(1), text_encoder=_clip(False, 32, 32),
+                 tokenizer=CLIPTokenizer.from_pretrained(dirs["clip"]), text_encoder_2=_t5(),
+                 tokenizer_2=T5TokenizerFast.from_pretrained(dirs["t5"]), transformer=_flux_transformer())
+    if controlnet_dim is None:
+        return FluxPipeline(**parts)
+    return FluxControlNetPipeline(**parts, controlnet=_flux_transformer(controlnet_dim, controlnet=True))
+
+
+def make_pixart(dirs, caption_channels: int = DIM):
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=32, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, cross_attention_dim=16, caption_channels=caption_channels, norm_num_groups=1)
+    return PixArtAlphaPipeline(tokenizer=T5TokenizerFast.from_pretrained(dirs["t5"]), text_encoder=_t5(),
+                               vae=_vae(4), transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+
+
+def make_sd3(dirs):
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=DIM,
+                                        caption_projection_dim=32, pooled_projection_dim=32, out_channels=4)
+    clip_tok = CLIPTokenizer.from_pretrained(dirs["clip"])
+    return StableDiffusion3Pipeline(  # two CLIPs of width 16 fill the 32-wide joint space exactly
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4),
+        text_encoder=_clip(True, 16, 16), tokenizer=clip_tok, text_encoder_2=_clip(True, 16, 16),
+        tokenizer_2=clip_tok, text_encoder_3=_t5(), tokenizer_3=T5TokenizerFast.from_pretrained(dirs["t5"]))
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def capture(module: torch.nn.Module, name: str = "encoder_hidden_states") -> list[torch.Tensor]:
+    """Record the text embeddings a denoiser receives on each call."""
+    seen: list[torch.Tensor] = []
+    module.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs[name].detach().clone()),
+                                     with_kwargs=True)
+    return seen
+
+
+def direct(encoder, tokenizer, prompt: str, *, masked: bool = False, length: int = SEQ) -> torch.Tensor:
+    """The encoder run on the pipeline tokenizer's ids, outside the pipeline: [1, L, P]."""
+    batch = tokenizer([prompt], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return encoder(batch.input_ids, batch.attention_mask if masked else None)
+
+
+def generate(pipe, prompt: str, seed: int = 0, **kwargs) -> np.ndarray:
+    image = pipe(prompt, generator=torch.Generator().manual_seed(seed), **IMAGE, **kwargs).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    return image
+
+
+# ---- Flux ------------------------------------------------------------------------------
+
+
+def test_flux_uses_fastenc_embeddings(dirs, encoder, t5_tokenizer):
+    pipe = make_flux(dirs)
+    assert find_t5_slot(pipe) == ("text_encoder_2", "tokenizer_2")
+    assert use_in_pipeline(pipe, encoder) is pipe
+    adapter = pipe.text_encoder_2
+    assert isinstance(adapter, T5Replacement) and adapter.encoder is encoder
+    assert pipe.config.text_encoder_2 == ("fastenc.integrations.text_encoder", "T5Replacement")
+    assert pipe.components["text_encoder_2"] is adapter and pipe.tokenizer_2 is not None  # tokenizer stays
+
+    with torch.no_grad():
+        embeds, pooled, text_ids = pipe.encode_prompt("a cat", prompt_2=None, max_sequence_length=SEQ)
+    assert embeds.shape == (1, SEQ, DIM) and embeds.dtype == torch.float32
+    torch.testing.assert_close(embeds, direct(encoder, t5_tokenizer, "a cat"), rtol=0, atol=0)
+
+    seen = capture(pipe.transformer)
+    cat = generate(pipe, "a cat")
+    assert len(seen) == 2  # two denoising steps, both conditioned on fastenc's embeddings
+    for hidden in seen:
+        torch.testing.assert_close(hidden, direct(encoder, t5_tokenizer, "a cat"), rtol=0, atol=0)
+    fox = generate(pipe, "a red fox in the snow")
+    assert not torch.equal(seen[-1], seen[0]) and np.abs(cat - fox).max() > 1e-4
+    np.testing.assert_array_equal(generate(pipe, "a cat"), cat)  # deterministic given the seed
+
+
+def test_flux_controlnet(dirs, encoder, t5_tokenizer):
+    pipe = make_flux(dirs, controlnet_dim=DIM)
+    use_in_pipeline(pipe, encoder)
+    to_controlnet, to_transformer = capture(pipe.controlnet), capture(pipe.transformer)
+    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    image = generate(pipe, "a dog on the beach", control_image=control, controlnet_conditioning_scale=0.7)
+    expected = direct(encoder, t5_tokenizer, "a dog on the beach")
+    assert len(to_controlnet) == len(to_transformer) == 2
+    for hidden in to_controlnet + to_transformer:
+        torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+    other = generate(pipe, "a castle on a hill", control_image=control, controlnet_conditioning_scale=0.7)
+    assert np.abs(image - other).max() > 1e-4
+
+
+def _flux_lora(transformer: FluxTransformer2DModel, rank: int = 4) -> dict[str, torch.Tensor]:
+    """peft-format LoRA for the attention projections of every block of the tiny Flux transformer."""
+    gen = torch.Generator().manual_seed(2)
+    state = {}
+    for name, module in transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_k", "attn.to_v")):
+            out_f, in_f = module.weight.shape
+            state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * 0.5
+            state[f"transformer.{name}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.5
+    assert len(state) >= 12
+    return state
+
+
+def test_flux_with_lora(dirs, encoder, t5_tokenizer):
+    pipe = make_flux(dirs)
+    use_in_pipeline(pipe, encoder)
+    plain = generate(pipe, "a cat")
+    pipe.load_lora_weights(_flux_lora(pipe.transformer), adapter_name="tiny")
+    assert pipe.get_active_adapters() == ["tiny"]
+    assert isinstance(pipe.text_encoder_2, T5Replacement)  # LoRA loading left the T5 slot alone
+    seen = capture(pipe.transformer)
+    with_lora = generate(pipe, "a cat")
+    half = generate(pipe, "a cat", joint_attention_kwargs={"scale": 0.5})  # also scales text-encoder LoRA layers
+    assert np.abs(with_lora - plain).max() > 1e-4 and np.abs(half - with_lora).max() > 1e-5
+    for hidden in seen:
+        torch.testing.assert_close(hidden, direct(encoder, t5_tokenizer, "a cat"), rtol=0, atol=0)
+
+
+def test_flux_model_cpu_offload(dirs, encoder):
+    pipe = make_flux(dirs)
+    use_in_pipeline(pipe, encoder)
+    reference = generate(pipe, "a cat")
+    pipe.enable_model_cpu_offload(device="cpu")  # accelerate's hooks; the default device needs an accelerator
+    adapter = pipe.text_encoder_2
+    assert hasattr(adapter, "_hf_hook") and pipe._execution_device.type == "cpu"
+    np.testing.assert_allclose(generate(pipe, "a cat"), reference, atol=1e-6)
+    pipe.maybe_free_model_hooks()
+
+
+def test_from_pretrained_with_component_and_save_round_trip(dirs, encoder, t5_tokenizer, tmp_path):
+    make_flux(dirs).save_pretrained(tmp_path / "flux")  # an ordinary pipeline folder with a T5EncoderModel
+    adapter = T5Replacement(encoder)
+    pipe = FluxPipeline.from_pretrained(tmp_path / "flux", text_encoder_2=adapter)
+    assert pipe.text_encoder_2 is adapter
+    expected = direct(encoder, t5_tokenizer, "a cat")
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.encode_prompt("a cat", None, max_sequence_length=SEQ)[0], expected)
+
+    pipe.save_pretrained(tmp_path / "fast")
+    index = json.loads((tmp_path / "fast" / "model_index.json").read_text())
+    assert index["text_encoder_2"] == ["fastenc.integrations.text_encoder", "T5Replacement"]
+    assert (tmp_path / "fast" / "text_encoder_2" / "model.safetensors").is_file()
+    again = FluxPipeline.from_pretrained(tmp_path / "fast")
+    assert isinstance(again.text_encoder_2, T5Replacement)
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_prompt("a cat", None, max_sequence_length=SEQ)[0], expected,
+                                   rtol=0, atol=0)
+    bf16 = FluxPipeline.from_pretrained(tmp_path / "fast", dtype=torch.bfloat16)
+    assert bf16.text_encoder_2.dtype == torch.bfloat16 == bf16.transformer.dtype
+    # loading without T5 at all, then filling the empty slot
+    bare = FluxPipeline.from_pretrained(tmp_path / "flux", text_encoder_2=None)
+    assert bare.text_encoder_2 is None
+    use_in_pipeline(bare, encoder)
+    with torch.no_grad():
+        torch.testing.assert_close(bare.encode_prompt("a cat", None, max_sequence_length=SEQ)[0], expected,
+                                   rtol=0, atol=0)
+
+
+def test_dtype_follows_the_pipeline(dirs, encoder, t5_tokenizer):
+    pipe = make_flux(dirs)
+    use_in_pipeline(pipe, encoder)
+    fp32 = direct(encoder, t5_tokenizer, "a cat")
+    pipe.to(torch.bfloat16)
+    assert pipe.text_encoder_2.dtype == torch.bfloat16
+    with torch.no_grad():
+        embeds = pipe.encode_prompt("a cat", None, max_sequence_length=SEQ)[0]
+    assert embeds.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(embeds.float(), fp32, dim=-1).min() > 0.99
+    pipe.to(torch.float16, silence_dtype_warnings=True)
+    assert pipe.text_encoder_2.dtype == torch.float16
+    assert encoder.model.blocks[0].ffn.wo.weight.dtype == torch.float32  # T5 overflows fp16 there
+    # an fp32 encoder joining a bf16 pipeline is cast to the transformer's dtype
+    pipe = make_flux(dirs).to(torch.bfloat16)
+    use_in_pipeline(pipe, fastenc.load(dirs["encoder"], device="cpu", cache=False))
+    assert pipe.text_encoder_2.dtype == torch.bfloat16
+
+
+# ---- PixArt-alpha ------------------------------------------------------------------------
+
+
+def test_pixart_passes_the_mask(dirs, encoder, t5_tokenizer):
+    pipe = make_pixart(dirs)
+    assert find_t5_slot(pipe) == ("text_encoder", "tokenizer")
+    use_in_pipeline(pipe, encoder)
+    kwargs = dict(do_classifier_free_guidance=False, clean_caption=False)
+    with torch.no_grad():
+        embeds, mask, _, _ = pipe.encode_prompt("a cat", max_sequence_length=SEQ, **kwargs)
+        long_embeds, long_mask, _, _ = pipe.encode_prompt("a cat", max_sequence_length=SEQ + 8, **kwargs)
+    batch = t5_tokenizer(["a cat"], padding="max_length", max_length=SEQ, return_tensors="pt")
+    assert torch.equal(mask, batch.attention_mask)
+    torch.testing.assert_close(embeds, direct(encoder, t5_tokenizer, "a cat", masked=True), rtol=0, atol=0)
+    n = int(mask.sum())
+    assert 1 < n < SEQ
+    # with the mask passed, more padding leaves the real tokens' embeddings unchanged; without it they move
+    torch.testing.assert_close(long_embeds[:, :n], embeds[:, :n], rtol=1e-5, atol=1e-5)
+    unmasked = direct(encoder, t5_tokenizer, "a cat")
+    assert (unmasked[:, :n] - embeds[:, :n]).abs().max() > 1e-3
+
+    seen = capture(pipe.transformer)
+    kw = dict(use_resolution_binning=False, clean_caption=False, guidance_scale=4.5)
+    cat = generate(pipe, "a cat", **kw)
+    uncond, cond = seen[0].unbind(0)  # classifier-free guidance batches [negative "", prompt]
+    torch.testing.assert_close(cond, embeds[0], rtol=0, atol=0)
+    torch.testing.assert_close(uncond, direct(encoder, t5_tokenizer, "", masked=True)[0], rtol=0, atol=0)
+    assert np.abs(generate(pipe, "a red fox in the snow", **kw) - cat).max() > 1e-4
+
+
+# ---- Stable Diffusion 3 ------------------------------------------------------------------
+
+
+def test_sd3_uses_fastenc_embeddings(dirs, encoder, t5_tokenizer):
+    pipe = make_sd3(dirs)
+    assert find_t5_slot(pipe) == ("text_encoder_3", "tokenizer_3")
+    use_in_pipeline(pipe, encoder)
+    clip_len = pipe.tokenizer_max_length
+    with torch.no_grad():
+        embeds = pipe.encode_prompt("a cat", None, None, do_classifier_free_guidance=False,
+                                    max_sequence_length=SEQ)[0]
+    assert embeds.shape == (1, clip_len + SEQ, DIM)
+    torch.testing.assert_close(embeds[:, clip_len:], direct(encoder, t5_tokenizer, "a cat"), rtol=0, atol=0)
+
+    seen = capture(pipe.transformer)
+    cat = generate(pipe, "a cat", guidance_scale=5.0)
+    torch.testing.assert_close(seen[0][1:, clip_len:], direct(encoder, t5_tokenizer, "a cat"), rtol=0, atol=0)
+    assert np.abs(generate(pipe, "a bowl of fruit", guidance_scale=5.0) - cat).max() > 1e-4
+
+
+# ---- errors and the adapter's own contract -----------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["flux", "pixart", "controlnet"])
+def test_projection_dim_mismatch_names_both_numbers(dirs, case):
+    if case == "flux":
+        pipe, encoder, where = make_flux(dirs), fastenc.load(dirs["encoder_64"], cache=False), "joint_attention_dim"
+        dims = ("64", "32")
+    elif case == "pixart":
+        pipe, encoder, where = make_pixart(dirs), fastenc.load(dirs["encoder_64"], cache=False), "caption_channels"
+        dims = ("64", "32")
+    else:  # the transformer fits, its controlnet does not
+        pipe, encoder, where = make_flux(dirs, controlnet_dim=48), fastenc.load(dirs["encoder"], cache=False), \
+            "controlnet.config.joint_attention_dim"
+        dims = ("32", "48")
+    slot, _ = find_t5_slot(pipe)
+    before = getattr(pipe, slot)
+    with pytest.raises(ConfigError, match=where) as info:
+        use_in_pipeline(pipe, encoder)
+    assert all(d in str(info.value) for d in dims)
+    assert getattr(pipe, slot) is before  # nothing changed
+
+
+def test_other_errors(dirs, encoder):
+    pipe = make_flux(dirs)
+    with pytest.raises(ConfigError, match="text_encoder_9"):
+        use_in_pipeline(pipe, encoder, slot="text_encoder_9")
+    small_vocab = fastenc.load(fastenc.save(T5Encoder(CFG.replace(vocab_size=64)), dirs["root"] / "v64"), cache=False)
+    with pytest.raises(ConfigError, match=r"tokenizer_2 has \d+ tokens .* vocab_size is 64"):
+        use_in_pipeline(pipe, small_vocab)
+    pipe.tokenizer_2 = None
+    with pytest.raises(ConfigError, match="tokenizer_2 is None"):
+        use_in_pipeline(pipe, encoder)
+    with pytest.raises(ConfigError, match="fastenc.Encoder"):
+        T5Replacement(encoder.model)
+
+
+def test_adapter_contract(encoder):
+    adapter = T5Replacement(encoder)
+    ids = torch.tensor([[5, 9, 13, 1, 0, 0]], dtype=torch.int32)
+    out = adapter(ids, output_hidden_states=False)
+    assert out[0] is out.last_hidden_state and out[0].shape == (1, 6, DIM)
+    torch.testing.assert_close(adapter(ids, return_dict=False)[0], out[0], rtol=0, atol=0)
+    assert adapter.device == encoder.device and adapter.dtype == encoder.dtype and adapter.config.hidden_size == DIM
+    with pytest.raises(InputError, match="output_hidden_states"):
+        adapter(ids, output_hidden_states=True)
+    with pytest.raises(InputError, match="out of range"):
+        adapter(torch.tensor([[CFG.vocab_size]]))
