@@ -14,6 +14,7 @@ from torch import nn
 
 from . import weights
 from .backends import op_table, resolve_backend
+from .backends.graph import GRAPH_BACKENDS
 from .cache import EmbeddingCache, key as cache_key
 from .config import TARGET_MAX_LENGTH, EncoderConfig, get_size, max_length_for
 from .errors import ConfigError, InputError
@@ -57,9 +58,10 @@ class Encoder(nn.Module):
     """A loaded text encoder: ``encoder(input_ids, attention_mask)`` -> [B, L, P] embeddings."""
 
     def __init__(self, model: T5Encoder, *, backend: str = "torch", tokenizer=None, source: str = "random-init",
-                 random_init: bool = False, cache: EmbeddingCache | None = None):
+                 random_init: bool = False, cache: EmbeddingCache | None = None, graphs: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.graphs = graphs  # CUDA-graph replay of `model` (triton on CUDA), used when no grad is needed
         self.backend = backend
         self.tokenizer = tokenizer
         self.source = source
@@ -76,7 +78,8 @@ class Encoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed.weight.device
+        device = getattr(self.model, "device", None)  # graph-backend runners carry their device
+        return device if isinstance(device, torch.device) else self.model.embed.weight.device
 
     @property
     def fingerprint(self) -> str:
@@ -93,7 +96,8 @@ class Encoder(nn.Module):
                              f"{tuple(getattr(input_ids, 'shape', ()))}")
         if input_ids.dtype.is_floating_point:
             raise InputError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        if input_ids.device.type == "cpu" and input_ids.numel() and (  # no device sync on GPU inputs
+                int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise InputError(f"input_ids out of range [0, {self.config.vocab_size}): "
                              f"min {int(input_ids.min())}, max {int(input_ids.max())}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -101,6 +105,8 @@ class Encoder(nn.Module):
                              f"{tuple(input_ids.shape)}")
         ids = input_ids.to(self.device, torch.long)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
+        if self.graphs is not None and not torch.is_grad_enabled():
+            return self.graphs(ids, mask)
         return self.model(ids, mask)
 
     @torch.inference_mode()
@@ -149,6 +155,8 @@ def _build_random(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype, 
             if name.endswith("bias"):
                 std = 0.02
             p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for block in model.blocks:  # T5 scales queries by d_kv**-0.5 at init (no 1/sqrt(d) in attention)
+            block.attn.qkv.weight[: cfg.inner_dim].mul_(cfg.d_kv**-0.5)
     return model.cast(dtype)
 
 
@@ -197,8 +205,15 @@ def load(
     subfolder: str | None = None,
     cache: bool | EmbeddingCache = True,
     seed: int = 0,
+    cuda_graphs: bool = True,
 ) -> Encoder:
-    """Load a checkpoint (directory, .safetensors file or hub id) or build a random-init size."""
+    """Load a checkpoint (directory, .safetensors file or hub id) or build a random-init size.
+
+    Graph backends (``onnxruntime``, ``tensorrt``, ``aoti``) load an export directory instead
+    (see ``fastenc export``); ``dtype`` then picks the artifact (``"int8"`` included for ONNX Runtime).
+    """
+    if backend in GRAPH_BACKENDS:
+        return _load_artifact(checkpoint, backend, device, dtype, tokenizer, random_init, cache)
     dev = default_device(device)
     dt = parse_dtype(dtype, dev)
     name = resolve_backend(backend, dev)
@@ -213,14 +228,28 @@ def load(
         path = weights.resolve_checkpoint(checkpoint, subfolder=subfolder)
         model = _load_weights(path, size, dev, dt)
         source, ckpt_dir = str(path.resolve()), (path if path.is_dir() else path.parent)
-    if name in ("torch", "triton"):
-        model.ops = op_table(name, dev)
-    else:
-        raise ConfigError(f"backend {name!r} loads an exported artifact; see `fastenc export`")
+    model.ops = op_table(name, dev)
     model.eval()
+    graphs = None
+    if name == "triton" and dev.type == "cuda" and cuda_graphs:
+        from .kernels.graphs import CudaGraphRunner
+
+        graphs = CudaGraphRunner(model)
     emb_cache = cache if isinstance(cache, EmbeddingCache) else (EmbeddingCache() if cache else None)
     return Encoder(model, backend=name, tokenizer=_find_tokenizer(tokenizer, ckpt_dir), source=source,
-                   random_init=random_init, cache=emb_cache)
+                   random_init=random_init, cache=emb_cache, graphs=graphs)
+
+
+def _load_artifact(directory, backend: str, device, dtype, tokenizer, random_init: bool, cache) -> Encoder:
+    from .backends.graph import exported_from_random_init, load_artifact
+
+    if random_init or directory is None:
+        raise ConfigError(f"backend {backend!r} runs an exported artifact: pass the directory `fastenc export` wrote")
+    path = Path(directory)
+    runner, _ = load_artifact(path, backend, device, dtype)
+    emb_cache = cache if isinstance(cache, EmbeddingCache) else (EmbeddingCache() if cache else None)
+    return Encoder(runner.eval(), backend=backend, tokenizer=_find_tokenizer(tokenizer, path),
+                   source=str(runner.artifact.resolve()), random_init=exported_from_random_init(path), cache=emb_cache)
 
 
 def save(encoder: Encoder | T5Encoder, directory: str | os.PathLike) -> Path:

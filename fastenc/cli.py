@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_commands(sub)
+    try:
+        from .exporters.triton_repo import add_triton_command
+    except ImportError:  # exporters not installed in this build
+        pass
+    else:
+        add_triton_command(sub)
     return parser
 
 

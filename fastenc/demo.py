@@ -2,7 +2,7 @@
 
 Loads a checkpoint (path or hub id) or, with none, a random-init ``base`` student (said loudly),
 encodes prompts (or token ids when no T5 vocabulary is reachable), times the forward pass,
-and — where the exporters are installed — exports ONNX and verifies it against the torch model.
+exports ONNX, verifies it against the torch model, and prints a latency table of the backends.
 """
 
 from __future__ import annotations
@@ -92,22 +92,43 @@ def run_demo(args: argparse.Namespace) -> int:
         out.write("ERROR: non-finite embeddings\n")
         return 1
 
-    with torch.inference_mode():
-        for shape in ((1, 77), (1, L)):
-            x = ids[: shape[0], : shape[1]]
-            t = _time(lambda: enc(x), args.repeats)
-            out.write(f"latency B={shape[0]} L={shape[1]:<4} backend={enc.backend} dtype={str(enc.dtype)[6:]}: "
-                      f"p50 {statistics.median(t):.1f} ms (min {min(t):.1f})\n")
-
+    encoders = {"torch": enc}
     if not args.no_export:
-        try:
-            from .exporters.demo import export_and_verify
-        except ImportError:
-            out.write("exporters not available in this install; skipping export/verify\n")
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                status = export_and_verify(enc, Path(args.out or tmp), target=args.target, stream=out)
-                if status:
-                    return status
+        exported = _export_and_verify(enc, args, out)
+        if exported is None:
+            return 1
+        encoders.update(exported)
+
+    out.write(f"\n{'backend':<13} {'dtype':<8} {'B':>2} {'L':>4} {'p50 ms':>8} {'min ms':>8}\n")
+    with torch.inference_mode():
+        for name, e in encoders.items():
+            for shape in ((1, 77), (1, L)):
+                x = ids[: shape[0], : shape[1]]
+                t = _time(lambda: e(x), args.repeats)
+                out.write(f"{name:<13} {str(e.dtype).removeprefix('torch.'):<8} {shape[0]:>2} {shape[1]:>4} "
+                          f"{statistics.median(t):>8.1f} {min(t):>8.1f}\n")
     out.write("demo finished\n")
     return 0
+
+
+def _export_and_verify(enc, args: argparse.Namespace, out) -> dict | None:
+    """Export ONNX (+ the ONNX Runtime-optimised copy), verify it, and load it as a backend."""
+    from . import load, save
+    from .exporters.pipeline import ExportRequest, export
+    from .exporters.verify import VerificationFailed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.out) if args.out else Path(tmp)
+        ckpt = save(enc, workdir / "checkpoint") if not args.checkpoint else None
+        req = ExportRequest(out=workdir / "export", checkpoint=str(ckpt or args.checkpoint),
+                            max_batch=len(args.prompts), target=args.target)
+        out.write(f"\nexporting ONNX to {req.out} ...\n")
+        try:
+            result = export(req)
+        except VerificationFailed as exc:
+            out.write(exc.report.table() + "\nERROR: exported model missed its accuracy bound\n")
+            return None
+        if result.report is not None:
+            out.write(result.report.table() + "\n")
+        # the ONNX Runtime session holds the model in memory, so the temporary folder may go
+        return {"onnxruntime": load(result.directory, backend="onnxruntime", cache=False)}

@@ -316,6 +316,9 @@ def atomic_write(target: Path, writer: Callable[[Path], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are read by other accounts too
         writer(Path(tmp))
         os.replace(tmp, target)
     except BaseException:

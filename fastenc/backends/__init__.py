@@ -29,9 +29,19 @@ def op_table(name: str, device: torch.device):
     raise ConfigError(f"backend {name!r} does not swap ops")
 
 
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """Validate a backend name; ``auto`` picks the fastest one usable on ``device``."""
     if name == "auto":
+        if device.type == "cuda" and _triton_importable():
+            return "triton"
         return "torch"
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")

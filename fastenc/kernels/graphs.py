@@ -1,0 +1,168 @@
+"""CUDA-graph replay of the whole encoder forward, one graph per (batch, sequence-length) bucket.
+
+At B=1, L=512 the base student is launch-bound (~100 kernels of a few microseconds each), so the
+forward is captured once per bucket and replayed. A call is padded up to the smallest bucket
+that holds it: padded positions get token ``pad_id`` and mask 0, so real tokens never attend to
+them and their relative positions are unchanged; the result is sliced back to [B, L]. A call
+without a mask becomes "all ones" over its real tokens, which is the same computation.
+
+The number of live graphs is bounded (least recently used is dropped); all graphs share one
+memory pool, and each replay's output is copied out before the next replay reuses the buffers.
+Shapes beyond the largest bucket, and a model on the CPU, run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger("fastenc")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+SEQ_BUCKETS = (32, 64, 77, 128, 256, 512)
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket >= n, or None when n exceeds every bucket."""
+    fits = [b for b in buckets if b >= n]
+    return min(fits) if fits else None
+
+
+def pad_inputs(
+    input_ids: torch.Tensor,  # [B, L]
+    attention_mask: torch.Tensor | None,  # [B, L] or None
+    batch: int,
+    seq: int,
+    pad_id: int = 0,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids``/``attention_mask`` padded to [batch, seq] (written into ``out`` when given).
+
+    Padded tokens are ``pad_id`` with mask 0; a missing mask is 1 on every real token.
+    """
+    B, L = input_ids.shape
+    if B > batch or L > seq:
+        raise ValueError(f"inputs [{B}, {L}] do not fit the bucket [{batch}, {seq}]")
+    if out is None:
+        ids = torch.empty((batch, seq), dtype=torch.long, device=input_ids.device)
+        mask = torch.empty((batch, seq), dtype=torch.long, device=input_ids.device)
+    else:
+        ids, mask = out
+    ids.fill_(pad_id)
+    ids[:B, :L].copy_(input_ids)
+    mask.zero_()
+    if attention_mask is None:
+        mask[:B, :L].fill_(1)
+    else:
+        mask[:B, :L].copy_(attention_mask)
+    return ids, mask
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    ids: torch.Tensor  # [Bb, Lb] static input
+    mask: torch.Tensor  # [Bb, Lb] static input
+    out: torch.Tensor  # [Bb, Lb, P] static output
+
+
+@dataclass
+class GraphStats:
+    captures: int = 0
+    replays: int = 0
+    eager: int = 0
+    evictions: int = 0
+    live: list = field(default_factory=list)  # (batch, seq) buckets currently captured
+
+
+class CudaGraphRunner(nn.Module):
+    """Runs ``model(input_ids, attention_mask)`` through per-bucket CUDA graphs.
+
+    ``model`` is a :class:`fastenc.model.T5Encoder` (any op table; the Triton one is the point).
+    Its weights must not be replaced after capture (in-place updates are seen by the graphs).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        batch_buckets: Sequence[int] = BATCH_BUCKETS,
+        seq_buckets: Sequence[int] = SEQ_BUCKETS,
+        max_graphs: int = 8,
+        pad_id: int = 0,
+        warmup: int = 2,
+    ):
+        super().__init__()
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.model = model
+        self.batch_buckets = tuple(sorted(set(batch_buckets)))
+        self.seq_buckets = tuple(sorted(set(seq_buckets)))
+        self.max_graphs = max_graphs
+        self.pad_id = pad_id
+        self.warmup = warmup
+        self._graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
+        self._pool = None
+        self.stats = GraphStats()
+
+    def buckets(self, batch: int, seq: int) -> tuple[int, int] | None:
+        bb, lb = bucket_for(batch, self.batch_buckets), bucket_for(seq, self.seq_buckets)
+        return None if bb is None or lb is None else (bb, lb)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        input_ids = input_ids.to(device)
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
+        B, L = input_ids.shape
+        key = self.buckets(B, L)
+        if key is None or device.type != "cuda" or B == 0 or L == 0:
+            self.stats.eager += 1
+            return self.model(input_ids, attention_mask)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(*key)
+        else:
+            self._graphs.move_to_end(key)
+        pad_inputs(input_ids, attention_mask, *key, pad_id=self.pad_id, out=(entry.ids, entry.mask))
+        entry.graph.replay()
+        self.stats.replays += 1
+        return entry.out[:B, :L].clone()  # [B, L, P]
+
+    def _capture(self, batch: int, seq: int) -> _Graph:
+        while len(self._graphs) >= self.max_graphs:
+            old, _ = self._graphs.popitem(last=False)
+            self.stats.evictions += 1
+            log.debug("fastenc: dropped CUDA graph for bucket %s", old)
+        device = next(self.model.parameters()).device
+        ids = torch.full((batch, seq), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.ones((batch, seq), dtype=torch.long, device=device)
+        # compile / autotune every kernel for this shape outside the capture
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.model(ids, mask)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.model(ids, mask)
+        if self._pool is None:
+            self._pool = graph.pool()
+        entry = _Graph(graph, ids, mask, out)
+        self._graphs[(batch, seq)] = entry
+        self.stats.captures += 1
+        self.stats.live = list(self._graphs)
+        log.info("fastenc: captured CUDA graph for batch %d, seq %d (%d live)", batch, seq, len(self._graphs))
+        return entry
+
+    def reset(self) -> None:
+        """Drop every captured graph (e.g. after loading new weights)."""
+        self._graphs.clear()
+        self._pool = None
+        self.stats.live = []

@@ -1,0 +1,83 @@
+"""``python -m train --config train.toml [flags]`` (or ``accelerate launch -m train ...``).
+
+Distils a T5 teacher into fastenc's student through a frozen Flux / PixArt-α transformer
+(step-following), or with ``--loss embedding`` the naive embedding-MSE baseline. The final student is
+written to ``<output_dir>/student`` in fastenc's format (``fastenc.load`` / ``fastenc export`` read it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from fastenc.errors import FastencError
+
+from .config import TrainConfig, apply_override, read_config_file
+
+#: Shortcut flags -> config keys (typed by argparse, so "--output-dir 123" stays a string).
+FLAGS = {
+    "output_dir": "run.output_dir", "loss": "run.loss", "resume": "run.resume", "max_steps": "run.max_steps",
+    "stop_after_steps": "run.stop_after_steps", "seed": "run.seed", "lr": "optim.lr",
+    "mixed_precision": "run.mixed_precision", "teacher_cache": "teacher.cache", "batch_size": "data.batch_size",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--config", help="config file (.toml, .json or .yaml); flags override it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set dit.kind=pixart --set optim.ema_decay=0.999")
+    p.add_argument("--output-dir", help="run folder: checkpoints, metrics.jsonl, images, final student")
+    p.add_argument("--loss", choices=["vision", "embedding"], help="vision (step-following) or embedding (naive)")
+    p.add_argument("--resume", help="checkpoint folder, or 'auto' for the newest under the output dir")
+    p.add_argument("--max-steps", type=int, help="total optimizer steps")
+    p.add_argument("--stop-after-steps", type=int, help="stop (with a checkpoint) after this many steps this run")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, help="prompts per process and batch")
+    p.add_argument("--mixed-precision", choices=["bf16", "no"])
+    p.add_argument("--teacher-cache", help="teacher cache folder (python -m train.cache_teacher)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    data = read_config_file(args.config) if args.config else {}
+    for assignment in args.overrides:
+        apply_override(data, assignment)
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            section, name = key.split(".")
+            data.setdefault(section, {})[name] = value
+    return TrainConfig.from_dict(data, source=args.config or "flags").validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = resolve(args)
+        if args.print_config:
+            sys.stdout.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            return 0
+        from .loop import train
+
+        result = train(cfg)
+    except FastencError as exc:
+        sys.stderr.write(f"train: error: {exc}\n")
+        return 2
+    if result.student_dir is not None:
+        sys.stdout.write(f"student: {result.student_dir}\n")
+    else:
+        sys.stdout.write(f"stopped at step {result.step}; resume with --resume auto\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

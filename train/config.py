@@ -1,0 +1,379 @@
+"""Training configuration: dataclasses read from a TOML/JSON/YAML file plus ``--set key=value`` overrides.
+
+Every section is a dataclass; unknown keys and values of the wrong type raise
+:class:`fastenc.errors.ConfigError` naming the key (``dit.kind``, ``data.components.text.paths``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastenc.errors import ConfigError
+
+DIT_KINDS = ("flux", "pixart")
+LOSSES = ("vision", "embedding")
+POOLED = ("auto", "clip", "zeros", "none")
+PRECISIONS = ("bf16", "no")
+DISTRIBUTED = ("auto", "fsdp")
+OVER_LENGTH = ("truncate", "drop")
+FORMATS = ("auto", "txt", "json", "jsonl")
+SCHEDULES = ("linear", "constant")
+DTYPES = ("fp32", "bf16", "fp16")
+#: Guidance values the paper samples from (step 0.5): Flux's embedded guidance, PixArt-α's CFG scale.
+DEFAULT_GUIDANCE = {
+    "flux": [2.0 + 0.5 * i for i in range(7)],
+    "pixart": [5.0 + 0.5 * i for i in range(11)],
+}
+DEFAULT_TARGET = {"flux": "flux-dev", "pixart": "pixart-alpha"}
+PROBES = ["A rat", "A cat", "A man", "A monkey", "A woman"]
+
+
+@dataclass
+class StudentConfig:
+    init: str = ""  # T5 checkpoint (transformers layout, e.g. flan-t5-base) or a fastenc / DistillT5 checkpoint
+    subfolder: str | None = None
+    tokenizer: str | None = None  # T5 tokenizer folder; default: the student's own, else the DiT pipeline's
+    dtype: str = "fp32"  # master weights (autocast computes in bf16)
+
+
+@dataclass
+class TeacherConfig:
+    path: str | None = None  # T5-v1.1-XXL (e.g. a FLUX.1-dev folder with subfolder="text_encoder_2")
+    subfolder: str | None = None
+    cache: str | None = None  # folder written by `python -m train.cache_teacher`; read when it holds an index
+    dtype: str = "bf16"
+
+
+@dataclass
+class DiTConfig:
+    kind: str = "flux"  # flux | pixart
+    path: str = ""  # diffusers pipeline folder (transformer/, scheduler/, optional vae/, text_encoder/, tokenizer/)
+    transformer_subfolder: str = "transformer"
+    scheduler_subfolder: str = "scheduler"
+    num_inference_steps: int = 20
+    guidance: list[float] | None = None  # default: Flux 2.0..5.0, PixArt 5.0..10.0 in steps of 0.5
+    resolution: int = 512  # pixels; a stage may override it
+    vae_scale_factor: int = 8
+    pooled: str = "auto"  # Flux pooled CLIP input: clip (as the pipeline) | zeros (explicit); PixArt: none
+    clip_path: str | None = None  # folder with text_encoder/ + tokenizer/ (default: dit.path)
+    vae_subfolder: str | None = None  # e.g. "vae": image grids are decoded with it when set
+    dtype: str = "bf16"
+    gradient_checkpointing: bool = True
+    target: str | None = None  # tokenizer length target; default flux-dev (512) / pixart-alpha (120)
+    max_length: int | None = None  # overrides the target's length
+    negative_prompt: str = ""  # PixArt's unconditional prompt for classifier-free guidance
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # torch.optim.AdamW's default
+    schedule: str = "linear"  # linear decay to 0 after warm-up | constant after warm-up
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    ema_decay: float | None = None  # e.g. 0.999: keep an exponential moving average of the student
+
+
+@dataclass
+class ComponentConfig:
+    paths: list[str] = field(default_factory=list)  # files, directories or glob patterns
+    format: str = "auto"  # auto (by suffix) | txt | json | jsonl
+    field: str | None = None  # JSON key holding the prompt (default: prompt, caption, text, TEXT)
+    weight: float | None = None  # relative sampling weight (default: prompt count x repeats)
+    repeats: int = 1
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    components: list[str] = field(default_factory=list)  # default: every component
+    batches: int | None = None  # length in global batches (default: one pass over the stage's prompts)
+    resolution: int | None = None  # pixels (default: dit.resolution)
+    weights: dict[str, float] | None = None  # per-stage override of component weights
+
+
+@dataclass
+class DataConfig:
+    components: dict[str, ComponentConfig] = field(default_factory=dict)
+    stages: list[StageConfig] = field(default_factory=list)  # default: one stage over every component
+    batch_size: int = 4  # prompts per process and batch
+    dedupe: bool = True
+    over_length: str = "truncate"  # truncate (as the pipeline does) | drop
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "out/train"
+    seed: int = 0
+    loss: str = "vision"  # vision (step-following through the DiT) | embedding (naive MSE baseline)
+    max_steps: int | None = None  # optimizer steps; default: the stages' total
+    stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
+    mixed_precision: str = "bf16"  # bf16 | no
+    distributed: str = "auto"  # auto (whatever `accelerate launch` configured: DDP) | fsdp
+    save_every: int = 1000  # optimizer steps; written at the end of the trajectory that reaches it
+    keep_checkpoints: int = 3
+    log_every: int = 10  # log line interval (metrics.jsonl gets every step)
+    diagnostic_every: int = 500  # mode-collapse probe interval (0: only at start and end)
+    probes: list[str] = field(default_factory=lambda: list(PROBES))
+    collapse_threshold: float = 0.99  # cosine similarity at which two probes count as collapsed
+    image_every: int = 0  # teacher-vs-student PNG grid interval (0: never)
+    image_prompts: list[str] = field(default_factory=lambda: ["A rat", "A sculptor waving a poster stating 'user'."])
+    image_seed: int = 0
+    log_with: list[str] = field(default_factory=list)  # e.g. ["tensorboard"]
+    resume: str | None = None  # checkpoint folder, or "auto" for the latest under output_dir
+    cpu: bool = False  # force CPU even where a GPU exists
+
+
+@dataclass
+class TrainConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # ---- derived values -----------------------------------------------------------------
+
+    @property
+    def guidance(self) -> list[float]:
+        return list(self.dit.guidance) if self.dit.guidance else DEFAULT_GUIDANCE[self.dit.kind]
+
+    @property
+    def target(self) -> str:
+        return self.dit.target or DEFAULT_TARGET[self.dit.kind]
+
+    @property
+    def pooled(self) -> str:
+        if self.dit.pooled == "auto":
+            return "clip" if self.dit.kind == "flux" else "none"
+        return self.dit.pooled
+
+    @property
+    def masked(self) -> bool:
+        """Whether the pipeline passes the attention mask to T5 (PixArt does, Flux does not)."""
+        return self.dit.kind == "pixart"
+
+    def max_length(self) -> int:
+        from fastenc.config import max_length_for
+
+        return self.dit.max_length or max_length_for(self.target)
+
+    # ---- validation / (de)serialisation -------------------------------------------------
+
+    def validate(self) -> "TrainConfig":
+        choices = [
+            ("dit.kind", self.dit.kind, DIT_KINDS), ("run.loss", self.run.loss, LOSSES),
+            ("dit.pooled", self.dit.pooled, POOLED), ("run.mixed_precision", self.run.mixed_precision, PRECISIONS),
+            ("run.distributed", self.run.distributed, DISTRIBUTED),
+            ("data.over_length", self.data.over_length, OVER_LENGTH), ("optim.schedule", self.optim.schedule, SCHEDULES),
+            ("student.dtype", self.student.dtype, DTYPES), ("teacher.dtype", self.teacher.dtype, DTYPES),
+            ("dit.dtype", self.dit.dtype, DTYPES),
+        ]
+        for name, comp in self.data.components.items():
+            choices.append((f"data.components.{name}.format", comp.format, FORMATS))
+        for key, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+        positive = [
+            ("dit.num_inference_steps", self.dit.num_inference_steps), ("dit.resolution", self.dit.resolution),
+            ("data.batch_size", self.data.batch_size), ("run.save_every", self.run.save_every),
+            ("run.log_every", self.run.log_every), ("run.keep_checkpoints", self.run.keep_checkpoints),
+            ("dit.vae_scale_factor", self.dit.vae_scale_factor),
+        ]
+        for key, value in positive:
+            if value <= 0:
+                raise ConfigError(f"{key}={value!r}: must be positive")
+        for key, value in (("run.max_steps", self.run.max_steps), ("run.stop_after_steps", self.run.stop_after_steps),
+                           ("dit.max_length", self.dit.max_length)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key}={value!r}: must be positive")
+        if not self.optim.lr > 0:
+            raise ConfigError(f"optim.lr={self.optim.lr!r}: must be positive")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"optim.betas={self.optim.betas!r}: expected two numbers")
+        if self.optim.ema_decay is not None and not 0.0 < self.optim.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay={self.optim.ema_decay!r}: must lie in (0, 1)")
+        if self.dit.kind == "pixart" and self.pooled != "none":
+            raise ConfigError(f"dit.pooled={self.dit.pooled!r}: PixArt-α has no pooled text input; use auto or none")
+        if self.dit.kind == "flux" and self.pooled == "none":
+            raise ConfigError("dit.pooled='none': Flux needs a pooled CLIP input; choose clip (as the pipeline) or "
+                              "zeros (explicitly zero it)")
+        if not self.student.init:
+            raise ConfigError("student.init is empty: pass a T5 checkpoint (e.g. flan-t5-base) or a fastenc checkpoint")
+        if self.run.loss == "vision" and not self.dit.path:
+            raise ConfigError("dit.path is empty: the vision loss needs a diffusers pipeline folder")
+        if self.run.image_every and not self.dit.path:
+            raise ConfigError("run.image_every is set but dit.path is empty: image grids sample through the DiT")
+        for name, comp in self.data.components.items():
+            if not comp.paths:
+                raise ConfigError(f"data.components.{name}.paths is empty")
+            if comp.repeats <= 0:
+                raise ConfigError(f"data.components.{name}.repeats={comp.repeats!r}: must be positive")
+            if comp.weight is not None and comp.weight < 0:
+                raise ConfigError(f"data.components.{name}.weight={comp.weight!r}: must be >= 0")
+        for i, stage in enumerate(self.data.stages):
+            for comp in stage.components + list(stage.weights or {}):
+                if comp not in self.data.components:
+                    raise ConfigError(f"data.stages[{i}] names unknown component {comp!r}; "
+                                      f"defined: {', '.join(self.data.components) or 'none'}")
+            if stage.batches is not None and stage.batches <= 0:
+                raise ConfigError(f"data.stages[{i}].batches={stage.batches!r}: must be positive")
+        for item in self.run.log_with:
+            if item not in ("tensorboard",):
+                raise ConfigError(f"run.log_with: unknown tracker {item!r}; supported: tensorboard")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        return _build(cls, data, source, "")
+
+
+# ---------------------------------------------------------------------------- generic builder
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, source, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: {key} = {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a table/object, got {type(value).__name__}")
+        return _build(tp, value, source, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a table/object, got {value!r}")
+        return {str(k): _convert(item, v, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} = {value!r} is not a boolean")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} = {value!r} is not an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} = {value!r} is not a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} = {value!r} is not a string")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], source: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'; known: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(hints[k], v, source, f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------- files and overrides
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a .toml, .json or .yaml/.yml file into a dict (one ConfigError naming the file on failure)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"{path}: YAML configs need PyYAML (pip install pyyaml); "
+                                  "or write the config as TOML/JSON") from None
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .json or .yaml")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # yaml.YAMLError
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table/object at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: JSON when they parse (numbers, true/false/null, lists), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` (or ``data.components.name.weight=2``) to a raw config dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-5")
+    key, text = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: malformed key {key!r}")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = parse_value(text)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    data = read_config_file(path) if path is not None else {}
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return TrainConfig.from_dict(data, source=str(path) if path is not None else "flags").validate()

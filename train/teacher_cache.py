@@ -1,0 +1,183 @@
+"""Teacher embeddings precomputed into safetensors shards, so training needs no T5-XXL.
+
+Layout of a cache folder::
+
+    index.json                     format, version, what the embeddings depend on (target, max_length,
+                                   mask use, tokenizer fingerprint, teacher, width, dtype), shard list,
+                                   and prompt key -> [shard, row]
+    shard-g000-r000-00000.safetensors  embeds [n, L, D], mask [n, L] (uint8), pooled [n, Dp] (when present)
+
+A prompt's key is the first 32 hex digits of the SHA-256 of its UTF-8 text. Shards and the index are
+written atomically (temporary name, then rename); the index is written last, so a folder with an
+``index.json`` is complete. Size: ``L x D x 2`` bytes per prompt in bf16 (4 MiB at L=512, D=4096).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fastenc.errors import ConfigError
+from fastenc.weights import atomic_write
+
+log = logging.getLogger("fastenc.train")
+
+INDEX_NAME = "index.json"
+FORMAT = "fastenc-teacher-cache"
+VERSION = 1
+
+
+def prompt_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """What the cached embeddings depend on; training checks it against its own settings."""
+
+    target: str
+    max_length: int
+    masked: bool  # the teacher saw the attention mask (PixArt) or not (Flux)
+    tokenizer: str  # tokenizer fingerprint
+    teacher: str  # teacher checkpoint (informational)
+    dim: int
+    pooled_dim: int | None
+    dtype: str
+
+
+def write_shards(directory: Path, prompts: list[str], encode, *, meta: CacheMeta, batch_size: int,
+                 shard_size: int, prefix: str = "shard-r000", progress=None) -> dict[str, list]:
+    """Encode ``prompts`` with ``encode(list[str]) -> (embeds [b,L,D], mask [b,L], pooled [b,Dp] | None)``
+    into shards ``{prefix}-00000.safetensors``, ...; returns ``{key: [shard file, row]}``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, meta.dtype)
+    entries: dict[str, list] = {}
+    pending: dict[str, list[torch.Tensor]] = {"embeds": [], "mask": [], "pooled": []}
+    keys: list[str] = []
+    shard_no = 0
+
+    def flush() -> None:
+        nonlocal shard_no
+        if not keys:
+            return
+        name = f"{prefix}-{shard_no:05d}.safetensors"
+        tensors = {"embeds": torch.cat(pending["embeds"]).to(dtype).contiguous(),  # [n, L, D]
+                   "mask": torch.cat(pending["mask"]).to(torch.uint8).contiguous()}  # [n, L]
+        if pending["pooled"]:
+            tensors["pooled"] = torch.cat(pending["pooled"]).to(dtype).contiguous()  # [n, Dp]
+        atomic_write(directory / name, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+        for row, k in enumerate(keys):
+            entries[k] = [name, row]
+        for v in pending.values():
+            v.clear()
+        keys.clear()
+        shard_no += 1
+
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        embeds, mask, pooled = encode(chunk)
+        if embeds.shape[-1] != meta.dim or embeds.shape[1] != meta.max_length:
+            raise ConfigError(f"teacher produced {tuple(embeds.shape)}, expected [*, {meta.max_length}, {meta.dim}]")
+        pending["embeds"].append(embeds.detach().cpu())
+        pending["mask"].append(mask.detach().cpu())
+        if pooled is not None:
+            pending["pooled"].append(pooled.detach().cpu())
+        keys.extend(prompt_key(p) for p in chunk)
+        if len(keys) >= shard_size:
+            flush()
+        if progress is not None:
+            progress.update(len(chunk))
+    flush()
+    return entries
+
+
+def write_index(directory: Path, meta: CacheMeta, entries: dict[str, list], generation: int = 0) -> Path:
+    shards = sorted({shard for shard, _ in entries.values()})
+    index = {"format": FORMAT, "version": VERSION, "generation": generation, "meta": asdict(meta),
+             "count": len(entries), "shards": shards, "entries": entries}
+    return atomic_write(directory / INDEX_NAME, lambda p: p.write_text(json.dumps(index) + "\n"))
+
+
+class TeacherCache:
+    """Read side: look prompts up and return their teacher embeddings."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        path = self.directory / INDEX_NAME
+        try:
+            index = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found (build the cache with `python -m train.cache_teacher`)") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: unreadable teacher cache index ({exc})") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise ConfigError(f"{path}: not a teacher cache index (format {index.get('format') if isinstance(index, dict) else None!r})")
+        if index.get("version") != VERSION:
+            raise ConfigError(f"{path}: cache version {index.get('version')!r}, this trainer reads {VERSION}")
+        try:
+            self.meta = CacheMeta(**index["meta"])
+            self.entries: dict[str, list] = index["entries"]
+            self.generation = int(index.get("generation", 0))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: malformed teacher cache index ({exc!r})") from None
+        for shard in index.get("shards", []):
+            if not (self.directory / shard).is_file():
+                raise ConfigError(f"{path}: shard {shard} is missing")
+        self._handles: dict[str, object] = {}
+
+    @staticmethod
+    def present(directory: str | Path | None) -> bool:
+        return directory is not None and (Path(directory) / INDEX_NAME).is_file()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, prompt: str) -> bool:
+        return prompt_key(prompt) in self.entries
+
+    @property
+    def has_pooled(self) -> bool:
+        return self.meta.pooled_dim is not None
+
+    def check(self, *, target: str, max_length: int, masked: bool, tokenizer: str, dim: int) -> None:
+        """Refuse a cache built for other settings (one message naming every mismatch)."""
+        want = {"target": target, "max_length": max_length, "masked": masked, "tokenizer": tokenizer, "dim": dim}
+        bad = [f"{k}: cache {getattr(self.meta, k)!r}, training {v!r}" for k, v in want.items()
+               if getattr(self.meta, k) != v]
+        if bad:
+            raise ConfigError(f"{self.directory}: teacher cache built for other settings ({'; '.join(bad)}); "
+                              "rebuild it with `python -m train.cache_teacher --force`")
+
+    def missing(self, prompts) -> list[str]:
+        return [p for p in prompts if prompt_key(p) not in self.entries]
+
+    def _handle(self, shard: str):
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
+        return self._handles[shard]
+
+    def get(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """embeds [B, L, D], mask [B, L] (long), pooled [B, Dp] or None — on the CPU."""
+        embeds, masks, pooled = [], [], []
+        for p in prompts:
+            try:
+                shard, row = self.entries[prompt_key(p)]
+            except KeyError:
+                raise KeyError(p) from None
+            f = self._handle(shard)
+            embeds.append(f.get_slice("embeds")[row:row + 1])
+            masks.append(f.get_slice("mask")[row:row + 1])
+            if self.has_pooled:
+                pooled.append(f.get_slice("pooled")[row:row + 1])
+        return (torch.cat(embeds), torch.cat(masks).long(), torch.cat(pooled) if pooled else None)
