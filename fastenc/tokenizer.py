@@ -171,11 +171,13 @@ class Tokenizer:
         target: str = "flux-dev",
         max_length: int | None = None,
         padding: str = "max_length",
+        warn: bool = True,
     ) -> TokenBatch:
         """Tokenize ``prompts`` to ``[B, L]`` ids and mask, ``L`` = ``max_length`` or the target's length.
 
         ``padding="max_length"`` pads to ``L``; ``"longest"`` pads to the longest prompt (at most ``L``).
-        Prompts longer than ``L`` tokens are cut to ``L - 1`` tokens plus ``</s>``, with a warning.
+        Prompts longer than ``L`` tokens are cut to ``L - 1`` tokens plus ``</s>``, with a warning
+        unless ``warn=False`` (the count is in the result either way).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -199,7 +201,7 @@ class Tokenizer:
                 truncated.append(i)
                 enc.truncate(keep)
             rows.append(self._tok.post_process(enc).ids)
-        if truncated:
+        if truncated and warn:
             logger.warning(
                 "%d of %d prompts were longer than %d tokens and were truncated", len(truncated), len(prompts), length
             )

@@ -9,7 +9,6 @@ to start and names the first missing prompt.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,28 +23,9 @@ from .teacher_cache import TeacherCache, tokenizer_fingerprint
 log = logging.getLogger("fastenc.train")
 
 
-class _DropTruncationWarning(logging.Filter):
-    """The data report already counts over-length prompts; per-batch repeats of it are noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "were truncated" not in str(record.msg)
-
-
-@contextmanager
-def _quiet_truncation():
-    logger = logging.getLogger("fastenc")
-    flt = _DropTruncationWarning()
-    logger.addFilter(flt)
-    try:
-        yield
-    finally:
-        logger.removeFilter(flt)
-
-
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids, attention_mask: [B, L] long, padded to ``max_length`` as the pipelines do."""
-    with _quiet_truncation():
-        batch = tokenizer(prompts, max_length=max_length)
+    batch = tokenizer(prompts, max_length=max_length, warn=False)  # the data report counts over-length prompts
     return batch.input_ids, batch.attention_mask
 
 
