@@ -215,8 +215,16 @@ def load(
     if backend in GRAPH_BACKENDS:
         return _load_artifact(checkpoint, backend, device, dtype, tokenizer, random_init, cache)
     dev = default_device(device)
+    requested = None if dtype is None else parse_dtype(dtype, dev)
+    name = resolve_backend(backend, dev, requested)
     dt = parse_dtype(dtype, dev)
-    name = resolve_backend(backend, dev)
+    if name == "cpu":
+        if dev.type != "cpu":
+            raise ConfigError(f"backend 'cpu' runs on the CPU, not {dev}; pass device='cpu'")
+        if requested not in (None, torch.bfloat16):
+            raise ConfigError(f"backend 'cpu' computes in bf16 (with int8 GEMMs), not {requested}; "
+                              "pass dtype='bf16' or leave it out, or use backend='torch'")
+        dt = torch.float32  # loaded in fp32: the int8 plan is checked against it, then cast to bf16
     if random_init == (checkpoint is not None):
         raise ConfigError("pass either a checkpoint (path or hub id) or random_init=True with size=...")
     if random_init:
@@ -228,7 +236,12 @@ def load(
         path = weights.resolve_checkpoint(checkpoint, subfolder=subfolder)
         model = _load_weights(path, size, dev, dt)
         source, ckpt_dir = str(path.resolve()), (path if path.is_dir() else path.parent)
-    model.ops = op_table(name, dev)
+    if name == "cpu":
+        from .cpu import prepare, source_fingerprint
+
+        prepare(model, source=source if random_init else source_fingerprint(path))
+    else:
+        model.ops = op_table(name, dev)
     model.eval()
     graphs = None
     if name == "triton" and dev.type == "cuda" and cuda_graphs:

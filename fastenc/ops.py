@@ -77,7 +77,7 @@ class TorchOps:
         pos = torch.arange(seq_len, device=table.device)
         rel = pos[None, :] - pos[:, None]  # [Lq, Lk]: key - query
         buckets = relative_position_bucket(rel, num_buckets, max_distance)
-        bias = F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0).to(dtype)  # [1, H, L, L]
+        bias = F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0).to(dtype).contiguous()  # [1, H, L, L]
         if mask is not None:
             pad = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # [B, 1, 1, L]
             bias = bias + pad

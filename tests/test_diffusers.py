@@ -73,7 +73,7 @@ def _write_clip_tokenizer(directory: Path) -> None:
 
 @pytest.fixture
 def encoder(dirs) -> fastenc.Encoder:
-    return fastenc.load(dirs["encoder"], device="cpu", cache=False)
+    return fastenc.load(dirs["encoder"], device="cpu", cache=False, backend="torch")
 
 
 @pytest.fixture
@@ -284,7 +284,7 @@ def test_dtype_follows_the_pipeline(dirs, encoder, t5_tokenizer):
     assert encoder.model.blocks[0].ffn.wo.weight.dtype == torch.float32  # T5 overflows fp16 there
     # an fp32 encoder joining a bf16 pipeline is cast to the transformer's dtype
     pipe = make_flux(dirs).to(torch.bfloat16)
-    use_in_pipeline(pipe, fastenc.load(dirs["encoder"], device="cpu", cache=False))
+    use_in_pipeline(pipe, fastenc.load(dirs["encoder"], device="cpu", cache=False, backend="torch"))
     assert pipe.text_encoder_2.dtype == torch.bfloat16
 
 
@@ -344,13 +344,13 @@ def test_sd3_uses_fastenc_embeddings(dirs, encoder, t5_tokenizer):
 @pytest.mark.parametrize("case", ["flux", "pixart", "controlnet"])
 def test_projection_dim_mismatch_names_both_numbers(dirs, case):
     if case == "flux":
-        pipe, encoder, where = make_flux(dirs), fastenc.load(dirs["encoder_64"], cache=False), "joint_attention_dim"
+        pipe, encoder, where = make_flux(dirs), fastenc.load(dirs["encoder_64"], cache=False, backend="torch"), "joint_attention_dim"
         dims = ("64", "32")
     elif case == "pixart":
-        pipe, encoder, where = make_pixart(dirs), fastenc.load(dirs["encoder_64"], cache=False), "caption_channels"
+        pipe, encoder, where = make_pixart(dirs), fastenc.load(dirs["encoder_64"], cache=False, backend="torch"), "caption_channels"
         dims = ("64", "32")
     else:  # the transformer fits, its controlnet does not
-        pipe, encoder, where = make_flux(dirs, controlnet_dim=48), fastenc.load(dirs["encoder"], cache=False), \
+        pipe, encoder, where = make_flux(dirs, controlnet_dim=48), fastenc.load(dirs["encoder"], cache=False, backend="torch"), \
             "controlnet.config.joint_attention_dim"
         dims = ("32", "48")
     slot, _ = find_t5_slot(pipe)
@@ -365,7 +365,7 @@ def test_other_errors(dirs, encoder):
     pipe = make_flux(dirs)
     with pytest.raises(ConfigError, match="text_encoder_9"):
         use_in_pipeline(pipe, encoder, slot="text_encoder_9")
-    small_vocab = fastenc.load(fastenc.save(T5Encoder(CFG.replace(vocab_size=64)), dirs["root"] / "v64"), cache=False)
+    small_vocab = fastenc.load(fastenc.save(T5Encoder(CFG.replace(vocab_size=64)), dirs["root"] / "v64"), cache=False, backend="torch")
     with pytest.raises(ConfigError, match=r"tokenizer_2 has \d+ tokens .* vocab_size is 64"):
         use_in_pipeline(pipe, small_vocab)
     pipe.tokenizer_2 = None

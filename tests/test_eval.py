@@ -304,7 +304,7 @@ def test_generate_grid_same_seed_per_encoder(setup, pipe, tmp_path):
 
     original = pipe.text_encoder_2
     try:  # the student column is what the pipeline itself gives with that student and seed
-        use_in_pipeline(pipe, fastenc.load(setup.student, device="cpu", cache=False))
+        use_in_pipeline(pipe, fastenc.load(setup.student, device="cpu", cache=False, backend="torch"))
         settings = GenerationSettings(seed=3, steps=2, height=64, width=64, max_sequence_length=16)
         direct = generate(pipe, "A rat", settings)
     finally:

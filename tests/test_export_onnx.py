@@ -55,7 +55,7 @@ def exported(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def torch_encoder(checkpoint):
-    return fastenc.load(checkpoint, cache=False).requires_grad_(False)
+    return fastenc.load(checkpoint, cache=False, backend="torch").requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------- contract
@@ -205,7 +205,7 @@ def test_fp16_graph_keeps_ffn_output_and_residual_in_fp32(fp16_export):
 def test_fp16_export_does_not_overflow(fp16_export):
     ck, result = fp16_export
     ffn_out = []
-    model32 = fastenc.load(ck, cache=False)
+    model32 = fastenc.load(ck, cache=False, backend="torch")
     model32.model.blocks[0].ffn.register_forward_hook(lambda m, i, o: ffn_out.append(o.abs().max()))
     ids, mask = _inputs(2, 32, TINY.vocab_size)
     with torch.no_grad():
@@ -245,7 +245,7 @@ def test_missing_external_data_is_one_clear_error(fp16_export, tmp_path):
 @pytest.fixture(scope="module")
 def base_export(tmp_path_factory):
     """base-shape student with random weights (T5's initialisation)."""
-    enc = fastenc.load(size="base", random_init=True, cache=False)
+    enc = fastenc.load(size="base", random_init=True, cache=False, backend="torch")
     ck = fastenc.save(enc, tmp_path_factory.mktemp("ckbase") / "base")
     out = tmp_path_factory.mktemp("exportbase") / "base"
     result = export(ExportRequest(out=out, checkpoint=str(ck), max_batch=2, max_seq=512, verify=False))

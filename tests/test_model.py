@@ -20,7 +20,7 @@ def _ids(cfg, B, L, seed=0):
 def tiny(tmp_path_factory):
     ref = Reference(TINY)
     path = write_distillt5(ref, TINY, tmp_path_factory.mktemp("tiny") / "ck")
-    return ref, fastenc.load(path, cache=False)
+    return ref, fastenc.load(path, cache=False, backend="torch")
 
 
 @pytest.mark.parametrize("B,L", [(1, 1), (3, 7), (2, 77), (1, 300)])
@@ -41,7 +41,7 @@ def test_tiny_parity(tiny, B, L, masked):
 def test_base_shape_parity(tmp_path):
     cfg = SIZES["base"]
     ref = Reference(cfg, seed=1)
-    enc = fastenc.load(write_distillt5(ref, cfg, tmp_path / "base"), cache=False)
+    enc = fastenc.load(write_distillt5(ref, cfg, tmp_path / "base"), cache=False, backend="torch")
     assert enc.config.d_model == 768 and enc.config.num_layers == 12 and enc.config.projection_dim == 4096
     ids = _ids(cfg, 2, 64)
     mask = torch.ones_like(ids)
@@ -95,8 +95,8 @@ def test_fp16_no_overflow(tmp_path):
     with torch.no_grad():
         hidden = ref.encoder(input_ids=ids, output_hidden_states=True).hidden_states  # per-block residuals
         assert max(float(h.abs().max()) for h in hidden[1:-1]) > 65504  # really past the fp16 range
-        want = fastenc.load(path, cache=False)(ids)
-        half = fastenc.load(path, dtype="fp16", cache=False)
+        want = fastenc.load(path, cache=False, backend="torch")(ids)
+        half = fastenc.load(path, dtype="fp16", cache=False, backend="torch")
         assert half.model.blocks[0].ffn.wo.weight.dtype == torch.float32
         assert half.model.blocks[0].ffn.wi.weight.dtype == torch.float16
         got = half(ids)
@@ -108,14 +108,14 @@ def test_fp16_no_overflow(tmp_path):
 def test_bf16_close_to_fp32(tiny, tmp_path):
     ref, enc = tiny
     path = write_distillt5(ref, TINY, tmp_path / "ck")
-    bf16 = fastenc.load(path, dtype="bf16", cache=False)
+    bf16 = fastenc.load(path, dtype="bf16", cache=False, backend="torch")
     ids = _ids(TINY, 2, 20)
     with torch.no_grad():
         assert cos_per_token(bf16(ids), enc(ids)).min() > 0.99
 
 
 def test_random_init_says_so():
-    enc = fastenc.load(size="small", random_init=True, cache=False)
+    enc = fastenc.load(size="small", random_init=True, cache=False, backend="torch")
     assert "RANDOM-INIT" in repr(enc)
     ids = _ids(enc.config, 1, 8)
     with torch.no_grad():

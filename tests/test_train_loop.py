@@ -59,13 +59,13 @@ def test_flux_training_reduces_loss_and_writes_a_loadable_student(world, tmp_pat
     # the written student loads with fastenc.load and computes what the trained module computes
     module = tr.acc.unwrap_model(tr.student).eval()
     ids = tr.tokenizer(["a cat on a chair", "a robot"], max_length=16).input_ids
-    loaded = fastenc.load(out / "student")
+    loaded = fastenc.load(out / "student", backend="torch")
     assert loaded.config.projection_dim == TEXT_DIM and loaded.tokenizer is not None
     with torch.no_grad():
         assert torch.equal(loaded(ids), module(ids))
     emb = loaded.encode(["a cat on a chair"], target="flux-schnell").embeds
     assert emb.shape == (1, 256, TEXT_DIM)
-    ckpt = fastenc.load(out / "checkpoints" / "step-00000032" / "student")
+    ckpt = fastenc.load(out / "checkpoints" / "step-00000032" / "student", backend="torch")
     with torch.no_grad():
         assert torch.equal(ckpt(ids), module(ids))
 
@@ -130,7 +130,7 @@ def test_embedding_baseline_via_cli(world, tmp_path, capsys):
     assert code == 0 and "student:" in capsys.readouterr().out
     rows = metrics(tmp_path / "emb")
     assert len(rows) == 30 and "t_index" not in rows[0]
-    after_model = fastenc.load(tmp_path / "emb" / "student")
+    after_model = fastenc.load(tmp_path / "emb" / "student", backend="torch")
     tr.acc.unwrap_model(tr.student).load_state_dict(after_model.model.state_dict())
     assert tr.fixed_batch_loss(probe) < 0.9 * before
 
@@ -217,7 +217,7 @@ def test_resume_matches_an_uninterrupted_run(world, tmp_path):
     assert second.step == 12
     assert [r["loss"] for r in metrics(part)] == [r["loss"] for r in metrics(tmp_path / "whole")] == whole.losses
     for name in ("student", "student-ema"):
-        a, b = fastenc.load(tmp_path / "whole" / name).model, fastenc.load(part / name).model
+        a, b = fastenc.load(tmp_path / "whole" / name, backend="torch").model, fastenc.load(part / name, backend="torch").model
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     kept = sorted(p.name for p in (part / "checkpoints").iterdir())
     assert kept == ["step-00000008", "step-00000012"]  # keep_checkpoints=2, no temporary folders left
@@ -306,7 +306,7 @@ def test_student_from_plain_t5_keeps_its_encoder_and_gains_a_seeded_projector(wo
     cfg = TrainConfig.from_dict(raw)
     student = load_student(cfg, TEXT_DIM)
     again = load_student(cfg, TEXT_DIM)
-    plain = fastenc.load(world.student).model  # transformers layout: encoder only
+    plain = fastenc.load(world.student, backend="torch").model  # transformers layout: encoder only
     ids = torch.randint(3, 200, (2, 9))
     with torch.no_grad():
         assert torch.equal(student.hidden_states(ids), plain.hidden_states(ids))

@@ -31,7 +31,7 @@ def distill(ref, tmp_path):
 
 def _out(path, **kw):
     with torch.no_grad():
-        return fastenc.load(path, cache=False, **kw)(IDS, MASK)
+        return fastenc.load(path, cache=False, **kw, backend="torch")(IDS, MASK)
 
 
 def test_distillt5_layout(distill, want):
@@ -40,7 +40,7 @@ def test_distillt5_layout(distill, want):
 
 def test_repacked_single_file_without_config(ref, tmp_path, want):
     path = write_repacked(ref, tmp_path / "repack" / "distill_t5.safetensors")
-    enc = fastenc.load(path, cache=False)
+    enc = fastenc.load(path, cache=False, backend="torch")
     assert (enc.config.d_model, enc.config.num_layers, enc.config.num_heads) == (32, 2, 4)
     assert enc.config.projection_dim == 64 and enc.config.num_buckets == 8
     # max_distance is not visible in the shapes (TINY uses 20, the default is 128): a config.json
@@ -63,7 +63,7 @@ def test_transformers_sharded(ref, tmp_path, kind):
     model = getattr(transformers, kind)(cfg).eval()
     model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    enc = fastenc.load(tmp_path / "hf", cache=False)
+    enc = fastenc.load(tmp_path / "hf", cache=False, backend="torch")
     assert enc.config.projection_dim is None and enc.config.output_dim == TINY.d_model
     with torch.no_grad():
         want = model.get_encoder()(input_ids=IDS, attention_mask=MASK).last_hidden_state
@@ -71,20 +71,20 @@ def test_transformers_sharded(ref, tmp_path, kind):
 
 
 def test_fastenc_save_round_trip(distill, tmp_path, want):
-    enc = fastenc.load(distill, cache=False)
+    enc = fastenc.load(distill, cache=False, backend="torch")
     out_dir = fastenc.save(enc, tmp_path / "saved")
     assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors"]
     assert "blocks.0.attn.qkv.weight" in load_file(out_dir / "model.safetensors")
     assert rel_err(_out(out_dir), want) <= 1e-6
-    half = fastenc.load(out_dir, dtype="bf16", cache=False)
+    half = fastenc.load(out_dir, dtype="bf16", cache=False, backend="torch")
     assert half.dtype == torch.bfloat16
 
 
 def test_size_check(distill):
     with pytest.raises(ConfigError, match="d_model=32 but size 'base' has 768"):
-        fastenc.load(distill, size="base")
+        fastenc.load(distill, size="base", backend="torch")
     with pytest.raises(ConfigError, match="unknown size 'huge'"):
-        fastenc.load(size="huge", random_init=True)
+        fastenc.load(size="huge", random_init=True, backend="torch")
 
 
 # ---------------------------------------------------------------------- bad input
@@ -92,13 +92,13 @@ def test_size_check(distill):
 
 def test_missing_path(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory"):
-        fastenc.load(tmp_path / "nope")
+        fastenc.load(tmp_path / "nope", backend="torch")
 
 
 def test_directory_without_weights(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
-        fastenc.load(tmp_path / "empty")
+        fastenc.load(tmp_path / "empty", backend="torch")
 
 
 def test_pickle_refused(tmp_path):
@@ -106,13 +106,13 @@ def test_pickle_refused(tmp_path):
     d.mkdir()
     (d / "pytorch_model.bin").write_bytes(b"not even a pickle")
     with pytest.raises(CheckpointError, match="pickle checkpoints are refused"):
-        fastenc.load(d)
+        fastenc.load(d, backend="torch")
 
 
 def test_corrupt_header(distill):
     (distill / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
-        fastenc.load(distill)
+        fastenc.load(distill, backend="torch")
 
 
 def test_truncated_file(distill):
@@ -120,7 +120,7 @@ def test_truncated_file(distill):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        fastenc.load(distill)
+        fastenc.load(distill, backend="torch")
 
 
 def test_missing_key(distill):
@@ -129,7 +129,7 @@ def test_missing_key(distill):
     del state["encoder.encoder.block.1.layer.1.DenseReluDense.wi_1.weight"]
     save_file(state, f)
     with pytest.raises(CheckpointError, match="missing key 'encoder.encoder.block.1.layer.1.DenseReluDense.wi_1"):
-        fastenc.load(distill)
+        fastenc.load(distill, backend="torch")
 
 
 def test_unexpected_key(distill):
@@ -138,7 +138,7 @@ def test_unexpected_key(distill):
     state["encoder.encoder.block.2.layer.0.layer_norm.weight"] = torch.ones(32)
     save_file(state, f)
     with pytest.raises(CheckpointError, match="unexpected key 'encoder.encoder.block.2.layer.0.layer_norm.weight'"):
-        fastenc.load(distill)
+        fastenc.load(distill, backend="torch")
 
 
 def test_shape_mismatch(distill):
@@ -146,23 +146,23 @@ def test_shape_mismatch(distill):
     cfg["d_ff"] = 64
     (distill / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"wi_0.weight\+.*wi_1.weight has shape \[96, 32\], the config expects \[128, 32\]"):
-        fastenc.load(distill)
+        fastenc.load(distill, backend="torch")
 
 
 def test_bad_config_json(distill):
     (distill / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
-        fastenc.load(distill)
+        fastenc.load(distill, backend="torch")
 
 
 def test_hub_id_offline_says_what_to_pass(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="Pass a local directory holding config.json and model.safetensors"):
-        fastenc.load("someone/missing-model")
+        fastenc.load("someone/missing-model", backend="torch")
 
 
 def test_save_is_atomic(distill, tmp_path, monkeypatch):
-    enc = fastenc.load(distill, cache=False)
+    enc = fastenc.load(distill, cache=False, backend="torch")
     out = tmp_path / "saved"
 
     def broken(tensors, filename, metadata=None):

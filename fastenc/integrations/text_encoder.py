@@ -160,6 +160,7 @@ class T5Replacement(PreTrainedModel):
         ignored = sorted(k for k, v in kwargs.items() if v is not None)
         if ignored:
             log.debug("T5Replacement.from_pretrained ignores %s", ", ".join(ignored))
-        encoder = load(pretrained_model_name_or_path, dtype=dtype or torch_dtype, device=device or "cpu",
+        # diffusers loads components in fp32 unless told otherwise; so does the adapter
+        encoder = load(pretrained_model_name_or_path, dtype=dtype or torch_dtype or torch.float32, device=device or "cpu",
                        backend=backend, subfolder=subfolder)
         return cls(encoder)

@@ -24,7 +24,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--backend", default="auto", help="fastenc backend for the encoders (default: auto)")
+    p.add_argument("--backend", default="torch", help="fastenc backend for the encoders (default: torch, the reference numerics)")
     p.add_argument("--tokenizer", help="T5 tokenizer for every encoder (default: each one's own, else the teacher's)")
 
 

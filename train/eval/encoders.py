@@ -85,7 +85,7 @@ def pipeline_t5_slot(path: Path) -> tuple[str, str] | None:
 
 def load_encoder(spec: EncoderSpec, *, tokenizer: str | None = None, fallback_tokenizer=None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 backend: str = "auto", need_tokenizer: bool = True) -> fastenc.Encoder:
+                 backend: str = "torch", need_tokenizer: bool = True) -> fastenc.Encoder:
     """Load one encoder for analysis (no embedding cache). Its tokenizer: ``tokenizer`` when given, else its
     own (beside the checkpoint, or the pipeline's T5 tokenizer), else ``fallback_tokenizer``; inside a
     pipeline (``need_tokenizer=False``) the pipeline's tokenizer makes the ids and none is required."""
@@ -110,7 +110,7 @@ def load_encoder(spec: EncoderSpec, *, tokenizer: str | None = None, fallback_to
 
 
 def load_encoders(teacher: EncoderSpec, students: list[EncoderSpec], *, tokenizer: str | None = None,
-                  device=None, dtype=None, backend: str = "auto") -> dict[str, fastenc.Encoder]:
+                  device=None, dtype=None, backend: str = "torch") -> dict[str, fastenc.Encoder]:
     """Teacher first, then students (which fall back to the teacher's tokenizer); keyed by label."""
     specs = unique_labels([teacher, *students])
     tok = Tokenizer.from_pretrained(tokenizer) if tokenizer else None

@@ -81,7 +81,7 @@ class EncoderSwitch:
     """
 
     def __init__(self, pipe, students: list[EncoderSpec], *, teacher: EncoderSpec | None = None,
-                 include_teacher: bool = True, tokenizer: str | None = None, backend: str = "auto"):
+                 include_teacher: bool = True, tokenizer: str | None = None, backend: str = "torch"):
         self.pipe = pipe
         self.slot, self.tok_slot = find_t5_slot(pipe)
         self.original = getattr(pipe, self.slot, None)

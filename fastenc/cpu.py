@@ -1,0 +1,447 @@
+"""The CPU fast path: bf16 compute, with int8 GEMMs on the weights where accuracy allows.
+
+On x86 CPUs with AVX512-BF16 and AVX512-VNNI a bf16 GEMM (oneDNN) runs about 2x an fp32 one
+and an int8 GEMM (``torch._int_mm``) about 4x. :class:`CpuOps` subclasses the reference op
+table (the model code is unchanged):
+
+* every op computes in bf16 (softmax, norms and GELU accumulate in fp32 inside torch's kernels);
+* attention is two batched GEMMs around torch's native bf16 softmax, which on the CPU beats
+  ``scaled_dot_product_attention`` with an additive bias (and matches the reference bit for bit);
+* selected weights run as W8A8 GEMMs: weights quantised symmetrically per output channel, the
+  activations per token at run time, int32 accumulation, one fp32 rescale
+  ``y[m, n] = acc[m, n] * s_x[m] * s_w[n]``.
+
+Which weights go int8 is decided per model by :func:`plan_int8` on a calibration batch against
+the fp32 model: quantisation error grows with the number of layers it passes through, so the
+order is attention and projector weights first (least sensitive), then the FFN input and output
+projections of the *last* layers, extended towards the first while the calibration cosine
+similarity stays at or above ``min_cos``. Plans are cached on disk (see :func:`plan_cache_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .model import T5Encoder
+from .ops import TORCH_OPS, TorchOps, activation
+
+log = logging.getLogger("fastenc")
+
+#: Bump when the plan search or the int8 scheme changes (invalidates cached plans).
+PLAN_VERSION = 2
+#: Calibration cosine similarity (mean over tokens, to fp32) a plan must keep.
+DEFAULT_MIN_COS = 0.9995
+CALIB_LEN = 128
+INT8_MODES = ("auto", "none", "all")
+
+
+# ----------------------------------------------------------------------------- int8 GEMM
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation per row: ``x [M, K] ~= q [M, K] * scale [M, 1]``."""
+    xf = x.to(torch.float32, copy=True)  # [M, K], a private copy scaled in place
+    scale = xf.abs().amax(dim=-1, keepdim=True).div_(127.0).clamp_(min=1e-12)  # [M, 1]
+    q = xf.div_(scale).round_().to(torch.int8)  # [M, K]; |q| <= 127
+    return q, scale
+
+
+class Int8Weight(NamedTuple):
+    qweight_t: torch.Tensor  # [K, N] int8 (transposed view of a contiguous [N, K])
+    scale: torch.Tensor  # [N] fp32
+    data_ptr: int  # the float weight this was made from, to detect a replaced/changed tensor
+    version: int
+    shape: tuple[int, ...]
+
+
+def quantize_weight(weight: torch.Tensor) -> Int8Weight:
+    q, scale = quantize_rows(weight.detach())  # [N, K], [N, 1]
+    return Int8Weight(q.t(), scale.view(-1), weight.data_ptr(), weight._version, tuple(weight.shape))
+
+
+def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x [..., K] @ W.T`` with per-token int8 activations and per-channel int8 weights; the result
+    in ``out_dtype`` (default: ``x``'s)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    xq, xs = quantize_rows(x.reshape(-1, k))  # [M, K] int8, [M, 1]
+    acc = torch._int_mm(xq, w.qweight_t)  # [M, N] int32
+    y = acc.float().mul_(xs).mul_(w.scale).to(out_dtype or x.dtype)  # [M, N]; int32 -> fp32: the fast cast
+    if bias is not None:
+        y = y + bias
+    return y.view(*lead, -1)
+
+
+# ----------------------------------------------------------------------------- op table
+
+
+class CpuOps(TorchOps):
+    """bf16 CPU ops; weights registered with :meth:`quantize` run as int8 GEMMs.
+
+    The registry is keyed by the weight's storage and checked against its version counter, so
+    a weight that is moved, replaced or edited in place falls back to the float GEMM (never
+    stale int8 numbers)."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self._int8: dict[int, Int8Weight] = {}
+
+    def quantize(self, weight: torch.Tensor) -> None:
+        if weight.dim() != 2 or weight.device.type != "cpu":
+            raise ConfigError(f"int8 weights must be 2-D CPU tensors, got {tuple(weight.shape)} on {weight.device}")
+        self._int8[weight.data_ptr()] = quantize_weight(weight)
+
+    def clear(self) -> None:
+        self._int8.clear()
+
+    @property
+    def num_int8(self) -> int:
+        return len(self._int8)
+
+    @property
+    def int8_bytes(self) -> int:
+        """Memory held by the int8 weights and their scales."""
+        return sum(w.qweight_t.numel() + 4 * w.scale.numel() for w in self._int8.values())
+
+    def _lookup(self, weight: torch.Tensor) -> Int8Weight | None:
+        entry = self._int8.get(weight.data_ptr())
+        if entry is None:
+            return None
+        if entry.version != weight._version or entry.shape != tuple(weight.shape):
+            log.warning("fastenc: an int8 weight changed after quantisation; using its float GEMM")
+            self._int8.pop(weight.data_ptr(), None)
+            return None
+        return entry
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        entry = self._lookup(weight) if self._int8 else None
+        if entry is None:
+            return F.linear(x, weight, bias)
+        return int8_linear(x, entry, bias)
+
+    def gated_act_linear(self, x: torch.Tensor, wi: torch.Tensor, act: str, out_dtype: torch.dtype) -> torch.Tensor:
+        entry = self._lookup(wi) if self._int8 else None
+        if entry is not None:  # gate in fp32 straight from the int32 accumulator (one rounding less)
+            h0, h1 = int8_linear(x, entry, out_dtype=torch.float32).chunk(2, dim=-1)  # [B, L, F] each
+            return activation(h0, act).mul_(h1).to(out_dtype)  # [B, L, F]
+        h = self.linear(x, wi)  # [B, L, 2F]
+        h0, h1 = h.chunk(2, dim=-1)
+        if out_dtype != h.dtype:
+            h0, h1 = h0.to(out_dtype), h1.to(out_dtype)
+        return activation(h0, act) * h1  # [B, L, F]
+
+    def act_linear(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        return activation(self.linear(x, w, b).to(out_dtype), act)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """One fused kernel (fp32 statistics) when input and weight share a half dtype."""
+        if x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16):
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return super().rms_norm(x, weight, eps)
+
+    def position_bias(self, table, seq_len, mask, num_buckets, max_distance, dtype) -> torch.Tensor:
+        """The reference bias, made contiguous: it comes out of a permute, and every layer adds it."""
+        return super().position_bias(table, seq_len, mask, num_buckets, max_distance, dtype).contiguous()
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q, k, v: [B, H, L, dk]; bias [B|1, H, L, L]. torch's bf16 softmax accumulates in fp32."""
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # GEMMs on strided views are slower
+        scores = torch.matmul(q, k.transpose(-1, -2)) + bias  # [B, H, L, L]
+        return torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, H, L, dk]
+
+
+#: glibc ``mallopt`` parameters and the values the cpu backend sets: allocations up to 32 MiB
+#: (glibc's largest mmap threshold) from the heap, which keeps up to 64 MiB free at its top.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HEAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 64 << 20
+_heap_tuned = False
+
+
+def keep_temporaries_on_heap() -> bool:
+    """Serve allocations up to 32 MiB from glibc's heap instead of fresh ``mmap`` pages.
+
+    A forward allocates many 2-8 MB temporaries; with glibc's default (dynamic) threshold many of
+    them are mapped and unmapped on every call, and the page faults and kernel zeroing cost
+    ~10-15 % of the base student's CPU time. This is process-wide (the heap keeps up to the peak
+    working set instead of returning it at once), done once, and only under glibc; ONNX Runtime
+    gets the same effect from its own arena. Returns whether the setting is in effect."""
+    global _heap_tuned
+    if _heap_tuned:
+        return True
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    _heap_tuned = bool(mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(HEAP_THRESHOLD))) and \
+        bool(mallopt(ctypes.c_int(_M_TRIM_THRESHOLD), ctypes.c_int(TRIM_THRESHOLD)))
+    if _heap_tuned:
+        log.info("fastenc: cpu backend: allocations up to %d MiB now come from the heap (mallopt)",
+                 HEAP_THRESHOLD >> 20)
+    return _heap_tuned
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and return free heap pages to the OS (glibc ``malloc_trim``; no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_path_supported() -> tuple[bool, str]:
+    """Whether this CPU runs bf16 and int8 GEMMs natively (else the fp32 torch backend is faster)."""
+    flags = cpu_flags()
+    if not hasattr(torch, "_int_mm"):
+        return False, f"torch {torch.__version__} has no torch._int_mm"
+    if not torch.backends.mkldnn.is_available():
+        return False, "torch was built without oneDNN"
+    if "amx_bf16" in flags or "avx512_bf16" in flags:
+        return True, "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16"
+    return False, "the CPU has neither AVX512-BF16 nor AMX (bf16 GEMMs would be emulated)"
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Int8Plan:
+    """Parameter names computed as int8 GEMMs, and the calibration cos-sim that plan reached."""
+
+    weights: tuple[str, ...]
+    cos: float | None = None
+    min_cos: float | None = None
+    calib_len: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "version": PLAN_VERSION}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Int8Plan":
+        data = json.loads(text)
+        if data.pop("version", None) != PLAN_VERSION:
+            raise ValueError("stale plan version")
+        return cls(tuple(data["weights"]), data.get("cos"), data.get("min_cos"), data.get("calib_len"))
+
+    def summary(self, cfg) -> str:
+        n = cfg.num_layers
+        wi = sum(f"blocks.{i}.ffn.wi.weight" in self.weights for i in range(n))
+        wo = sum(f"blocks.{i}.ffn.wo.weight" in self.weights for i in range(n))
+        attn = sum(f"blocks.{i}.attn.qkv.weight" in self.weights for i in range(n))
+        proj = sum(name.startswith("projector.") for name in self.weights)
+        cos = f", calibration cos {self.cos:.5f}" if self.cos is not None else ""
+        return f"int8: attention {attn}/{n} layers, FFN in {wi}/{n} out {wo}/{n}, projector {proj}/2{cos}"
+
+
+def linear_weight_names(model: T5Encoder) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("embed.", "rel_bias."))]
+
+
+def calibration_ids(cfg, length: int = CALIB_LEN, seed: int = 0) -> torch.Tensor:
+    """A fixed pseudo-random batch of token ids [1, length] (ids 0-1 are pad/EOS, so skipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2, cfg.vocab_size, (1, length), generator=gen)
+
+
+def _cos(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(F.cosine_similarity(out.float(), ref.float(), dim=-1).mean())
+
+
+def plan_int8(
+    model: T5Encoder,
+    ref: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    min_cos: float = DEFAULT_MIN_COS,
+) -> Int8Plan:
+    """Search the int8 weight set for ``model`` (already bf16 with a :class:`CpuOps` table).
+
+    ``ref`` is the fp32 model's output on ``ids``. Steps: attention + projector weights (else the
+    projector alone, else nothing); then the FFN input projection ``wi`` of layers ``k..n-1`` for
+    the smallest ``k`` that keeps ``min_cos`` (binary search: error grows as ``k`` falls); then
+    ``wo`` the same way. About ten forward passes at the calibration length.
+    """
+    ops = model.ops
+    if not isinstance(ops, CpuOps):
+        raise ConfigError("plan_int8 needs a model with the CpuOps table installed")
+    params = dict(model.named_parameters())
+    n = model.config.num_layers
+
+    @torch.inference_mode()
+    def score(names: Sequence[str]) -> float:
+        ops.clear()
+        for name in names:
+            ops.quantize(params[name])
+        return _cos(model(ids), ref)
+
+    attn = [f"blocks.{i}.attn.{w}.weight" for i in range(n) for w in ("qkv", "o")]
+    proj = [name for name in linear_weight_names(model) if name.startswith("projector.")]
+    base: list[str] = []
+    best = score(base)
+    if best < min_cos:
+        log.warning("fastenc: bf16 alone reaches cos-sim %.5f to fp32 on the calibration batch (< %.4f); "
+                    "no weight goes int8 (backend='torch' computes in fp32)", best, min_cos)
+    for cand in (attn + proj, proj):
+        if cand and (c := score(cand)) >= min_cos:
+            base, best = cand, c
+            break
+    if base == attn + proj:
+        for kind in ("wi", "wo"):
+            lo, hi = 0, n  # invariant: layers hi..n-1 quantised is known to pass
+            while lo < hi:
+                mid = (lo + hi) // 2
+                cand = base + [f"blocks.{i}.ffn.{kind}.weight" for i in range(mid, n)]
+                c = score(cand)
+                if c >= min_cos:
+                    hi, best_mid = mid, c
+                else:
+                    lo = mid + 1
+            if hi == n:
+                break  # not even the last layer's wi: wo (more sensitive) will not pass either
+            base = base + [f"blocks.{i}.ffn.{kind}.weight" for i in range(hi, n)]
+            best = best_mid
+    ops.clear()
+    return Int8Plan(tuple(base), round(best, 6), min_cos, int(ids.shape[1]))
+
+
+def plan_cache_dir() -> Path:
+    """``$FASTENC_CACHE_DIR/cpu-plans``, else ``$XDG_CACHE_HOME/fastenc/cpu-plans`` (``~/.cache``)."""
+    root = os.environ.get("FASTENC_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastenc"
+    return Path(root) / "cpu-plans"
+
+
+def _plan_key(source: str, cfg, min_cos: float, calib_len: int) -> str:
+    text = f"{PLAN_VERSION}|{source}|{cfg}|{min_cos}|{calib_len}|{torch.__version__}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _read_plan(key: str | None) -> Int8Plan | None:
+    if key is None:
+        return None
+    try:
+        return Int8Plan.from_json((plan_cache_dir() / f"{key}.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or stale: search again
+        return None
+
+
+def _write_plan(key: str | None, plan: Int8Plan) -> None:
+    if key is None:
+        return
+    path = plan_cache_dir() / f"{key}.json"
+    try:
+        from .weights import atomic_write
+
+        atomic_write(path, lambda p: p.write_text(plan.to_json()))
+    except OSError as exc:  # read-only home: the plan is simply not reused
+        log.info("fastenc: could not cache the CPU int8 plan at %s (%s)", path, exc)
+
+
+def source_fingerprint(path: str | os.PathLike) -> str:
+    """Cheap identity of a checkpoint for the plan cache: resolved path plus size and mtime of its files."""
+    p = Path(path).resolve()
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return f"{p}|{stats}"
+
+
+def prepare(
+    model: T5Encoder,
+    *,
+    int8: str | Sequence[str] | Int8Plan = "auto",
+    min_cos: float = DEFAULT_MIN_COS,
+    calib_len: int = CALIB_LEN,
+    source: str | None = None,
+    tune_malloc: bool = True,
+) -> T5Encoder:
+    """Turn ``model`` (any float dtype, on the CPU) into the CPU fast path, in place.
+
+    ``int8``: ``"auto"`` (search a plan with :func:`plan_int8`, cached under ``source`` when
+    given), ``"none"`` (bf16 only), ``"all"`` (every linear weight), or explicit parameter names
+    / an :class:`Int8Plan`. The plan is kept as ``model.int8_plan``. ``tune_malloc`` calls
+    :func:`keep_temporaries_on_heap` (process-wide; pass False to leave glibc's malloc alone).
+    """
+    if model.embed.weight.device.type != "cpu":
+        raise ConfigError(f"the cpu backend runs on the CPU; the model is on {model.embed.weight.device}")
+    if isinstance(int8, str) and int8 not in INT8_MODES:
+        raise ConfigError(f"int8 must be one of {', '.join(INT8_MODES)} or a list of weight names, got {int8!r}")
+    model.eval()
+    if tune_malloc:
+        keep_temporaries_on_heap()
+    key = _plan_key(source, model.config, min_cos, calib_len) if source and int8 == "auto" else None
+    plan = int8 if isinstance(int8, Int8Plan) else _read_plan(key)
+    if plan is not None and key is not None and not set(plan.weights) <= set(linear_weight_names(model)):
+        plan = None  # a cached plan for another layout: search again
+    ids = ref = None
+    if plan is None and int8 == "auto":  # the fp32 reference, before the cast
+        ids = calibration_ids(model.config, calib_len)
+        model.ops = TORCH_OPS
+        with torch.inference_mode():
+            if model.compute_dtype == torch.float32:
+                ref = model(ids)  # [1, L, P]
+            else:  # a half-precision model: reference in fp32 on upcast copies of its weights
+                import copy
+
+                ref = copy.deepcopy(model).float()(ids)
+    model.cast(torch.bfloat16)
+    ops = CpuOps()
+    model.ops = ops
+    if plan is None:
+        if int8 == "none":
+            plan = Int8Plan(())
+        elif int8 == "all":
+            plan = Int8Plan(tuple(linear_weight_names(model)))
+        elif int8 == "auto":
+            log.info("fastenc: planning int8 weights for the cpu backend (%d calibration tokens%s)", calib_len,
+                     "; cached after" if key else "")
+            plan = plan_int8(model, ref, ids, min_cos=min_cos)
+            _write_plan(key, plan)
+        else:
+            plan = Int8Plan(tuple(int8))
+    params = dict(model.named_parameters())
+    unknown = [name for name in plan.weights if name not in params]
+    if unknown:
+        raise ConfigError(f"int8 plan names unknown weights: {', '.join(unknown[:3])}")
+    ops.clear()
+    for name in plan.weights:
+        ops.quantize(params[name])
+    model.int8_plan = plan
+    del ref
+    release_freed_memory()  # the fp32 weights the cast replaced
+    log.info("fastenc: cpu backend (%s, bf16) %s", model.config.name, plan.summary(model.config))
+    return model
