@@ -92,7 +92,7 @@ def run_demo(args: argparse.Namespace) -> int:
         out.write("ERROR: non-finite embeddings\n")
         return 1
 
-    encoders = {"torch": enc}
+    encoders = {enc.backend: enc}
     if not args.no_export:
         exported = _export_and_verify(enc, args, out)
         if exported is None:
