@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 
 from fastenc.errors import FastencError
 
 from .config import TrainConfig, apply_override, read_config_file
+from .distributed import setup_logging
 
 #: Shortcut flags -> config keys (typed by argparse, so "--output-dir 123" stays a string).
 FLAGS = {
@@ -58,9 +57,7 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         cfg = resolve(args)
         if args.print_config:

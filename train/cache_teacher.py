@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from fastenc.errors import ConfigError, FastencError
 
 from .config import load_config
 from .data import all_prompts, load_components
-from .distributed import use_cpu
+from .distributed import setup_logging, use_cpu
 from .student import TORCH_DTYPES, load_tokenizer
 from .teacher import load_live_teacher, teacher_forward, tokenize
 from .teacher_cache import INDEX_NAME, CacheMeta, TeacherCache, tokenizer_fingerprint, write_index, write_shards
@@ -128,9 +127,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         run(args)
     except FastencError as exc:

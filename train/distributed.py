@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 from pathlib import Path
 
 import torch
@@ -41,3 +44,10 @@ def make_accelerator(cfg: TrainConfig):
             auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"],
             use_orig_params=True, state_dict_type="FULL_STATE_DICT")
     return Accelerator(**kwargs)
+
+
+def setup_logging() -> None:
+    """INFO on the main process (RANK 0), warnings only elsewhere: one log per run, not one per GPU."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
