@@ -74,7 +74,7 @@ class Candidate:
 
 def build_candidates(names: list[str], model32, ids: torch.Tensor, args, say: Callable[[str], None]) -> list[Candidate]:
     """Build each requested candidate; unavailable ones are reported with a one-line reason."""
-    from fastenc import cpu as fcpu
+    from fastenc.backends import cpu as fcpu
 
     out: list[Candidate] = []
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", default=str(common.RESULTS_DIR / "cpu_path.csv"), help="'' to write none")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from fastenc import cpu as fcpu
+    from fastenc.backends import cpu as fcpu
 
     args.min_cos = args.min_cos if args.min_cos is not None else fcpu.DEFAULT_MIN_COS
     if args.threads:

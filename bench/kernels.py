@@ -79,7 +79,7 @@ def _time(fn: Callable[[], object]) -> list[float]:
 
 
 def _append_rows(path: Path, rows: list[dict]) -> None:
-    from fastenc.weights import atomic_write
+    from fastenc.fileio import atomic_write
 
     old = path.read_text() if path.exists() else ""
 

@@ -105,7 +105,7 @@ class Builder:
         """Import what ``backend`` needs before the memory baseline (imports are not the backend's memory)."""
         ort = ["onnxruntime", "fastenc.backends.onnxruntime"]
         modules = {"transformers": ["transformers.models.t5.modeling_t5"], "onnxruntime": ort, "onnxruntime-int8": ort,
-                   "cpu": ["fastenc.cpu"], "aoti": ["fastenc.backends.aoti"], "tensorrt": ["tensorrt"],
+                   "cpu": ["fastenc.backends.cpu"], "aoti": ["fastenc.backends.aoti"], "tensorrt": ["tensorrt"],
                    "triton": ["fastenc.kernels"], "compile": ["torch._inductor"]}.get(backend, [])
         for mod in modules:
             try:
@@ -156,7 +156,7 @@ class Builder:
     def _cpu(self, name: str) -> Runner:
         if self.cuda:
             raise Skip("the cpu backend runs on the CPU (use --device cpu)")
-        from fastenc import cpu as fcpu
+        from fastenc.backends import cpu as fcpu
 
         ok, why = fcpu.fast_path_supported()
         if not ok:

@@ -134,7 +134,7 @@ def build_stage(kind: str, args, device: torch.device) -> Stage:
                 log.warning("student on the torch backend (%s)", str(exc).splitlines()[0])
                 runner = model
             return Stage("fastenc student", args.student, backend, "bf16", runner)
-        from fastenc import cpu as fcpu
+        from fastenc.backends import cpu as fcpu
 
         ok, why = fcpu.fast_path_supported()
         if not ok:
@@ -166,7 +166,7 @@ def memory_now(device: torch.device) -> int:
 
 def run_stage(kind: str, args, device: torch.device, seq: int) -> Outcome:
     # imports are not the stage's memory
-    for module in ("transformers.models.t5.modeling_t5", "accelerate", "fastenc.cpu", "fastenc.tokenizer"):
+    for module in ("transformers.models.t5.modeling_t5", "accelerate", "fastenc.backends.cpu", "fastenc.tokenizer"):
         try:
             __import__(module)
         except ImportError:

@@ -91,7 +91,7 @@ def plot_rows(rows: list[dict], out: Path, *, batch: int | None = None, seq: int
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from fastenc.weights import atomic_write
+    from fastenc.fileio import atomic_write
 
     atomic_write(out, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)

@@ -237,7 +237,7 @@ def load(
         model = _load_weights(path, size, dev, dt)
         source, ckpt_dir = str(path.resolve()), (path if path.is_dir() else path.parent)
     if name == "cpu":
-        from .cpu import prepare, source_fingerprint
+        from .backends.cpu import prepare, source_fingerprint
 
         prepare(model, source=source if random_init else source_fingerprint(path))
     else:

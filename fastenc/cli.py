@@ -35,7 +35,7 @@ def _load_from_args(args):
 def cmd_encode(args) -> int:
     from safetensors.torch import save_file
 
-    from .weights import atomic_write
+    from .fileio import atomic_write
 
     enc = _load_from_args(args)
     out = enc.encode(args.prompts, target=args.target)

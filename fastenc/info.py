@@ -18,7 +18,7 @@ def _version(module: str) -> str:
 def usable_backends() -> dict[str, str]:
     """backend name -> 'yes' or the reason it is not usable here."""
     out = {"torch": "yes"}
-    from .cpu import fast_path_supported
+    from .backends.cpu import fast_path_supported
 
     ok, why = fast_path_supported()
     out["cpu"] = "yes (default on this CPU)" if ok else f"no ({why})"

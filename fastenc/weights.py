@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 
 from .config import EncoderConfig
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write
 
 log = logging.getLogger("fastenc")
 
@@ -307,24 +307,6 @@ def save_checkpoint(model, directory: str | os.PathLike, *, extra_files: dict[st
     for name, writer in (extra_files or {}).items():
         write(name, writer)
     return directory
-
-
-def atomic_write(target: Path, writer: Callable[[Path], None]) -> Path:
-    """Call ``writer(tmp)`` on a temporary name beside ``target``, then rename it into place."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are read by other accounts too
-        writer(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def check_config_matches(cfg: EncoderConfig, size_cfg: EncoderConfig, where: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
-from fastenc import cpu as fcpu
+from fastenc.backends import cpu as fcpu
 from fastenc.errors import ConfigError
 from fastenc.ops import TORCH_OPS
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 import fastenc
 from fastenc.errors import CheckpointError, ConfigError
 from fastenc.model import T5Encoder
-from fastenc.weights import atomic_write
+from fastenc.fileio import atomic_write
 
 log = logging.getLogger("fastenc.train")
 

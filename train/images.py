@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastenc.weights import atomic_write
+from fastenc.fileio import atomic_write
 
 from .dit import Cond, FrozenDiT
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastenc.errors import ConfigError
-from fastenc.weights import atomic_write
+from fastenc.fileio import atomic_write
 
 from . import checkpoint
 from .config import TrainConfig

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastenc.errors import ConfigError
-from fastenc.weights import atomic_write
+from fastenc.fileio import atomic_write
 
 log = logging.getLogger("fastenc.train")
 

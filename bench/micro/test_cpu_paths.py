@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import exports
-from fastenc import cpu as fcpu
+from fastenc.backends import cpu as fcpu
 
 from .conftest import SIZE
 

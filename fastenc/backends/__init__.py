@@ -40,13 +40,13 @@ def _triton_importable() -> bool:
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Validate a backend name; ``auto`` picks the fastest one usable on ``device``.
 
-    On the CPU that is ``cpu`` (bf16 with planned int8 GEMMs, :mod:`fastenc.cpu`) when the CPU
+    On the CPU that is ``cpu`` (bf16 with planned int8 GEMMs, :mod:`fastenc.backends.cpu`) when the CPU
     has native bf16 and no dtype other than bf16 was asked for; else ``torch``."""
     if name == "auto":
         if device.type == "cuda" and _triton_importable():
             return "triton"
         if device.type == "cpu" and dtype in (None, torch.bfloat16):
-            from ..cpu import fast_path_supported
+            from .cpu import fast_path_supported
 
             if fast_path_supported()[0]:
                 return "cpu"

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CheckpointError, FastencError
 from ..model import T5Encoder
-from ..weights import atomic_write
+from ..fileio import atomic_write
 from .artifacts import first_line
 from .contract import ExportModule, Profile, dynamic_shapes, sample_inputs
 

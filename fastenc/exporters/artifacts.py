@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator
 
 from ..config import EncoderConfig
 from ..errors import CheckpointError, ConfigError
-from ..weights import CONFIG_NAME, atomic_write
+from ..fileio import atomic_write
+from ..weights import CONFIG_NAME
 from .contract import Profile
 
 log = logging.getLogger("fastenc")

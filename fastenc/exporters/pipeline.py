@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import weights
+from ..fileio import atomic_write
 from ..config import get_size, max_length_for
 from ..errors import BackendUnavailable, ConfigError
 from ..model import T5Encoder
@@ -182,7 +183,7 @@ def _write_model_files(out: Path, src: _Source) -> None:
             for name in ("tokenizer_config.json", "special_tokens_map.json"):
                 for folder in (base, base / "tokenizer_2", base / "tokenizer"):
                     if (folder / name).is_file():
-                        weights.atomic_write(out / name, lambda p, f=folder / name: shutil.copyfile(f, p))
+                        atomic_write(out / name, lambda p, f=folder / name: shutil.copyfile(f, p))
                         break
 
 

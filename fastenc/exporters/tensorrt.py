@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, CheckpointError, FastencError
-from ..weights import atomic_write
+from ..fileio import atomic_write
 from .contract import INPUT_NAMES, Profile
 
 log = logging.getLogger("fastenc")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastenc.weights import atomic_write
+from fastenc.fileio import atomic_write
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -31,9 +31,9 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .model import T5Encoder
-from .ops import TORCH_OPS, TorchOps, activation
+from ..errors import ConfigError
+from ..model import T5Encoder
+from ..ops import TORCH_OPS, TorchOps, activation
 
 log = logging.getLogger("fastenc")
 
@@ -365,7 +365,7 @@ def _write_plan(key: str | None, plan: Int8Plan) -> None:
         return
     path = plan_cache_dir() / f"{key}.json"
     try:
-        from .weights import atomic_write
+        from ..fileio import atomic_write
 
         atomic_write(path, lambda p: p.write_text(plan.to_json()))
     except OSError as exc:  # read-only home: the plan is simply not reused
