@@ -3,7 +3,8 @@
 # and for local trials of `fastenc triton-repo` output.
 #
 #   nvidia-pytriton   bundles a real `tritonserver` (python backend only); pins numpy<2, hence its own venv
-#   tritonclient      HTTP client + model_config_pb2 (config.pbtxt validation)
+#   tritonclient      HTTP/gRPC client + model_config_pb2 (config.pbtxt validation)
+#   perf-analyzer     Triton's load generator (`perf_analyzer`), driven by bench/serving.py
 #   onnxruntime       what the python-backend encoder model (`--encoder-backend python`) runs
 #   fastenc           what the python-backend tokenizer model imports (editable; CPU torch via constraints)
 #
@@ -25,8 +26,52 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   constraint=(-c constraints-cpu.txt)
 fi
 "$py" -m pip install -q "${constraint[@]}" \
-  "nvidia-pytriton>=0.5" "tritonclient[http]>=2.40" "numpy<2" "onnxruntime>=1.18" "protobuf"
+  "nvidia-pytriton>=0.5" "tritonclient[http,grpc]>=2.40" "numpy<2" "onnxruntime>=1.18" \
+  "protobuf"
 "$py" -m pip install -q "${constraint[@]}" "numpy<2" -e .
+
+# perf_analyzer (PyPI perf-analyzer) is one C++ binary in a wheel tagged manylinux_2_38: it needs glibc 2.38
+# and libstdc++ from GCC 13. Where the system's are older (Debian 12: glibc 2.36, GCC 12) pip will not
+# install it, so it goes under $venv/opt with `--platform`, and, when it cannot start with the system's libc,
+# runs under a private loader with libc6, libstdc++6 and libgcc-s1 unpacked (not installed: the system is
+# left as it is) from Debian 13 packages. $venv/bin/perf_analyzer is a wrapper either way.
+pa_version="2.60.0"
+pa_dir="$venv/opt/perf-analyzer-$pa_version"
+pa_bin="$pa_dir/perf_analyzer/bin/perf_analyzer"
+if [ "$(uname -m)" = "x86_64" ]; then
+  if [ ! -x "$pa_bin" ]; then
+    rm -rf "$pa_dir.tmp"
+    "$py" -m pip install -q --no-deps --only-binary=:all: --platform manylinux_2_38_x86_64 \
+      --target "$pa_dir.tmp" "perf-analyzer==$pa_version"
+    rm -rf "$pa_dir" && mv "$pa_dir.tmp" "$pa_dir"
+  fi
+  runtime="$venv/opt/glibc-runtime"
+  lib="$runtime/usr/lib/x86_64-linux-gnu"
+  if "$pa_bin" --version >/dev/null 2>&1; then
+    printf '#!/bin/sh\nexec "%s" "$@"\n' "$(realpath "$pa_bin")" > "$venv/bin/perf_analyzer"
+  else
+    if [ ! -x "$lib/ld-linux-x86-64.so.2" ]; then
+      apt_dir="$(mktemp -d)"
+      mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/debs"
+      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+        > "$apt_dir/sources.list"
+      apt_opts=(-q -o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o Debug::NoLocking=1
+                -o APT::Sandbox::User="$(id -un)")
+      apt-get "${apt_opts[@]}" update >/dev/null
+      (cd "$apt_dir/debs" && apt-get "${apt_opts[@]}" download libc6 libstdc++6 libgcc-s1 >/dev/null)
+      rm -rf "$runtime.tmp" && mkdir -p "$runtime.tmp"
+      for deb in "$apt_dir"/debs/*.deb; do dpkg-deb -x "$deb" "$runtime.tmp"; done
+      rm -rf "$apt_dir" "$runtime" && mv "$runtime.tmp" "$runtime"
+    fi
+    printf '#!/bin/sh\nexec "%s" --library-path "%s:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu" "%s" "$@"\n' \
+      "$(realpath "$lib")/ld-linux-x86-64.so.2" "$(realpath "$lib")" "$(realpath "$pa_bin")" > "$venv/bin/perf_analyzer"
+  fi
+  chmod +x "$venv/bin/perf_analyzer"
+  "$venv/bin/perf_analyzer" --version >/dev/null 2>&1
+else
+  echo "triton_env.sh: perf_analyzer wheels here are x86_64 only; load benchmarks need it" >&2
+fi
 "$py" - <<'PY'
 import importlib.util, pathlib
 import pytriton, tritonclient.grpc.model_config_pb2, onnxruntime, fastenc.tokenizer  # noqa: F401
