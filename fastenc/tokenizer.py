@@ -271,28 +271,22 @@ def _model_type(path: Path) -> str:
 
 def _download(repo_id: str, subfolder: str | None) -> Path:
     """Fetch a Unigram ``tokenizer.json`` from hub repo ``repo_id`` (root, then pipeline subfolders)."""
+    from . import hub  # offline: fails at once, naming the `hf download` command
+
     hint = (
         "pass a local folder that contains tokenizer.json instead (e.g. a Flux pipeline's tokenizer_2 folder, "
-        "or the folder where Tokenizer.save() wrote one)"
+        f"or the folder where Tokenizer.save() wrote one): {hub.tokenizer_hint(repo_id, subfolder)}"
     )
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    except ImportError as exc:
-        raise ConfigError(f"cannot download {repo_id!r} without huggingface_hub ({exc}); {hint}") from None
     names = [subfolder] if subfolder is not None else [None, *PIPELINE_SUBFOLDERS]
     failure = "tokenizer.json not found in the repo or its tokenizer_2/, tokenizer_3/, tokenizer/ subfolders"
     for name in names:
         try:
-            file = Path(hf_hub_download(repo_id, "tokenizer.json", subfolder=name))
-        except LocalEntryNotFoundError as exc:  # offline / unreachable and not cached: try the next location
-            failure = f"not available offline or hub unreachable: {exc}"
+            file = hub.fetch_file(repo_id, "tokenizer.json", subfolder=name)
+        except hub.HubUnavailable as exc:  # offline and not cached (another location may be), unknown repo, ...
+            failure = str(exc)
             continue
-        except EntryNotFoundError:  # the repo exists but has no such file
+        if file is None:  # the repo has no such file: try the next location
             continue
-        except Exception as exc:  # repo not found, auth, network, ...
-            failure = f"{type(exc).__name__}: {exc}"
-            break
         if _model_type(file) == "Unigram":
             return file
         logger.info("skipping %s: not a T5 SentencePiece tokenizer", file)

@@ -199,20 +199,9 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, *, subfolder: str | None =
     text = str(checkpoint)
     if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", text):
         raise CheckpointError(f"{text}: no such file or directory")
-    try:
-        from huggingface_hub import snapshot_download
+    from .hub import download_checkpoint  # offline: fails at once, naming the `hf download` command
 
-        patterns = ["*.json", "*.safetensors"]
-        if subfolder:
-            patterns = [f"{subfolder}/{p}" for p in patterns]
-        local = snapshot_download(text, allow_patterns=patterns)
-    except Exception as exc:  # offline, gated repo, unknown id
-        raise CheckpointError(
-            f"{text}: not a local path and the hub download failed ({type(exc).__name__}). "
-            f"Pass a local directory holding config.json and model.safetensors instead, e.g. after "
-            f"`huggingface-cli download {text} --local-dir DIR`"
-        ) from None
-    return Path(local) / subfolder if subfolder else Path(local)
+    return download_checkpoint(text, subfolder=subfolder)
 
 
 def read_config(path: Path, source: TensorSource, layout: str, prefix: str) -> EncoderConfig:
