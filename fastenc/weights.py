@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import EncoderConfig
+from .config import MAX_PROJECTION_DIM, EncoderConfig, read_json_object
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write
+from .fileio import atomic_write, content_identity
 
 log = logging.getLogger("fastenc")
 
@@ -38,6 +38,8 @@ INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Tensors a T5 checkpoint may carry that the encoder does not use.
+#: safetensors dtypes accepted for weights (converted to the compute dtype on load).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 IGNORED = re.compile(r"^(decoder\.|lm_head\.|encoder\.embed_tokens\.weight$)")
 
 
@@ -64,14 +66,38 @@ def _check_not_pickle(path: Path) -> None:
         )
 
 
-def _keys_of(file: Path) -> list[str]:
+def _open(file: Path):
+    """``safe_open`` with every failure turned into one :class:`CheckpointError` naming the file."""
     try:
-        with safe_open(file, framework="pt") as f:
-            return list(f.keys())
+        return safe_open(file, framework="pt")
     except FileNotFoundError:
         raise CheckpointError(f"{file}: file not found") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{file}: is a directory, not a safetensors file") from None
+    except Exception as exc:  # SafetensorError, OSError, ValueError, ... from the header parser
+        raise CheckpointError(f"{file}: not a readable safetensors file ({str(exc)[:200]})") from None
+
+
+def _keys_of(file: Path) -> list[str]:
+    with _open(file) as f:
+        try:
+            return list(f.keys())
+        except Exception as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({str(exc)[:200]})") from None
+
+
+def _shard_name(index: Path, tensor: object, shard: object) -> str:
+    """A shard name from an index file: a plain file name in the checkpoint folder, nothing else."""
+    if not isinstance(tensor, str):
+        raise CheckpointError(f"{index}: weight_map keys must be tensor names (strings), got {tensor!r:.60}")
+    if not isinstance(shard, str):
+        raise CheckpointError(f"{index}: weight_map[{tensor!r:.80}] must be a file name, got {shard!r:.60}")
+    if (not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard
+            or os.path.isabs(shard) or not shard.endswith(".safetensors")):
+        raise CheckpointError(
+            f"{index}: weight_map[{tensor!r:.80}] = {shard!r:.80} is not a .safetensors file name in the "
+            "checkpoint folder (paths and '..' are refused)")
+    return shard
 
 
 def open_source(path: Path) -> TensorSource:
@@ -83,11 +109,11 @@ def open_source(path: Path) -> TensorSource:
         raise CheckpointError(f"{path}: no such file or directory")
     index = path / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: malformed shard index ({exc!r})") from None
-        files = {name: path / shard for name, shard in weight_map.items()}
+        weight_map = read_json_object(index, CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: key 'weight_map' must be a non-empty object of tensor name -> "
+                                  f"shard file name, got {type(weight_map).__name__}")
+        files = {name: path / _shard_name(index, name, shard) for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise CheckpointError(f"{index}: shard {shard.name} is missing")
@@ -161,31 +187,135 @@ def _fastenc_param_names(cfg: EncoderConfig) -> list[str]:
 
 def infer_config(source: TensorSource, layout: str, prefix: str) -> EncoderConfig:
     """Derive a config from tensor shapes (for single-file checkpoints shipped without config.json)."""
-    keys = source.keys
-    with ExitStack() as stack:
-        handles: dict[Path, object] = {}
+    if layout == "fastenc":
+        raise CheckpointError(f"{_where(source)}: fastenc checkpoints carry a config.json; it is missing")
+    headers = Headers(source)
+    p = prefix
 
-        def shape(key: str) -> list[int]:
-            f = source.files[key]
-            if f not in handles:
-                handles[f] = stack.enter_context(safe_open(f, framework="pt"))
-            return list(handles[f].get_slice(key).get_shape())
+    def shape(key: str, rank: int = 2) -> list[int]:
+        if key not in source.files:
+            raise CheckpointError(f"{_where(source)}: missing key {key!r} (needed to infer the config; "
+                                  f"or put a {CONFIG_NAME} beside the weights)")
+        dims = headers.shape(key)
+        if len(dims) != rank or not all(dims):
+            raise CheckpointError(f"{source.files[key]}: {key!r} has shape {dims}, expected {rank} non-zero dims")
+        return dims
 
-        if layout == "fastenc":
-            raise CheckpointError("fastenc checkpoints carry a config.json; it is missing")
-        p = prefix
+    try:
         vocab, d_model = shape(f"{p}shared.weight")
-        num_layers = len({int(m.group(1)) for k in keys if (m := re.match(rf"{re.escape(p)}encoder\.block\.(\d+)\.", k))})
+        num_layers = len(_block_ids(source, layout, prefix))
         num_buckets, heads = shape(f"{p}encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
         inner = shape(f"{p}encoder.block.0.layer.0.SelfAttention.q.weight")[0]
-        gated = f"{p}encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in keys
+        gated = f"{p}encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in source.keys
         d_ff = shape(f"{p}encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight")[0]
-        proj = shape("final_projection.3.weight")[0] if "final_projection.3.weight" in keys else None
-    return EncoderConfig(
-        d_model=d_model, d_ff=d_ff, num_layers=num_layers, num_heads=heads, d_kv=inner // heads,
-        vocab_size=vocab, num_buckets=num_buckets, gated=gated, activation="gelu_new" if gated else "relu",
-        projection_dim=proj, projector_bias="final_projection.0.bias" in keys,
-    )
+        proj = shape("final_projection.3.weight")[0] if "final_projection.3.weight" in source.keys else None
+    finally:
+        headers.close()
+    if inner % heads:
+        raise CheckpointError(f"{_where(source)}: q.weight has {inner} rows, not a multiple of the {heads} heads "
+                              "of relative_attention_bias.weight")
+    try:
+        return EncoderConfig(
+            d_model=d_model, d_ff=d_ff, num_layers=num_layers, num_heads=heads, d_kv=inner // heads,
+            vocab_size=vocab, num_buckets=num_buckets, gated=gated, activation="gelu_new" if gated else "relu",
+            projection_dim=proj, projector_bias="final_projection.0.bias" in source.keys,
+        )
+    except ConfigError as exc:
+        raise CheckpointError(f"{_where(source)}: tensor shapes give an unusable config ({exc})") from None
+
+
+class Headers:
+    """Shapes and dtypes from safetensors headers (no tensor data is read)."""
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    def handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(_open(file))
+        return self._handles[file]
+
+    def _slice(self, key: str):
+        file = self.source.files[key]
+        try:
+            return self.handle(file).get_slice(key)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot read the header of {key!r} ({str(exc)[:200]})") from None
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return str(self._slice(key).get_dtype())
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "Headers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _where(source: TensorSource) -> Path | str:
+    return source.directory or next(iter(source.files.values()), "checkpoint")
+
+
+def _block_ids(source: TensorSource, layout: str, prefix: str) -> set[str]:
+    """Block indices present in the checkpoint (as written; at most 6 digits)."""
+    pattern = re.compile(r"blocks\.(\d{1,6})\." if layout == "fastenc" else rf"{re.escape(prefix)}encoder\.block\.(\d{{1,6}})\.")
+    return {m.group(1) for k in source.keys if (m := pattern.match(k))}
+
+
+def check_config(cfg: EncoderConfig, source: TensorSource, layout: str, prefix: str, where: str | Path) -> None:
+    """Compare a config (read from ``where``) with the tensors' header shapes, before anything is built.
+
+    Checks the layer count against the blocks present and each dimension against one tensor that carries
+    it; the full per-tensor shape check follows in :func:`load_state_dict`. Nothing is allocated here.
+    """
+    blocks = _block_ids(source, layout, prefix)
+    if cfg.num_layers > len(blocks):  # more blocks than configured: reported as unexpected keys on load
+        raise CheckpointError(f"{where}: num_layers={cfg.num_layers} but {_where(source)} holds only "
+                              f"{len(blocks)} encoder blocks")
+    p, inner, ffn_rows = prefix, cfg.inner_dim, (2 if cfg.gated else 1) * cfg.d_ff
+    if layout == "fastenc":
+        wanted = [
+            ("embed.weight", [cfg.vocab_size, cfg.d_model], "vocab_size, d_model"),
+            ("rel_bias.weight", [cfg.num_buckets, cfg.num_heads], "relative_attention_num_buckets, num_heads"),
+            ("blocks.0.attn.qkv.weight", [3 * inner, cfg.d_model], "3*num_heads*d_kv, d_model"),
+            ("blocks.0.ffn.wi.weight", [ffn_rows, cfg.d_model], "d_ff (x2 when gated), d_model"),
+        ]
+        if cfg.projection_dim:
+            wanted.append(("projector.fc1.weight", [cfg.projection_dim, cfg.d_model], "projection_dim, d_model"))
+    else:
+        embed = f"{p}shared.weight" if f"{p}shared.weight" in source.keys else f"{p}encoder.embed_tokens.weight"
+        attn, ffn = f"{p}encoder.block.0.layer.0.SelfAttention", f"{p}encoder.block.0.layer.1.DenseReluDense"
+        wi = f"{ffn}.wi_0.weight" if cfg.gated else f"{ffn}.wi.weight"
+        if wi not in source.keys and (f"{ffn}.wi.weight" if cfg.gated else f"{ffn}.wi_0.weight") in source.keys:
+            raise CheckpointError(f"{where}: feed_forward_proj is {'gated' if cfg.gated else 'not gated'} but "
+                                  f"{_where(source)} has {'wi' if cfg.gated else 'wi_0/wi_1'} FFN weights")
+        wanted = [
+            (embed, [cfg.vocab_size, cfg.d_model], "vocab_size, d_model"),
+            (f"{attn}.relative_attention_bias.weight", [cfg.num_buckets, cfg.num_heads],
+             "relative_attention_num_buckets, num_heads"),
+            (f"{attn}.q.weight", [inner, cfg.d_model], "num_heads*d_kv, d_model"),
+            (wi, [cfg.d_ff, cfg.d_model], "d_ff, d_model"),
+        ]
+        if cfg.projection_dim:
+            wanted.append(("final_projection.0.weight", [cfg.projection_dim, cfg.d_model], "project_out_dim, d_model"))
+    with Headers(source) as headers:
+        for key, shape, keys in wanted:
+            if key not in source.keys:
+                continue  # reported as a missing key by load_state_dict
+            have = headers.shape(key)
+            if have != shape:
+                raise CheckpointError(f"{where}: {keys} = {shape} do not match {source.files[key]}: "
+                                      f"{key!r} has shape {have}")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -205,16 +335,26 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, *, subfolder: str | None =
 
 
 def read_config(path: Path, source: TensorSource, layout: str, prefix: str) -> EncoderConfig:
+    """The checkpoint's config (config.json beside it, else inferred from shapes), checked against the
+    tensors in the file (:func:`check_config`) before the caller builds anything from it."""
     directory = path if path.is_dir() else path.parent
     cfg_file = directory / CONFIG_NAME
     if cfg_file.is_file():
         cfg = EncoderConfig.from_json_file(cfg_file)
         if layout in ("distillt5", "repacked") and cfg.projection_dim is None and "final_projection.3.weight" in source.keys:
-            cfg = cfg.replace(projection_dim=infer_config(source, layout, prefix).projection_dim)
+            with Headers(source) as headers:
+                dims = headers.shape("final_projection.3.weight")
+            if len(dims) != 2 or not 0 < dims[0] <= MAX_PROJECTION_DIM:
+                raise CheckpointError(f"{source.files['final_projection.3.weight']}: 'final_projection.3.weight' "
+                                      f"has shape {dims}")
+            cfg = cfg.replace(projection_dim=dims[0])
         if layout == "transformers":
             cfg = cfg.replace(projection_dim=None)
+        check_config(cfg, source, layout, prefix, cfg_file)
         return cfg
-    return infer_config(source, layout, prefix)
+    cfg = infer_config(source, layout, prefix)
+    check_config(cfg, source, layout, prefix, _where(source))
+    return cfg
 
 
 def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
@@ -248,33 +388,59 @@ def load_state_dict(
             + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
             + f" for a {cfg.num_layers}-layer config"
         )
-    state: dict[str, torch.Tensor] = {}
-    with ExitStack() as stack:
-        handles: dict[Path, object] = {}
+    # Headers first: every tensor's presence, dtype and shape, before any data is read.
+    with Headers(source) as headers:
+        for name, keys in mapping.items():
+            for key in keys:
+                if key not in source.files:
+                    raise CheckpointError(f"{_where(source)}: missing key {key!r}")
+                kind = headers.dtype(key)
+                if kind not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{source.files[key]}: {key!r} has dtype {kind}, expected a floating-point "
+                                          f"tensor ({', '.join(FLOAT_DTYPES)})")
+            shapes = [headers.shape(k) for k in keys]
+            if len({len(sh) for sh in shapes}) != 1 or len({tuple(sh[1:]) for sh in shapes}) != 1:
+                have = list(shapes)
+            else:
+                have = [sum(sh[0] for sh in shapes), *shapes[0][1:]] if shapes[0] else []
+            if have != list(expected[name]):
+                raise CheckpointError(
+                    f"{source.files[keys[0]]}: {'+'.join(keys)} has shape {have}, "
+                    f"the config expects {list(expected[name])}"
+                )
+        state: dict[str, torch.Tensor] = {}
 
         def get(key: str) -> torch.Tensor:
-            if key not in source.files:
-                where = source.directory or next(iter(source.files.values()), "checkpoint")
-                raise CheckpointError(f"{where}: missing key {key!r}")
             f = source.files[key]
-            if f not in handles:
-                handles[f] = stack.enter_context(safe_open(f, framework="pt"))
             try:
-                return handles[f].get_tensor(key)
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(f"{f}: cannot read {key!r} ({exc})") from None
+                tensor = headers.handle(f).get_tensor(key)
+            except Exception as exc:
+                raise CheckpointError(f"{f}: cannot read {key!r} ({str(exc)[:200]})") from None
+            if not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise CheckpointError(f"{f}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf) of "
+                                      f"{tensor.numel()}; the checkpoint is corrupt")
+            return tensor
 
         for name, keys in mapping.items():
             parts = [get(k) for k in keys]
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-            if tensor.shape != expected[name]:
-                raise CheckpointError(
-                    f"{source.files[keys[0]]}: {'+'.join(keys)} has shape {list(tensor.shape)}, "
-                    f"the config expects {list(expected[name])}"
-                )
-            state[name] = tensor.to(device=device, dtype=param_dtype(name, dtype))
+            target = param_dtype(name, dtype)
+            state[name] = tensor.to(device=device, dtype=target)
+            if target == torch.float16 and not bool(torch.isfinite(state[name]).all()):
+                raise CheckpointError(f"{source.files[keys[0]]}: {'+'.join(keys)} overflows float16 "
+                                      "(values beyond 65504); load it in bf16 or fp32")
             del parts, tensor
     return state
+
+
+def checkpoint_identity(path: Path, source: TensorSource) -> str:
+    """A cheap identity of a checkpoint's content: config/index files and every weight file's size, mtime
+    and first/last MiB (the safetensors header included). New weights at the same path give a new value."""
+    directory = path if path.is_dir() else path.parent
+    files = sorted(set(source.files.values()))
+    files += [directory / n for n in (CONFIG_NAME, INDEX_NAME) if (directory / n).is_file()]
+    return content_identity(files)
 
 
 def save_checkpoint(model, directory: str | os.PathLike, *, extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
