@@ -5,13 +5,15 @@ Three models (``NAME`` defaults to ``fastenc``)::
     REPO/NAME_tokenizer/config.pbtxt   python backend: text (TYPE_STRING [1]) -> input_ids, attention_mask,
                        1/model.py                      encoder_attention_mask (TYPE_INT32 [-1])
                        1/tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)
-    REPO/NAME_encoder/config.pbtxt     onnxruntime_onnx | tensorrt_plan | python (ONNX Runtime in the
-                       1/encoder.*.onnx[.data] | 1/encoder.*.plan  [+ 1/model.py]   python backend)
+    REPO/NAME_encoder/config.pbtxt     onnxruntime_onnx | tensorrt_plan | python (ONNX Runtime, or fastenc's
+                       1/encoder.*.onnx[.data] | 1/encoder.*.plan  [+ 1/model.py]   cpu backend: fastenc-cpu)
+                       | 1/checkpoint/{config.json,*.safetensors} + 1/model.py
     REPO/NAME/config.pbtxt             ensemble: text -> text_embeddings [-1, P], attention_mask [-1]
                        1/
 
 Every model batches (``max_batch_size`` = the artifact profile's max batch unless lowered); the
-encoder declares dynamic batching and a dynamic sequence dimension. The tokenizer pads every prompt
+encoder declares dynamic batching and a dynamic sequence dimension. A repository is written into a staging folder and renamed into place: a failed
+run leaves no partial model (and no empty output folder). The tokenizer pads every prompt
 to the target's length, like :meth:`fastenc.Encoder.encode`; ``encoder_attention_mask`` is the
 mask for PixArt-style targets and all ones for Flux/SD3 (which give T5 no mask), so the ensemble's
 embeddings equal ``fastenc.load(...).encode(prompts, target=...)``.
@@ -24,6 +26,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,7 +39,10 @@ from .contract import ATTENTION_MASK, INPUT_IDS, OUTPUT_NAME, Profile
 
 log = logging.getLogger("fastenc")
 
-ENCODER_BACKENDS = ("auto", "onnxruntime", "tensorrt", "python")
+ENCODER_BACKENDS = ("auto", "onnxruntime", "tensorrt", "python", "fastenc-cpu")
+#: Python-backend encoders and the model.py each runs.
+PYTHON_ENCODERS = {"python": "onnx_encoder_model.py", "fastenc-cpu": "fastenc_encoder_model.py"}
+CHECKPOINT_DIR = "checkpoint"  # fastenc-cpu: the weights' folder inside the encoder's version directory
 INSTANCE_KINDS = ("auto", "cpu", "gpu")
 TEXT = "text"
 ENCODER_MASK = "encoder_attention_mask"
@@ -45,6 +51,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 OUTPUT_TYPES = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "bf16": "TYPE_BF16", "int8": "TYPE_FP32"}
 _ONNX_ELEM_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16"}  # onnx.TensorProto enum values
 DEFAULT_QUEUE_DELAY_US = 100
+MAX_INSTANCES = 64
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,10 @@ class TritonRepoRequest:
     max_batch_size: int | None = None  # default: the artifact profile's max batch
     max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     instance_kind: str = "auto"
+    instance_count: int = 1  # encoder instances (per GPU for KIND_GPU)
+    preferred_batch_sizes: tuple[int, ...] = ()  # dynamic batching: sizes the batcher aims for
+    threads: int = 0  # python-backend encoders: intra-op threads per instance (0: the runtime's default)
+    checkpoint: str | None = None  # fastenc-cpu: weights (default: the checkpoint the export was made from)
     force: bool = False
 
 
@@ -73,7 +84,7 @@ class TritonRepo:
     tokenizer: Path
     encoder: Path
     encoder_platform: str  # onnxruntime_onnx | tensorrt_plan | python
-    artifact: Path  # the exported file the encoder serves
+    artifact: Path  # the exported file (or, for fastenc-cpu, the checkpoint) the encoder serves
     target: str
     max_length: int
     max_batch_size: int
@@ -100,13 +111,15 @@ def _parameters(params: dict[str, str]) -> str:
 
 
 def _instance_group(kind: str, count: int = 1) -> str:
-    if kind == "auto":  # Triton's default: one instance per GPU, or on the CPU without one
+    if kind == "auto" and count == 1:  # Triton's default: one instance per GPU, or on the CPU without one
         return ""
-    return f"instance_group [\n  {{\n    kind: KIND_{kind.upper()}\n    count: {count}\n  }}\n]\n"
+    kind_line = "" if kind == "auto" else f"    kind: KIND_{kind.upper()}\n"
+    return f"instance_group [\n  {{\n{kind_line}    count: {count}\n  }}\n]\n"
 
 
-def _dynamic_batching(delay_us: int) -> str:
-    return f"dynamic_batching {{\n  max_queue_delay_microseconds: {delay_us}\n}}\n"
+def _dynamic_batching(delay_us: int, preferred: tuple[int, ...] = ()) -> str:
+    sizes = f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else ""
+    return f"dynamic_batching {{\n{sizes}  max_queue_delay_microseconds: {delay_us}\n}}\n"
 
 
 def tokenizer_config(name: str, *, max_batch_size: int, target: str, max_length: int, pass_mask: bool,
@@ -124,7 +137,8 @@ def tokenizer_config(name: str, *, max_batch_size: int, target: str, max_length:
 
 
 def encoder_config(name: str, *, platform: str, max_batch_size: int, output_type: str, output_dim: int,
-                   model_file: str, instance_kind: str, delay_us: int) -> str:
+                   model_file: str, instance_kind: str, delay_us: int, instance_count: int = 1,
+                   preferred_batch_sizes: tuple[int, ...] = (), parameters: dict[str, str] | None = None) -> str:
     head = f"name: {_q(name)}\n"
     if platform == "python":
         head += "backend: \"python\"\n"
@@ -134,12 +148,12 @@ def encoder_config(name: str, *, platform: str, max_batch_size: int, output_type
         head + f"max_batch_size: {max_batch_size}\n"
         + _tensors("input", [(INPUT_IDS, "TYPE_INT32", [-1]), (ATTENTION_MASK, "TYPE_INT32", [-1])])
         + _tensors("output", [(OUTPUT_NAME, output_type, [-1, output_dim])])
-        + _dynamic_batching(delay_us)
-        + _instance_group(instance_kind)
+        + _dynamic_batching(delay_us, preferred_batch_sizes)
+        + _instance_group(instance_kind, instance_count)
     )
-    if platform == "python":
-        text += _parameters({"onnx_model": model_file})
-    return text
+    if parameters is None and platform == "python":
+        parameters = {"onnx_model": model_file}
+    return text + _parameters(parameters or {})
 
 
 def ensemble_config(name: str, *, tokenizer: str, encoder: str, max_batch_size: int, output_type: str,
@@ -238,8 +252,34 @@ def _tokenizer_files(req: TritonRepoRequest, dst: Path) -> None:
             shutil.copyfile(req.export_dir / fname, dst / fname)
 
 
+def _checkpoint_files(req: TritonRepoRequest, manifest: dict[str, Any]) -> list[Path]:
+    """The files ``fastenc-cpu`` serves: config.json and the safetensors weights (+ index) of the checkpoint."""
+    source = manifest.get("source") or {}
+    spec = req.checkpoint
+    if spec is None:
+        if source.get("kind") != "checkpoint" or not source.get("path"):
+            raise ConfigError(f"{req.export_dir} was exported from {source.get('kind', 'an unknown source')}, not a "
+                              "checkpoint folder; pass --checkpoint DIR (config.json + model.safetensors) for "
+                              "--encoder-backend fastenc-cpu")
+        spec = source["path"]
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint {path}: no such file or directory (fastenc-cpu serves the checkpoint's "
+                              "weights; pass --checkpoint DIR)")
+    folder = path if path.is_dir() else path.parent
+    weights = sorted(folder.glob("*.safetensors")) if path.is_dir() else [path]
+    if not weights or any(w.suffix != ".safetensors" for w in weights):
+        raise CheckpointError(f"--checkpoint {path}: no .safetensors weights")
+    extra = [folder / n for n in ("config.json",) if (folder / n).is_file()]
+    extra += sorted(folder.glob("*.safetensors.index.json")) if path.is_dir() else []
+    return weights + extra
+
+
 def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
-    """Write the three model directories into ``req.out`` (other models there are left alone)."""
+    """Write the three model directories into ``req.out`` (other models there are left alone).
+
+    Everything is written into a staging folder first: a new repository appears by one rename, models
+    of an existing one are swapped in one by one after all of them were written."""
     _check_name(req.name)
     if req.encoder_backend not in ENCODER_BACKENDS:
         raise ConfigError(f"--encoder-backend must be one of {', '.join(ENCODER_BACKENDS)}, "
@@ -248,6 +288,10 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
         raise ConfigError(f"--instance-kind must be one of {', '.join(INSTANCE_KINDS)}, got {req.instance_kind!r}")
     if req.max_queue_delay_us < 0:
         raise ConfigError(f"--max-queue-delay-us must be >= 0, got {req.max_queue_delay_us}")
+    if not isinstance(req.instance_count, int) or not 1 <= req.instance_count <= MAX_INSTANCES:
+        raise ConfigError(f"--instance-count must be in 1..{MAX_INSTANCES}, got {req.instance_count!r}")
+    if not isinstance(req.threads, int) or req.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: the runtime's default), got {req.threads!r}")
     export_dir = Path(req.export_dir)
     manifest = read_manifest(export_dir)
     cfg = read_config(export_dir)
@@ -257,31 +301,50 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
     backend = req.encoder_backend
     if backend == "auto":
         backend = "tensorrt" if find_artifacts(export_dir, "tensorrt") else "onnxruntime"
-    artifact, meta = _pick(export_dir, backend, req.dtype)
-    check_files(artifact, meta)
-    profile = Profile.from_dict(meta["profile"], where=artifact)
-    if not profile.min_seq <= max_length <= profile.max_seq:
-        raise ConfigError(f"target {target} pads to {max_length} tokens but {artifact.name} accepts seq "
-                          f"{profile.min_seq}..{profile.max_seq}; export with --max-seq {max_length} or pick "
-                          f"another --target")
-    max_batch = req.max_batch_size if req.max_batch_size is not None else profile.max_batch
-    if not isinstance(max_batch, int) or not 1 <= max_batch <= profile.max_batch:
-        raise ConfigError(f"--max-batch-size must be in 1..{profile.max_batch} (the batch range of {artifact.name}), "
-                          f"got {max_batch!r}")
-
-    dtype = str(meta.get("dtype"))
-    output_type = (_onnx_output_type(artifact) if backend != "tensorrt" else None) or OUTPUT_TYPES.get(dtype)
-    if output_type is None:
-        raise CheckpointError(f"{artifact}: unknown artifact dtype {dtype!r}")
+    if backend == "fastenc-cpu":
+        if req.dtype not in (None, "bf16"):
+            raise ConfigError(f"--encoder-backend fastenc-cpu computes in bf16 with int8 GEMMs; drop --dtype {req.dtype}")
+        if req.instance_kind == "gpu":
+            raise ConfigError("--encoder-backend fastenc-cpu runs on the CPU: use --instance-kind cpu or auto")
+        files = _checkpoint_files(req, manifest)
+        artifact, limit = files[0], 1024  # no graph profile bounds the batch
+        profile_batch = Profile.from_dict(manifest.get("profile"), where=export_dir / "export.json").max_batch
+        output_type = "TYPE_FP32"
+    else:
+        artifact, meta = _pick(export_dir, backend, req.dtype)
+        check_files(artifact, meta)
+        profile = Profile.from_dict(meta["profile"], where=artifact)
+        if not profile.min_seq <= max_length <= profile.max_seq:
+            raise ConfigError(f"target {target} pads to {max_length} tokens but {artifact.name} accepts seq "
+                              f"{profile.min_seq}..{profile.max_seq}; export with --max-seq {max_length} or pick "
+                              f"another --target")
+        limit = profile_batch = profile.max_batch
+        files = [artifact.parent / f for f in meta.get("files", {artifact.name: 0})]
+        dtype = str(meta.get("dtype"))
+        output_type = (_onnx_output_type(artifact) if backend != "tensorrt" else None) or OUTPUT_TYPES.get(dtype)
+        if output_type is None:
+            raise CheckpointError(f"{artifact}: unknown artifact dtype {dtype!r}")
+    max_batch = req.max_batch_size if req.max_batch_size is not None else profile_batch
+    if not isinstance(max_batch, int) or not 1 <= max_batch <= limit:
+        where = f"the batch range of {artifact.name}" if backend != "fastenc-cpu" else "fastenc-cpu"
+        raise ConfigError(f"--max-batch-size must be in 1..{limit} ({where}), got {max_batch!r}")
+    preferred = tuple(req.preferred_batch_sizes)
+    if any(not isinstance(b, int) or not 1 <= b <= max_batch for b in preferred):
+        raise ConfigError(f"--preferred-batch-sizes must lie in 1..{max_batch} (max_batch_size), got {list(preferred)}")
     if backend == "python" and output_type == "TYPE_BF16":
         raise ConfigError(f"{artifact.name} outputs bfloat16, which the python backend cannot return (numpy has no "
                           "bfloat16); serve an fp32 or fp16 export with --encoder-backend python")
     if backend == "tensorrt" and req.instance_kind == "cpu":
         raise ConfigError("a TensorRT engine runs on a GPU: use --instance-kind gpu or auto")
-    platform = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "python": "python"}[backend]
+    platform = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}.get(backend, "python")
     instance_kind = "gpu" if backend == "tensorrt" and req.instance_kind == "auto" else req.instance_kind
-    if backend == "python" and instance_kind == "auto":
+    if platform == "python" and instance_kind == "auto":
         instance_kind = "cpu"  # python models run on the CPU unless asked otherwise
+    parameters = None
+    if backend == "python":
+        parameters = {"onnx_model": artifact.name, "threads": str(req.threads)}
+    elif backend == "fastenc-cpu":
+        parameters = {"checkpoint": CHECKPOINT_DIR, "backend": "cpu", "threads": str(req.threads)}
 
     names = {"ensemble": req.name, "tokenizer": f"{req.name}_tokenizer", "encoder": f"{req.name}_encoder"}
     out = Path(req.out)
@@ -290,9 +353,8 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
     existing = [n for n in names.values() if (out / n).exists()]
     if existing and not req.force:
         raise ConfigError(f"{out}: models {', '.join(existing)} already exist; pass --force to replace them")
-    out.mkdir(parents=True, exist_ok=True)
 
-    with staged(out) as tmp:
+    def write_models(tmp: Path) -> None:
         tok_dir = tmp / names["tokenizer"]
         (tok_dir / "1").mkdir(parents=True)
         _tokenizer_files(req, tok_dir / "1")
@@ -302,15 +364,18 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
             pass_mask=target in _masked_targets(), delay_us=req.max_queue_delay_us))
 
         enc_dir = tmp / names["encoder"]
-        (enc_dir / "1").mkdir(parents=True)
-        for fname in meta.get("files", {artifact.name: 0}):
-            _copy(artifact.parent / fname, enc_dir / "1" / fname)
-        if backend == "python":
-            (enc_dir / "1" / "model.py").write_text(_model_source("onnx_encoder_model.py"), encoding="utf-8")
+        version = enc_dir / "1"
+        weights_dir = version / CHECKPOINT_DIR if backend == "fastenc-cpu" else version
+        weights_dir.mkdir(parents=True)
+        for src in files:
+            _copy(src, weights_dir / src.name)
+        if backend in PYTHON_ENCODERS:
+            (version / "model.py").write_text(_model_source(PYTHON_ENCODERS[backend]), encoding="utf-8")
         (enc_dir / "config.pbtxt").write_text(encoder_config(
             names["encoder"], platform=platform, max_batch_size=max_batch, output_type=output_type,
             output_dim=cfg.output_dim, model_file=artifact.name, instance_kind=instance_kind,
-            delay_us=req.max_queue_delay_us))
+            delay_us=req.max_queue_delay_us, instance_count=req.instance_count, preferred_batch_sizes=preferred,
+            parameters=parameters))
 
         ens_dir = tmp / names["ensemble"]
         (ens_dir / "1").mkdir(parents=True)
@@ -318,11 +383,24 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
             names["ensemble"], tokenizer=names["tokenizer"], encoder=names["encoder"], max_batch_size=max_batch,
             output_type=output_type, output_dim=cfg.output_dim))
 
-        for name in names.values():  # swap each model directory in; an old one is removed only after
-            old = tmp / f"{name}.old"
-            if (out / name).exists():
-                os.replace(out / name, old)
-            os.replace(tmp / name, out / name)
+    if not out.exists():  # a new repository: staged beside it, then one rename
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+        try:
+            write_models(work)
+            work.chmod(0o755)
+            os.rename(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    else:
+        with staged(out) as tmp:
+            write_models(tmp)
+            for name in names.values():  # swap each model directory in; an old one is removed only after
+                old = tmp / f"{name}.old"
+                if (out / name).exists():
+                    os.replace(out / name, old)
+                os.replace(tmp / name, out / name)
     log.info("Triton repository %s: %s (ensemble), %s, %s (%s serving %s)", out, *names.values(), platform,
              artifact.name)
     return TritonRepo(root=out, ensemble=out / names["ensemble"], tokenizer=out / names["tokenizer"],
@@ -344,7 +422,8 @@ def add_triton_command(subparsers) -> None:
     p = subparsers.add_parser(
         "triton-repo", help="write a Triton Inference Server model repository from an export directory",
         description="Write three Triton models from a `fastenc export` directory: NAME_tokenizer (python backend), "
-                    "NAME_encoder (onnxruntime_onnx, tensorrt_plan, or a python-backend model running ONNX Runtime) "
+                    "NAME_encoder (onnxruntime_onnx, tensorrt_plan, or a python-backend model running ONNX Runtime or "
+                    "fastenc's cpu backend) "
                     "and the NAME ensemble (text in, text_embeddings and attention_mask out). Other models already "
                     "in the repository are left alone.",
     )
@@ -352,8 +431,8 @@ def add_triton_command(subparsers) -> None:
     p.add_argument("-o", "--out", type=Path, required=True, help="model repository directory (created if missing)")
     p.add_argument("--encoder-backend", choices=ENCODER_BACKENDS, default="auto",
                    help="auto (tensorrt when the export has an engine, else onnxruntime), onnxruntime, tensorrt, "
-                        "or python (ONNX Runtime inside the python backend, for servers without the onnxruntime "
-                        "backend)")
+                        "python (ONNX Runtime inside the python backend, for servers without the onnxruntime "
+                        "backend), or fastenc-cpu (fastenc's cpu backend, bf16 + int8, inside the python backend)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16", "int8"), help="which exported artifact to serve")
     p.add_argument("--target", choices=list(TARGET_MAX_LENGTH), help="pipeline to tokenise for (default: the export's)")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the export's tokenizer.json)")
@@ -364,15 +443,33 @@ def add_triton_command(subparsers) -> None:
                    help=f"dynamic batching queue delay in microseconds (default {DEFAULT_QUEUE_DELAY_US})")
     p.add_argument("--instance-kind", choices=INSTANCE_KINDS, default="auto",
                    help="where the encoder runs (auto: Triton's default, GPU for TensorRT)")
+    p.add_argument("--instance-count", type=int, default=1,
+                   help="encoder instances (per GPU for KIND_GPU; default 1, see export/triton/README.md)")
+    p.add_argument("--preferred-batch-sizes", type=_batch_sizes, default=(), metavar="B1,B2,...",
+                   help="dynamic batching preferred_batch_size list (default none: the largest batch available)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="python-backend encoders: intra-op threads per instance (default 0: the runtime's default)")
+    p.add_argument("--checkpoint",
+                   help="fastenc-cpu: checkpoint folder or .safetensors file to serve (default: the one the export "
+                        "was made from)")
     p.add_argument("--force", action="store_true", help="replace models of the same names")
     p.set_defaults(func=cmd_triton_repo)
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def cmd_triton_repo(args: argparse.Namespace) -> int:
     repo = write_triton_repo(TritonRepoRequest(
         export_dir=args.export_dir, out=args.out, encoder_backend=args.encoder_backend, dtype=args.dtype,
         target=args.target, tokenizer=args.tokenizer, name=args.name, max_batch_size=args.max_batch_size,
-        max_queue_delay_us=args.max_queue_delay_us, instance_kind=args.instance_kind, force=args.force,
+        max_queue_delay_us=args.max_queue_delay_us, instance_kind=args.instance_kind,
+        instance_count=args.instance_count, preferred_batch_sizes=args.preferred_batch_sizes, threads=args.threads,
+        checkpoint=args.checkpoint, force=args.force,
     ))
     sys.stdout.write(
         f"wrote {repo.root}\n"

@@ -5,4 +5,6 @@ fastenc: nothing imports them here.
 * ``tokenizer_model.py`` — text -> input_ids, attention_mask, encoder_attention_mask (fastenc's tokenizer);
 * ``onnx_encoder_model.py`` — the exported ONNX encoder through ONNX Runtime, for servers whose
   only backend is python.
+* ``fastenc_encoder_model.py`` — fastenc's own ``cpu`` backend (bf16 + planned int8 GEMMs) on the
+  checkpoint's weights (``--encoder-backend fastenc-cpu``).
 """
