@@ -15,6 +15,7 @@ from torch import nn
 from . import weights
 from .backends import op_table, resolve_backend
 from .backends.graph import GRAPH_BACKENDS
+from .backends.placement import FollowsWeights
 from .cache import EmbeddingCache, key as cache_key
 from .config import TARGET_MAX_LENGTH, EncoderConfig, get_size, max_length_for
 from .errors import ConfigError, InputError
@@ -54,15 +55,20 @@ def default_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-class Encoder(nn.Module):
-    """A loaded text encoder: ``encoder(input_ids, attention_mask)`` -> [B, L, P] embeddings."""
+class Encoder(FollowsWeights, nn.Module):
+    """A loaded text encoder: ``encoder(input_ids, attention_mask)`` -> [B, L, P] embeddings.
+
+    ``backend`` is the one running now; ``requested_backend`` the one asked for (``auto`` follows the
+    weights: moving the encoder re-selects op table and CUDA graphs, see :mod:`fastenc.backends.placement`).
+    """
 
     def __init__(self, model: T5Encoder, *, backend: str = "torch", tokenizer=None, source: str = "random-init",
-                 random_init: bool = False, cache: EmbeddingCache | None = None, graphs: nn.Module | None = None):
+                 random_init: bool = False, cache: EmbeddingCache | None = None, graphs: nn.Module | None = None,
+                 requested_backend: str | None = None, cuda_graphs: bool = True, plan_source: str | None = None):
         super().__init__()
         self.model = model
-        self.graphs = graphs  # CUDA-graph replay of `model` (triton on CUDA), used when no grad is needed
-        self.backend = backend
+        self._setup_following(backend, requested_backend or backend, cuda_graphs=cuda_graphs, graphs=graphs,
+                              plan_source=plan_source)
         self.tokenizer = tokenizer
         self.source = source
         self.random_init = random_init
@@ -105,9 +111,7 @@ class Encoder(nn.Module):
                              f"{tuple(input_ids.shape)}")
         ids = input_ids.to(self.device, torch.long)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
-        if self.graphs is not None and not torch.is_grad_enabled():
-            return self.graphs(ids, mask)
-        return self.model(ids, mask)
+        return self._forward_placed(ids, mask)  # op table + CUDA graphs follow the weights (backends/placement.py)
 
     @torch.inference_mode()
     def encode(self, prompts: str | Sequence[str], target: str = "flux-dev") -> Embeddings:
@@ -236,21 +240,20 @@ def load(
         path = weights.resolve_checkpoint(checkpoint, subfolder=subfolder)
         model = _load_weights(path, size, dev, dt)
         source, ckpt_dir = str(path.resolve()), (path if path.is_dir() else path.parent)
+    plan_source = None
     if name == "cpu":
         from .backends.cpu import prepare, source_fingerprint
 
-        prepare(model, source=source if random_init else source_fingerprint(path))
+        plan_source = source if random_init else source_fingerprint(path)
+        prepare(model, source=plan_source)
     else:
         model.ops = op_table(name, dev)
     model.eval()
-    graphs = None
-    if name == "triton" and dev.type == "cuda" and cuda_graphs:
-        from .kernels.graphs import CudaGraphRunner
-
-        graphs = CudaGraphRunner(model)
     emb_cache = cache if isinstance(cache, EmbeddingCache) else (EmbeddingCache() if cache else None)
+    # the encoder owns the CUDA-graph runner and re-selects op table and graphs when its weights move
     return Encoder(model, backend=name, tokenizer=_find_tokenizer(tokenizer, ckpt_dir), source=source,
-                   random_init=random_init, cache=emb_cache, graphs=graphs)
+                   random_init=random_init, cache=emb_cache, requested_backend=backend, cuda_graphs=cuda_graphs,
+                   plan_source=plan_source)
 
 
 def _load_artifact(directory, backend: str, device, dtype, tokenizer, random_init: bool, cache) -> Encoder:

@@ -35,11 +35,27 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _key_mask(B: int, L: int, padded: bool) -> torch.Tensor | None:
-    """None, or a [B, L] mask with a different real length per row (row 0 full, row 2 empty)."""
+    """None, or a [B, L] mask with one row per sequence and a different real length per row
+    (row 0 full, row 1 two thirds, row 2 empty, later rows shorter and shorter but never empty)."""
     if not padded:
         return None
-    lengths = [L, max(1, (2 * L) // 3), 0][:B] if B > 1 else [max(1, L - 2)]
+    if B == 1:
+        lengths = [max(1, L - 2)]
+    else:
+        pattern = [L, max(1, (2 * L) // 3), 0]
+        lengths = [pattern[i] if i < 3 else max(1, L // (i - 1)) for i in range(B)]
     return (torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8])
+def test_key_mask_has_a_row_per_sequence(B):
+    mask = _key_mask(B, 20, padded=True)
+    assert mask.shape == (B, 20)
+    lengths = mask.sum(1).tolist()
+    assert lengths[0] == (20 if B > 1 else 18)
+    if B >= 3:
+        assert lengths[2] == 0 and all(n > 0 for i, n in enumerate(lengths) if i != 2)
+    assert _key_mask(B, 20, padded=False) is None
 
 
 # -- residual add + RMSNorm ------------------------------------------------------------
@@ -357,8 +373,12 @@ def test_kernel_bench_skips_without_gpu(capsys):
 
 # -- the GPU build, checked without a GPU ----------------------------------------------
 
+def _ptxas() -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
 def _hopper_build_available() -> bool:
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+    return _ptxas().exists()
 
 
 def _record_launch(op: str):
@@ -367,10 +387,11 @@ def _record_launch(op: str):
     if op == "rms_norm":
         kernel, call = rms_norm._KERNEL, lambda: rms_norm.add_rms_norm(
             torch.randn(2, 8, 768).to(bf), torch.randn(2, 8, 768).to(bf), torch.ones(768, dtype=bf), 1e-6)
-    elif op == "attention":
-        q, k, v = _qkv(2, 8, 12, 64, bf)
-        bias = TritonOps("cpu").position_bias(torch.randn(32, 12), 8, torch.ones(2, 8), 32, 128, bf)
-        kernel, call = attention._KERNEL, lambda: attention.rel_attention(q.cpu(), k.cpu(), v.cpu(), bias)
+    elif op in ("attention", "attention_fp32"):  # recorded, not run: the base student's L = 512 costs nothing
+        dt = torch.float32 if op == "attention_fp32" else bf
+        q, k, v = (t.cpu() for t in _qkv(2, 512, 12, 64, dt))
+        bias = TritonOps("cpu").position_bias(torch.randn(32, 12), 512, torch.ones(2, 512), 32, 128, dt)
+        kernel, call = attention.kernel_for(dt), lambda: attention.rel_attention(q, k, v, bias)
     elif op == "gated_ffn":
         kernel, call = gated_ffn._KERNEL, lambda: gated_ffn.gated_ffn(
             torch.randn(16, 768).to(bf), torch.randn(4096, 768).to(bf), "gelu_new", bf)
@@ -393,3 +414,66 @@ def test_kernels_compile_for_hopper(op):
     assert compiled.asm.get("cubin")
     if op != "rms_norm":
         assert "warp_group_dot" in compiled.asm["ttgir"]
+    # built with the JIT's divisibility specialisation: 16-aligned pointers are known to be
+    assert "tt.divisibility = 16" in compiled.asm["ttir"]
+
+
+def _jit_binder_specialization(fn, args, kwargs):
+    """What triton's own launch binder computes (internal API, same in 3.6 and 3.7; None if it moved)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        binder = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
+        _, spec, _ = binder(*args, **kwargs)
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        return None
+    return spec
+
+
+@pytest.mark.skipif(not CUDA and not _hopper_build_available(), reason="triton has no NVIDIA backend here")
+@pytest.mark.parametrize("op", ["rms_norm", "attention", "gated_ffn", "linear_relu"])
+def test_compile_check_specialises_like_the_jit(op):
+    """compile_for's signature, constants and tt.divisibility attributes are the ones triton's JIT
+    derives for the same launch (pointers aligned to 16, integers divisible by 16, ints equal to 1)."""
+    from triton.runtime.jit import JITFunction
+
+    from fastenc.kernels._common import jit_specialization
+
+    kernel, (args, kwargs) = _record_launch(op)
+    fn = JITFunction(kernel.fn)
+    kw = {**kwargs, **(kernel.configs[0].kwargs if kernel.configs else {}), "UPCAST": False}
+    kw = {k: v for k, v in kw.items() if k in fn.arg_names}
+    values = {**dict(zip(fn.arg_names, args)), **kw}
+    signature, consts, attrs = jit_specialization(fn, values)
+    assert attrs, "a launch at the base student's widths has divisible arguments"
+    spec = _jit_binder_specialization(fn, args, kw)
+    if spec is None:
+        pytest.skip(f"triton {triton.__version__}'s launch binder is not where this test looks for it")
+    assert list(signature.values()) == [s[0] for s in spec]
+    assert set(attrs) == {(i,) for i, s in enumerate(spec) if s[0] != "constexpr" and s[1] == "D"}
+    assert all(consts[name] == s[1] for name, s in zip(fn.arg_names, spec) if s[0] == "constexpr")
+
+
+def _ptxas_spill_stores(ptx: str, tmp_path: Path) -> list[int]:
+    import re
+    import subprocess
+
+    src = tmp_path / "kernel.ptx"
+    src.write_text(ptx)
+    run = subprocess.run([str(_ptxas()), "-v", "--gpu-name", "sm_90a", str(src), "-o", str(tmp_path / "kernel.o")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return [int(n) for n in re.findall(r"(\d+) bytes spill stores", run.stderr)]
+
+
+@pytest.mark.skipif(not _hopper_build_available(), reason="triton's bundled ptxas is not here")
+def test_fp32_attention_tiles_do_not_spill_on_hopper(tmp_path):
+    """fp32 attention (IEEE dot, no tensor cores) gets its own tiles: none spills registers on sm_90."""
+    kernel, (args, kwargs) = _record_launch("attention_fp32")
+    assert kernel is attention._KERNEL_FP32 and kernel is not attention._KERNEL
+    for config in kernel.configs:
+        compiled = kernel.compile_for(args, kwargs, arch=90, config=config, UPCAST=False)
+        spills = _ptxas_spill_stores(compiled.asm["ptx"], tmp_path)
+        assert spills and max(spills) == 0, (config, spills)

@@ -1,17 +1,24 @@
 """Backends: each turns (input_ids [B, L], attention_mask [B, L] | None) into [B, L, P].
 
 ``torch`` runs :class:`fastenc.model.T5Encoder` with the reference op table; op-swapping
-backends (``triton``) run the same module with another op table; graph backends
+backends (``cpu``, ``triton``) run the same module with another op table; graph backends
 (``onnxruntime``, ``tensorrt``, ``aoti``) consume an artifact exported from it.
+
+Op-swapping backends follow the weights: :func:`follow_backend` names the one an encoder runs
+with once its weights sit on a given device and dtype (``auto``: ``triton`` on CUDA, ``cpu`` on a
+CPU with native bf16 when the weights are bf16, the ``torch`` reference elsewhere).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from ..errors import BackendUnavailable, ConfigError
 
 BACKENDS = ("torch", "cpu", "triton", "onnxruntime", "tensorrt", "aoti")
+OP_BACKENDS = ("torch", "cpu", "triton")
 
 
 def op_table(name: str, device: torch.device):
@@ -29,12 +36,59 @@ def op_table(name: str, device: torch.device):
     raise ConfigError(f"backend {name!r} does not swap ops")
 
 
+@functools.lru_cache(maxsize=1)
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_fast_path() -> tuple[bool, str]:
+    """:func:`fastenc.backends.cpu.fast_path_supported`, read once per process (it parses /proc/cpuinfo)."""
+    from .cpu import fast_path_supported
+
+    return fast_path_supported()
+
+
+def _interpreter_requested() -> bool:
+    from ..kernels._common import interpreter_requested
+
+    return interpreter_requested()
+
+
+def runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether op-swapping backend ``name`` can run weights of ``dtype`` on ``device``."""
+    if name == "torch":
+        return True
+    if name == "triton":
+        if not _triton_importable():
+            return False
+        return device.type == "cuda" or (device.type == "cpu" and _interpreter_requested())
+    if name == "cpu":  # bf16 compute (int8 GEMMs): it never changes the weights' dtype behind a caller's back
+        return device.type == "cpu" and dtype == torch.bfloat16
+    return False
+
+
+def follow_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The op-swapping backend an encoder asked for with ``requested`` runs once its weights are on
+    ``device`` in ``dtype``: the requested one where it runs, else what ``auto`` picks there.
+
+    ``auto``: ``triton`` on CUDA (when triton imports), ``cpu`` on a CPU with native bf16 when the
+    weights are bf16, the ``torch`` reference elsewhere (other CPUs, other dtypes, ``meta``, ...)."""
+    device = torch.device(device)
+    if requested not in ("auto", *OP_BACKENDS):
+        raise ConfigError(f"backend {requested!r} does not follow the weights; choose one of auto, "
+                          f"{', '.join(OP_BACKENDS)}")
+    if requested != "auto" and runs_on(requested, device, dtype):
+        return requested
+    if device.type == "cuda" and runs_on("triton", device, dtype):
+        return "triton"
+    if device.type == "cpu" and runs_on("cpu", device, dtype) and cpu_fast_path()[0]:
+        return "cpu"
+    return "torch"
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -45,11 +99,8 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     if name == "auto":
         if device.type == "cuda" and _triton_importable():
             return "triton"
-        if device.type == "cpu" and dtype in (None, torch.bfloat16):
-            from .cpu import fast_path_supported
-
-            if fast_path_supported()[0]:
-                return "cpu"
+        if device.type == "cpu" and dtype in (None, torch.bfloat16) and cpu_fast_path()[0]:
+            return "cpu"
         return "torch"
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")

@@ -15,11 +15,23 @@ from __future__ import annotations
 
 import torch
 
+import logging
+
 from ..errors import BackendUnavailable
 from ._common import interpreter_requested
 from .ops import TritonOps
 
-__all__ = ["TritonOps", "triton_ops"]
+__all__ = ["TritonOps", "triton_ops", "compiled_kernels_available"]
+
+log = logging.getLogger("fastenc")
+
+
+def compiled_kernels_available() -> bool:
+    """False when TRITON_INTERPRET=1 was set at import: triton then hands out interpreted kernels only."""
+    from . import attention, gated_ffn, linear_relu, rms_norm
+
+    kernels = [m._KERNEL for m in (attention, gated_ffn, linear_relu, rms_norm)] + [attention._KERNEL_FP32]
+    return all(k._gpu_compiled for k in kernels)
 
 
 def triton_ops(device: torch.device | str) -> TritonOps:
@@ -32,6 +44,13 @@ def triton_ops(device: torch.device | str) -> TritonOps:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise BackendUnavailable(f"backend 'triton' on {device}: no CUDA GPU is visible to torch")
+        if not compiled_kernels_available():
+            raise BackendUnavailable(
+                f"backend 'triton' on {device}: TRITON_INTERPRET=1 was set when fastenc's kernels were imported, "
+                "so they would run in triton's CPU interpreter; unset TRITON_INTERPRET to run them on the GPU")
+        if interpreter_requested():
+            log.warning("fastenc: TRITON_INTERPRET=1 is set but the encoder is on %s: its kernels run compiled on "
+                        "the GPU (the interpreter only runs CPU tensors)", device)
         return TritonOps(device)
     if device.type == "cpu" and interpreter_requested():
         return TritonOps(device)

@@ -16,20 +16,36 @@ every kernel takes an ``UPCAST`` switch: loaded tiles go to fp32 before any arit
 fp32 -> bf16 conversion also truncates where the GPU rounds to nearest: one bf16 step at most.)
 
 :meth:`Kernel.compile_for` builds a recorded launch for a GPU architecture with triton's bundled
-``ptxas`` and no GPU, which is how the tests check the CUDA path on CPU-only machines.
+``ptxas`` and no GPU, which is how the tests check the CUDA path on CPU-only machines. It applies
+the specialisation triton's JIT applies at launch (:func:`jit_specialization`), so it compiles the
+kernel a GPU would run.
+
+CUDA launches run under a device guard for the tensors' device (``cuda:1`` launches on GPU 1 even
+when GPU 0 is current). When ``TRITON_INTERPRET=1`` was set as these kernels were imported, triton
+hands out interpreted kernels only; a launch on CUDA tensors then fails with
+:class:`~fastenc.errors.BackendUnavailable` instead of interpreting them silently.
+
+Only public triton names that exist in triton 3.6 and 3.7 are used (``tl.standard``'s two combine
+functions, ``triton.runtime.jit.JITFunction`` and ``triton.runtime.interpreter.InterpretedFunction``
+included: they are the same in both).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
+
+from ..errors import BackendUnavailable
+
+log = logging.getLogger("fastenc")
 
 #: ``tl.reduce`` combine functions (what ``tl.sum`` / ``tl.max`` use internally).
 SUM = tl.standard._sum_combine
@@ -95,11 +111,23 @@ class Kernel:
         if self._recording is not None:
             self._recording.append((args, kwargs))
             return
-        if self.interpreting(device):
+        if device.type != "cuda":
             meta = {**self.interpret_meta, **kwargs}
-            fn = self._interpreted if device.type != "cuda" else self._compiled
-            fn[grid(meta)](*args, **meta)
-        elif self.autotuned:
+            self._interpreted[grid(meta)](*args, **meta)
+            return
+        if not self._gpu_compiled:
+            raise BackendUnavailable(
+                f"fastenc's Triton kernels were imported with TRITON_INTERPRET=1, so {self.name} would run in "
+                f"triton's CPU interpreter on {device} tensors (silently, and orders of magnitude slower); unset "
+                "TRITON_INTERPRET before importing fastenc to run them compiled on the GPU")
+        if device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):  # launch on the tensors' GPU, not the current one
+                self._launch(grid, args, kwargs)
+        else:
+            self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs) -> None:
+        if self.autotuned:
             self._compiled[grid](*args, **kwargs)
         else:
             self._compiled[grid(kwargs)](*args, **kwargs)
@@ -130,24 +158,55 @@ class Kernel:
         values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
         values.update(config.kwargs if config else {})
         values.update(constexprs)
-        const_names = {p.name for p in fn.params if p.is_constexpr}
-        signature, consts = {}, {}
-        for name in fn.arg_names:
-            value = values[name]
-            if name in const_names:
-                signature[name], consts[name] = "constexpr", value
-            elif isinstance(value, torch.Tensor):
-                signature[name] = "*" + TORCH_TO_TL[value.dtype]
-            elif isinstance(value, bool):
-                signature[name] = "i1"
-            elif isinstance(value, int):
-                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            else:
-                signature[name] = "fp32"
+        signature, consts, attrs = jit_specialization(fn, values)
         options = {"num_warps": config.num_warps if config else kwargs.get("num_warps", 4),
                    "num_stages": config.num_stages if config else kwargs.get("num_stages", 3)}
-        return triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                              options=options)
+        return triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+
+
+#: what triton's JIT marks as divisible: integers that are multiples of 16, pointers aligned to 16 bytes
+DIVISIBILITY = 16
+
+
+def jit_specialization(fn: JITFunction, values: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` for :class:`triton.compiler.ASTSource`, specialised the way
+    triton's JIT specialises a launch with these argument values (triton 3.6 and 3.7 alike):
+
+    * ``tl.constexpr`` parameters are constants;
+    * an integer equal to 1 becomes the constant 1;
+    * an integer divisible by 16, and a tensor whose address is, get ``tt.divisibility = 16``
+      (the JIT's "D" specialisation), which is what lets the compiler vectorise loads and stores;
+    * bools are ``u1`` and floats ``fp32``, never specialised.
+
+    Parameters marked ``do_not_specialize`` are not supported (fastenc's kernels have none).
+    """
+    signature: dict[str, str] = {}
+    consts: dict[str, Any] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, param in enumerate(fn.params):
+        name = param.name
+        value = values[name]
+        divisible = False
+        if param.is_constexpr:
+            signature[name], consts[name] = "constexpr", value
+            continue
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TORCH_TO_TL[value.dtype]
+            divisible = value.data_ptr() % DIVISIBILITY == 0
+        elif isinstance(value, bool):
+            signature[name] = "u1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name], consts[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
+            divisible = value % DIVISIBILITY == 0
+        else:
+            signature[name] = "fp32"
+        if divisible:
+            attrs[(i,)] = [["tt.divisibility", DIVISIBILITY]]
+    return signature, consts, attrs
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:

@@ -132,12 +132,21 @@ _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3), (32, 64, 4, 2)]
 ]
-_KERNEL = Kernel(
-    _rel_attention_kernel,
-    configs=_GPU_CONFIGS,
-    key=["L_BUCKET", "BLOCK_D", "HAS_MASK", "DOT_PREC"],
-    interpret_meta={"BLOCK_M": 32, "BLOCK_N": 64},
-)
+# fp32 (IEEE dot, no tensor cores): the 16-bit tiles above spill 6-35 KB of stack per thread;
+# these compile for sm_90 with no spills (ptxas -v; checked by tests/test_kernels.py).
+_FP32_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2)]
+]
+_KEY = ["L_BUCKET", "BLOCK_D", "HAS_MASK", "DOT_PREC"]
+_KERNEL = Kernel(_rel_attention_kernel, configs=_GPU_CONFIGS, key=_KEY, interpret_meta={"BLOCK_M": 32, "BLOCK_N": 64})
+_KERNEL_FP32 = Kernel(_rel_attention_kernel, configs=_FP32_CONFIGS, key=_KEY,
+                      interpret_meta={"BLOCK_M": 32, "BLOCK_N": 64})
+
+
+def kernel_for(dtype: torch.dtype) -> Kernel:
+    """The launcher's kernel for q/k/v of ``dtype``: fp32 gets its own, smaller tiles."""
+    return _KERNEL_FP32 if dtype == torch.float32 else _KERNEL
 
 
 @dataclass(frozen=True)
@@ -219,8 +228,9 @@ def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Relat
     table = bias.table
     if table.stride(1) != 1:
         table = table.contiguous()
-    interp = _KERNEL.interpreting(q.device)
-    _KERNEL(
+    kernel = kernel_for(q.dtype)
+    interp = kernel.interpreting(q.device)
+    kernel(
         q.device, lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H),
         q, k, v, table, mask if mask is not None else table, bias.steps, out,
         q.stride(0), q.stride(1), q.stride(2),

@@ -9,11 +9,19 @@ without a mask becomes "all ones" over its real tokens, which is the same comput
 The number of live graphs is bounded (least recently used is dropped); all graphs share one
 memory pool, and each replay's output is copied out before the next replay reuses the buffers.
 Shapes beyond the largest bucket, and a model on the CPU, run eagerly.
+
+A captured graph holds the weights' addresses. Before every replay the runner compares each
+parameter's (data_ptr, dtype, device) with what the graphs were captured against; any change
+(``.to(...)``, a dtype cast, accelerate's offload hooks, ``load_state_dict(assign=True)``) drops
+every graph, and the next call captures again. Replays are serialised by a lock (the static input
+buffers and the memory pool are shared), run on the caller's current stream of the weights'
+device, and a stream that replays next first waits for the previous replay's output copy.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -77,6 +85,7 @@ class GraphStats:
     replays: int = 0
     eager: int = 0
     evictions: int = 0
+    invalidations: int = 0  # times the weights moved or were replaced under live graphs
     live: list = field(default_factory=list)  # (batch, seq) buckets currently captured
 
 
@@ -84,7 +93,8 @@ class CudaGraphRunner(nn.Module):
     """Runs ``model(input_ids, attention_mask)`` through per-bucket CUDA graphs.
 
     ``model`` is a :class:`fastenc.model.T5Encoder` (any op table; the Triton one is the point).
-    Its weights must not be replaced after capture (in-place updates are seen by the graphs).
+    In-place updates of the weights are seen by the graphs; moved, cast or replaced weights make
+    the next call capture again (see the module docstring). Safe to call from several threads.
     """
 
     def __init__(
@@ -108,15 +118,53 @@ class CudaGraphRunner(nn.Module):
         self.warmup = warmup
         self._graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
         self._pool = None
+        self._lock = threading.Lock()
+        self._slots: list[tuple[nn.Module, str]] | None = None  # (module, parameter name) of every parameter
+        self._captured_for: tuple | None = None  # parameter signature the live graphs were captured against
+        self._done = None  # CUDA event recorded after the last replay's output copy
         self.stats = GraphStats()
+
+    def _param_tensors(self) -> list[torch.Tensor]:
+        slots = self._slots
+        if slots is not None:
+            try:
+                return [m._parameters[n] for m, n in slots]
+            except KeyError:  # a parameter was removed: walk the modules again
+                pass
+        slots = [(m, n) for m in self.model.modules() for n, p in m._parameters.items() if p is not None]
+        self._slots = slots
+        return [m._parameters[n] for m, n in slots]
+
+    def signature(self) -> tuple:
+        """``((data_ptr, dtype, device), ...)`` of the model's parameters, read now (~20 us for the
+        base student): the graphs are valid exactly while this equals what they were captured against."""
+        return tuple([(p.data_ptr(), p.dtype, p.device) for p in self._param_tensors()])
+
+    def device(self) -> torch.device:
+        params = self._param_tensors()
+        return params[0].device if params else torch.device("cpu")
 
     def buckets(self, batch: int, seq: int) -> tuple[int, int] | None:
         bb, lb = bucket_for(batch, self.batch_buckets), bucket_for(seq, self.seq_buckets)
         return None if bb is None or lb is None else (bb, lb)
 
+    def check_weights(self) -> bool:
+        """Drop every graph when the weights moved, were cast or replaced since capture; True if dropped."""
+        signature = self.signature()
+        if signature == self._captured_for:
+            return False
+        dropped = bool(self._graphs)
+        if dropped:
+            self.stats.invalidations += 1
+            log.info("fastenc: the weights moved or were replaced since the CUDA graphs were captured; "
+                     "dropping %d graph(s), the next calls capture again", len(self._graphs))
+        self._drop()
+        self._captured_for = signature
+        return dropped
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        device = next(self.model.parameters()).device
+        device = self.device()
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
         B, L = input_ids.shape
@@ -124,34 +172,49 @@ class CudaGraphRunner(nn.Module):
         if key is None or device.type != "cuda" or B == 0 or L == 0:
             self.stats.eager += 1
             return self.model(input_ids, attention_mask)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(*key)
-        else:
-            self._graphs.move_to_end(key)
-        pad_inputs(input_ids, attention_mask, *key, pad_id=self.pad_id, out=(entry.ids, entry.mask))
-        entry.graph.replay()
-        self.stats.replays += 1
-        return entry.out[:B, :L].clone()  # [B, L, P]
+        with self._lock, torch.cuda.device(device):
+            self.check_weights()
+            stream = torch.cuda.current_stream(device)
+            if self._done is not None:
+                stream.wait_event(self._done)  # the previous replay (maybe on another stream) is done with the buffers
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._capture(*key, device)
+            else:
+                self._graphs.move_to_end(key)
+            pad_inputs(input_ids, attention_mask, *key, pad_id=self.pad_id, out=(entry.ids, entry.mask))
+            entry.graph.replay()  # on `stream`, the current one
+            out = entry.out[:B, :L].clone()  # [B, L, P]
+            if self._done is None:
+                self._done = torch.cuda.Event()
+            self._done.record(stream)
+            self.stats.replays += 1
+            return out
 
-    def _capture(self, batch: int, seq: int) -> _Graph:
+    def _capture(self, batch: int, seq: int, device: torch.device) -> _Graph:
+        """Capture the bucket on ``device`` (the caller holds the lock and the device guard)."""
         while len(self._graphs) >= self.max_graphs:
             old, _ = self._graphs.popitem(last=False)
             self.stats.evictions += 1
             log.debug("fastenc: dropped CUDA graph for bucket %s", old)
-        device = next(self.model.parameters()).device
         ids = torch.full((batch, seq), self.pad_id, dtype=torch.long, device=device)
         mask = torch.ones((batch, seq), dtype=torch.long, device=device)
         # compile / autotune every kernel for this shape outside the capture
+        current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 self.model(ids, mask)
-        torch.cuda.current_stream(device).wait_stream(side)
+        current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # a capture stream of this device (torch's shared default one belongs to whichever device made it
+        # first); thread-local capture mode leaves other threads' CUDA work alone
+        capture = torch.cuda.Stream(device)
+        capture.wait_stream(current)
+        with torch.cuda.graph(graph, pool=self._pool, stream=capture, capture_error_mode="thread_local"):
             out = self.model(ids, mask)
+        current.wait_stream(capture)
         if self._pool is None:
             self._pool = graph.pool()
         entry = _Graph(graph, ids, mask, out)
@@ -162,7 +225,14 @@ class CudaGraphRunner(nn.Module):
         return entry
 
     def reset(self) -> None:
-        """Drop every captured graph (e.g. after loading new weights)."""
+        """Drop every captured graph and the memory pool (e.g. after loading new weights)."""
+        with self._lock:
+            self._drop()
+            self._captured_for = None
+            self._slots = None
+
+    def _drop(self) -> None:
         self._graphs.clear()
         self._pool = None
+        self._done = None
         self.stats.live = []
