@@ -229,6 +229,10 @@ def load(
             raise ConfigError(f"backend 'cpu' computes in bf16 (with int8 GEMMs), not {requested}; "
                               "pass dtype='bf16' or leave it out, or use backend='torch'")
         dt = torch.float32  # loaded in fp32: the int8 plan is checked against it, then cast to bf16
+    if checkpoint is None and not random_init and size is not None:  # size="base": the released base student
+        from .hub import released_checkpoint
+
+        checkpoint = released_checkpoint(get_size(size).name)
     if random_init == (checkpoint is not None):
         raise ConfigError("pass either a checkpoint (path or hub id) or random_init=True with size=...")
     if random_init:
