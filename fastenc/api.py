@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from . import weights
 from .backends import op_table, resolve_backend
-from .backends.graph import GRAPH_BACKENDS
+from .backends.graph import GRAPH_BACKENDS, GraphRunner
 from .backends.placement import FollowsWeights
-from .cache import EmbeddingCache, key as cache_key
+from .cache import CacheKey, EmbeddingCache, key as cache_key
 from .config import TARGET_MAX_LENGTH, EncoderConfig, get_size, max_length_for
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, NumericsError
+from .fileio import content_identity
+from .inputs import check_finite, check_prompt, check_token_inputs, prompt_list
 from .model import T5Encoder
 
 log = logging.getLogger("fastenc")
@@ -27,6 +30,12 @@ log = logging.getLogger("fastenc")
 MASKED_TARGETS = frozenset({"pixart-alpha"})
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+
+
+#: Memory one forward pass may use for intermediate activations before batches are split.
+ACTIVATION_BUDGET = 1 << 30
+#: Largest result :meth:`Encoder.encode` returns in one tensor (beyond it: :meth:`Encoder.encode_batches`).
+MAX_OUTPUT_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,9 @@ class Encoder(FollowsWeights, nn.Module):
     weights: moving the encoder re-selects op table and CUDA graphs, see :mod:`fastenc.backends.placement`).
     """
 
+    activation_budget: int = ACTIVATION_BUDGET  # bytes of activations per forward pass (micro-batching)
+    max_output_bytes: int = MAX_OUTPUT_BYTES  # largest tensor encode() returns
+
     def __init__(self, model: T5Encoder, *, backend: str = "torch", tokenizer=None, source: str = "random-init",
                  random_init: bool = False, cache: EmbeddingCache | None = None, graphs: nn.Module | None = None,
                  requested_backend: str | None = None, cuda_graphs: bool = True, plan_source: str | None = None):
@@ -89,59 +101,190 @@ class Encoder(FollowsWeights, nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        text = f"{self.source}|{self.config}|{self.dtype}|{self.backend}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Identity of everything an embedding depends on: the weights' content (not their path), the
+        tokenizer, config, dtype, backend, device type and the CPU backend's int8 plan. The embedding
+        cache keys on it, so new weights at the same path or another tokenizer never get old entries."""
+        plan = getattr(getattr(self.model, "int8_plan", None), "weights", None)
+        text = "|".join(map(str, (self._weights_identity(), tokenizer_identity(self.tokenizer), self.config,
+                                  self.dtype, self.backend, self.device.type, plan)))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+    def _weights_identity(self) -> str:
+        ident = getattr(self.model, "weights_identity", None)  # set by _load_weights
+        if ident is None and isinstance(getattr(self.model, "artifact", None), Path):  # graph backends
+            ident = self.__dict__.get("_artifact_identity")
+            if ident is None:
+                ident = self.__dict__["_artifact_identity"] = content_identity([self.model.artifact])
+        return ident or self.source
+
+    def micro_batch(self, seq_len: int) -> int:
+        """Prompts per forward pass at ``seq_len`` so activations fit :attr:`activation_budget`
+        (and, for graph backends, the artifact's batch profile)."""
+        step = max(1, self.activation_budget // activation_bytes(self.config, seq_len, self.dtype))
+        profile = getattr(self.model, "profile", None)
+        return min(step, profile.max_batch) if profile is not None else step
 
     def extra_repr(self) -> str:
         kind = "RANDOM-INIT weights (not a trained encoder)" if self.random_init else f"weights from {self.source}"
         return f"size={self.config.name}, backend={self.backend}, dtype={self.dtype}, device={self.device}, {kind}"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise InputError(f"input_ids must be a 2-D tensor [B, L], got {type(input_ids).__name__} "
-                             f"{tuple(getattr(input_ids, 'shape', ()))}")
-        if input_ids.dtype.is_floating_point:
-            raise InputError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-        if input_ids.device.type == "cpu" and input_ids.numel() and (  # no device sync on GPU inputs
-                int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise InputError(f"input_ids out of range [0, {self.config.vocab_size}): "
-                             f"min {int(input_ids.min())}, max {int(input_ids.max())}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        ids = input_ids.to(self.device, torch.long)
-        mask = attention_mask.to(self.device) if attention_mask is not None else None
+        """``input_ids`` [B, L] (+ ``attention_mask`` [B, L] of 0/1) -> embeddings [B, L, P].
+
+        Ids are range-checked and masks checked for 0/1 on every device; without autograd, large batches
+        run in micro-batches (:meth:`micro_batch`); a non-finite output raises :class:`NumericsError`."""
+        check_token_inputs(input_ids, attention_mask, self.config.vocab_size)
+        ids = input_ids.to(self.device, torch.long)  # [B, L]
+        mask = attention_mask.to(self.device) if attention_mask is not None else None  # [B, L]
+        batch, seq = ids.shape
+        step = batch if torch.is_grad_enabled() or isinstance(self.model, GraphRunner) else self.micro_batch(seq)
+        if batch <= step:
+            out = self._run(ids, mask)  # [B, L, P]
+        else:
+            out = None
+            for s in range(0, batch, step):
+                part = self._run(ids[s:s + step], mask[s:s + step] if mask is not None else None)  # [b, L, P]
+                if out is None:
+                    out = part.new_empty((batch, *part.shape[1:]))
+                out[s:s + step] = part
+        check_finite(out, self.dtype)
+        return out
+
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self._forward_placed(ids, mask)  # op table + CUDA graphs follow the weights (backends/placement.py)
 
     @torch.inference_mode()
-    def encode(self, prompts: str | Sequence[str], target: str = "flux-dev") -> Embeddings:
-        """Tokenise like the target pipeline does and encode; repeated prompts come from the cache."""
+    def encode(self, prompts: str | Sequence[str], target: str = "flux-dev", *,
+               max_output_bytes: int | None = None) -> Embeddings:
+        """Tokenise like the target pipeline does and encode; repeated prompts come from the cache.
+
+        ``prompts``: a ``str`` or a sequence (list, tuple) of ``str``. The forward passes run in
+        micro-batches; the returned tensor must fit ``max_output_bytes`` (default
+        :attr:`max_output_bytes`, 4 GiB): for more prompts iterate :meth:`encode_batches`."""
+        texts = prompt_list(prompts)
         max_length = max_length_for(target)
+        self._need_tokenizer()
+        limit = self.max_output_bytes if max_output_bytes is None else max_output_bytes
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+            raise ConfigError(f"max_output_bytes must be a positive integer, got {limit!r}")
+        P, itemsize = self.config.output_dim, torch.empty((), dtype=self.dtype).element_size()
+        need = len(texts) * max_length * P * itemsize
+        if need > limit:
+            raise InputError(
+                f"encode() of {len(texts)} prompts at target {target!r} would return {need / 2**30:.1f} GiB "
+                f"([{len(texts)}, {max_length}, {P}] {str(self.dtype).removeprefix('torch.')}), over "
+                f"max_output_bytes={limit / 2**30:.1f} GiB; iterate encode_batches(prompts, target={target!r}, "
+                "batch_size=...) to stream them, or pass a larger max_output_bytes")
+        step = self.micro_batch(max_length)
+        embeds = mask = None
+        truncated = 0
+        for s in range(0, len(texts), step):
+            part = self._encode_list(texts[s:s + step], target, max_length, s)
+            if embeds is None:
+                embeds = part.embeds.new_empty((len(texts), *part.embeds.shape[1:]))  # [B, L, P]
+                mask = part.mask.new_empty((len(texts), *part.mask.shape[1:]))  # [B, L]
+            embeds[s:s + step], mask[s:s + step] = part.embeds, part.mask
+            truncated += part.num_truncated
+        self._warn_truncated(truncated, len(texts), max_length)
+        return Embeddings(embeds, mask, truncated)
+
+    def encode_batches(self, prompts: str | Iterable[str], target: str = "flux-dev", *,
+                       batch_size: int = 64) -> Iterator[Embeddings]:
+        """Stream embeddings for any number of prompts: yields one :class:`Embeddings` per ``batch_size``
+        prompts (the last may be smaller). ``prompts`` may be any iterable of ``str`` (a generator too);
+        memory stays bounded by one batch's output plus the micro-batched activations."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        max_length = max_length_for(target)
+        self._need_tokenizer()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif isinstance(prompts, (bytes, bytearray, memoryview)) or not isinstance(prompts, Iterable):
+            raise InputError(f"prompts must be a str or an iterable of str, got {type(prompts).__name__}")
+        return self._stream(iter(prompts), target, max_length, batch_size)
+
+    def _stream(self, it: Iterator[object], target: str, max_length: int, batch_size: int) -> Iterator[Embeddings]:
+        start, total, truncated = 0, 0, 0
+        while True:
+            chunk = [check_prompt(p, start + i) for i, p in enumerate(itertools.islice(it, batch_size))]
+            if not chunk:
+                break
+            with torch.inference_mode():  # not held across the yield: the caller's code runs as it chose
+                step = self.micro_batch(max_length)
+                parts = [self._encode_list(chunk[s:s + step], target, max_length, start + s)
+                         for s in range(0, len(chunk), step)]
+                out = parts[0] if len(parts) == 1 else Embeddings(
+                    torch.cat([p.embeds for p in parts]), torch.cat([p.mask for p in parts]),
+                    sum(p.num_truncated for p in parts))
+            truncated, total, start = truncated + out.num_truncated, total + len(chunk), start + len(chunk)
+            yield out
+        if not total:
+            raise InputError("prompts is empty")
+        self._warn_truncated(truncated, total, max_length)
+
+    def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise ConfigError("this encoder has no tokenizer: pass tokenizer=FOLDER_OR_HUB_ID to fastenc.load "
                               "(e.g. a folder with tokenizer.json, or Flux's tokenizer_2 folder)")
-        batch = self.tokenizer(prompts, max_length=max_length)
-        ids, mask = batch.input_ids, batch.attention_mask  # [B, L]
-        B, L = ids.shape
-        embeds: list[torch.Tensor | None] = [None] * B
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        keys = [cache_key(self.fingerprint, target, str(self.dtype), p) for p in texts] \
-            if self.cache is not None else [None] * B
+
+    def _warn_truncated(self, truncated: int, total: int, max_length: int) -> None:
+        if truncated and _is_fastenc_tokenizer(self.tokenizer):
+            log.warning("%d of %d prompts were longer than %d tokens and were truncated", truncated, total, max_length)
+
+    def _encode_list(self, texts: list[str], target: str, max_length: int, offset: int) -> Embeddings:
+        """One micro-batch of checked prompts (``offset``: index of ``texts[0]`` in the caller's list)."""
+        if _is_fastenc_tokenizer(self.tokenizer):
+            batch = self.tokenizer(texts, max_length=max_length, warn=False)
+        else:
+            batch = self.tokenizer(texts, max_length=max_length)
+        ids, mask = batch.input_ids, batch.attention_mask  # [b, L]
+        if ids.shape[0] != len(texts):
+            raise InputError(f"the tokenizer returned {ids.shape[0]} rows for {len(texts)} prompts")
+        keys: list[CacheKey | None] = [None] * len(texts)
+        if self.cache is not None:
+            fp, dt = self.fingerprint, str(self.dtype)
+            keys = [cache_key(fp, target, dt, p) for p in texts]
+        embeds: list[torch.Tensor | None] = [None] * len(texts)
         todo = []
         for i, key in enumerate(keys):
             hit = self.cache.get(key) if key is not None else None
-            if hit is not None:
+            if hit is not None and hit[0].shape[0] == ids.shape[1]:
                 embeds[i] = hit[0].to(self.device)
             else:
                 todo.append(i)
         if todo:
             sel = torch.tensor(todo)
-            out = self(ids[sel], mask[sel] if target in MASKED_TARGETS else None)  # [b, L, P]
+            try:
+                out = self(ids[sel], mask[sel] if target in MASKED_TARGETS else None)  # [b, L, P]
+            except NumericsError as exc:
+                raise NumericsError(f"{exc} (prompts from index {offset})") from None
             for j, i in enumerate(todo):
                 embeds[i] = out[j]
                 if keys[i] is not None:
                     self.cache.put(keys[i], out[j], mask[i])
         return Embeddings(torch.stack(embeds), mask.to(self.device), batch.num_truncated)
+
+
+def activation_bytes(cfg: EncoderConfig, seq_len: int, dtype: torch.dtype) -> int:
+    """Upper estimate of the intermediate activation bytes one prompt of ``seq_len`` tokens needs."""
+    L, item = seq_len, max(4, torch.empty((), dtype=dtype).element_size())
+    scores = cfg.num_heads * L * L * (3 * 4 + item)  # scores, fp32 softmax in/out, position bias
+    widths = 3 * cfg.inner_dim + 3 * (2 if cfg.gated else 1) * cfg.d_ff + 2 * cfg.output_dim + 6 * cfg.d_model
+    return scores + L * widths * item
+
+
+def _is_fastenc_tokenizer(tokenizer: object) -> bool:
+    from .tokenizer import Tokenizer
+
+    return isinstance(tokenizer, Tokenizer)
+
+
+def tokenizer_identity(tokenizer: object) -> str:
+    """Content identity of a tokenizer (its serialised JSON), or its type and id for foreign objects."""
+    if tokenizer is None:
+        return "none"
+    ident = getattr(tokenizer, "fingerprint", None)
+    return ident if isinstance(ident, str) else f"{type(tokenizer).__qualname__}@{id(tokenizer)}"
 
 
 def _build_random(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype, seed: int) -> T5Encoder:
@@ -171,11 +314,13 @@ def _load_weights(path: Path, size: str | None, device: torch.device, dtype: tor
     if size is not None:
         weights.check_config_matches(cfg, get_size(size), path)
         cfg = cfg.replace(name=size)
-    with torch.device("meta"):
+    identity = weights.checkpoint_identity(path, source)  # before any tensor is read
+    with torch.device("meta"):  # cfg was checked against the tensors' shapes: nothing large is built here
         model = T5Encoder(cfg)
     expected = {n: p.shape for n, p in model.named_parameters()}
     state = weights.load_state_dict(source, cfg, layout, prefix, expected, dtype=dtype, device=device)
     model.load_state_dict(state, strict=True, assign=True)
+    model.weights_identity = identity  # content identity for the embedding cache key
     log.info("loaded %s checkpoint (%s layout) from %s", cfg.name, layout, path)
     return model
 
@@ -197,6 +342,35 @@ def _find_tokenizer(tokenizer, checkpoint_dir: Path | None):
     return tokenizer
 
 
+def _check_load_args(checkpoint, *, size, random_init, backend, device, subfolder, cache, seed, cuda_graphs) -> None:
+    """Type checks of :func:`load`'s arguments, so a wrong one is one :class:`ConfigError` naming it."""
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise ConfigError(f"checkpoint must be a path or hub id (str), got {type(checkpoint).__name__}")
+    if isinstance(checkpoint, str) and (not checkpoint.strip() or "\0" in checkpoint):
+        raise ConfigError(f"checkpoint {checkpoint!r:.80} is not a path or hub id")
+    for arg, value in (("size", size), ("subfolder", subfolder)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{arg} must be a string, got {type(value).__name__}")
+    if subfolder is not None and (os.path.isabs(subfolder) or ".." in Path(subfolder).parts or "\0" in subfolder):
+        raise ConfigError(f"subfolder {subfolder!r:.80} must be a relative folder inside the checkpoint")
+    if not isinstance(backend, str):
+        raise ConfigError(f"backend must be a string, got {type(backend).__name__}")
+    for arg, value in (("random_init", random_init), ("cuda_graphs", cuda_graphs)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{arg} must be True or False, got {value!r:.60}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r:.60}")
+    if not isinstance(cache, (bool, EmbeddingCache)):
+        raise ConfigError(f"cache must be True, False or an EmbeddingCache, got {type(cache).__name__}")
+    if device is not None:
+        if not isinstance(device, (str, torch.device)):
+            raise ConfigError(f"device must be a string or torch.device, got {type(device).__name__}")
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ConfigError(f"unknown device {device!r:.60}; use 'cpu', 'cuda' or 'cuda:N'") from None
+
+
 def load(
     checkpoint: str | os.PathLike | None = None,
     *,
@@ -216,6 +390,8 @@ def load(
     Graph backends (``onnxruntime``, ``tensorrt``, ``aoti``) load an export directory instead
     (see ``fastenc export``); ``dtype`` then picks the artifact (``"int8"`` included for ONNX Runtime).
     """
+    _check_load_args(checkpoint, size=size, random_init=random_init, backend=backend, device=device,
+                     subfolder=subfolder, cache=cache, seed=seed, cuda_graphs=cuda_graphs)
     if backend in GRAPH_BACKENDS:
         return _load_artifact(checkpoint, backend, device, dtype, tokenizer, random_init, cache)
     dev = default_device(device)

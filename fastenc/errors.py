@@ -19,3 +19,7 @@ class InputError(FastencError, ValueError):
 
 class BackendUnavailable(FastencError, RuntimeError):
     """A backend's runtime (Triton, ONNX Runtime, TensorRT, a GPU) is not usable here."""
+
+
+class NumericsError(FastencError, ArithmeticError):
+    """An encoder produced non-finite values (NaN/inf): a result fastenc refuses to return."""

@@ -9,9 +9,9 @@ including ``</s>`` and 0 for padding.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -25,6 +25,7 @@ from tokenizers import processors
 
 from .config import max_length_for
 from .errors import ConfigError, InputError
+from .fileio import atomic_write
 
 logger = logging.getLogger("fastenc")
 
@@ -85,6 +86,7 @@ class Tokenizer:
                 single=["$A", eos_token], pair=["$A", eos_token, "$B", eos_token], special_tokens=[(eos_token, eos_id)]
             )
         self._num_special = self._tok.post_processor.num_special_tokens_to_add(False)
+        self._fingerprint: str | None = None
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -186,7 +188,13 @@ class Tokenizer:
             raise InputError("Tokenizer got an empty prompt list")
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
-                raise InputError(f"prompt {i} is {type(prompt).__name__}, expected str")
+                raise InputError(f"prompts[{i}] is {type(prompt).__name__}, expected str")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InputError(f"prompts[{i}] holds a lone surrogate U+{ord(prompt[exc.start]):04X} at character "
+                                 f"{exc.start}: not valid Unicode text (decode its source with errors='replace')"
+                                 ) from None
         length = max_length_for(target) if max_length is None else max_length
         if not isinstance(length, int) or isinstance(length, bool) or length < max(1, self._num_special):
             raise ConfigError(f"max_length must be an integer >= {max(1, self._num_special)}, got {length!r}")
@@ -240,24 +248,24 @@ class Tokenizer:
         return self._eos_id
 
     @property
+    def fingerprint(self) -> str:
+        """Content identity: sha256 of the serialised tokenizer plus its pad and eos ids (the embedding
+        cache keys on it, so another tokenizer never gets this one's cached embeddings). Computed once:
+        do not change :attr:`backend` after encoding with it."""
+        if self._fingerprint is None:
+            text = f"{self._tok.to_str()}|pad={self._pad_id}|eos={self._eos_id}"
+            self._fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+        return self._fingerprint
+
+    @property
     def backend(self) -> _HFTokenizer:
         """The wrapped ``tokenizers.Tokenizer`` (do not enable padding/truncation on it)."""
         return self._tok
 
     def save(self, directory: str | Path) -> Path:
         """Write ``directory/tokenizer.json`` atomically (temp file, then ``os.replace``); returns its path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / "tokenizer.json"
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer.", suffix=".json.tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self._tok.to_str(pretty=True))
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        text = self._tok.to_str(pretty=True)
+        return atomic_write(Path(directory) / "tokenizer.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _model_type(path: Path) -> str:

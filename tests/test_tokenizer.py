@@ -132,9 +132,9 @@ def test_properties_decode_and_save(tok: Tokenizer, hf, tmp_path: Path) -> None:
 def test_bad_prompts(tok: Tokenizer) -> None:
     with pytest.raises(InputError, match="empty prompt list"):
         tok([])
-    with pytest.raises(InputError, match=r"prompt 1 is int"):
+    with pytest.raises(InputError, match=r"prompts\[1\] is int, expected str"):
         tok(["a cat", 3])  # type: ignore[list-item]
-    with pytest.raises(InputError, match=r"prompt 0 is NoneType"):
+    with pytest.raises(InputError, match=r"prompts\[0\] is NoneType"):
         tok([None])  # type: ignore[list-item]
 
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..config import EncoderConfig
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError
+from ..inputs import check_token_inputs
 from ..exporters.artifacts import find_artifacts, read_config, read_manifest
 from ..exporters.contract import INPUT_DTYPE, Profile, dtype_name
 
@@ -46,11 +47,7 @@ class GraphRunner(nn.Module):
                 f"batch<={p.max_batch}, seq<={p.max_seq}")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise InputError(f"input_ids must be a 2-D tensor [B, L], got {tuple(getattr(input_ids, 'shape', ()))}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
+        check_token_inputs(input_ids, attention_mask, self.config.vocab_size)  # ids in range, mask 0/1
         batch, seq = input_ids.shape
         self.profile.check(batch, seq, self.artifact.name)
         ids = input_ids.to(self.device, INPUT_DTYPE).contiguous()  # [B, L]
