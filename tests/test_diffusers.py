@@ -386,3 +386,74 @@ def test_adapter_contract(encoder):
         adapter(ids, output_hidden_states=True)
     with pytest.raises(InputError, match="out of range"):
         adapter(torch.tensor([[CFG.vocab_size]]))
+
+
+# ---- where the encoder computes: the cpu fast path in an fp32 pipeline, pinned encoders ----------
+
+
+@pytest.fixture
+def fast_path_encoder(dirs, monkeypatch) -> fastenc.Encoder:
+    """What ``fastenc.load(path)`` gives on a CPU with native bf16: the ``cpu`` backend (bf16 + int8).
+    The CPU feature check is forced on so the default is taken on any x86 CPU (the backend itself runs)."""
+    import fastenc.backends as backends
+
+    monkeypatch.setattr(backends, "cpu_fast_path", lambda: (True, "forced for this test"))
+    monkeypatch.setenv("FASTENC_CACHE_DIR", str(dirs["root"] / "cache"))
+    enc = fastenc.load(dirs["encoder"], cache=False)
+    assert enc.backend == "cpu" and enc.dtype == torch.bfloat16 and enc.model.ops.num_int8 > 0
+    return enc
+
+
+def test_cpu_fast_path_in_an_fp32_pipeline_reports_what_it_computes(dirs, fast_path_encoder, t5_tokenizer, caplog):
+    enc = fast_path_encoder
+    planned = len(enc.model.int8_plan.weights)
+    assert enc.model.ops.num_int8 == planned
+    pipe = make_flux(dirs)  # fp32 transformer
+    with caplog.at_level("INFO", logger="fastenc"):
+        use_in_pipeline(pipe, enc)
+    adapter = pipe.text_encoder_2
+    # the encoder keeps its fast path and says so; the pipeline gets the fp32 it expects
+    assert enc.backend == "cpu" and enc.dtype == torch.bfloat16 and enc.model.embed.weight.dtype == torch.bfloat16
+    assert adapter.dtype == torch.float32 and adapter.compute_dtype == torch.bfloat16
+    assert "kept the cpu backend" in caplog.text and "computes in bfloat16" in caplog.text
+    with torch.no_grad():
+        embeds = pipe.encode_prompt("a cat", None, max_sequence_length=SEQ)[0]
+    assert embeds.dtype == torch.float32
+    torch.testing.assert_close(embeds, direct(enc, t5_tokenizer, "a cat").float(), rtol=0, atol=0)
+    generate(pipe, "a cat")
+    pipe.to(torch.float32)  # an explicit request changes nothing either
+    assert enc.dtype == torch.bfloat16 and enc.backend == "cpu"
+    assert enc.model.ops.num_int8 == planned  # the int8 plan never silently fell back to float GEMMs
+    torch.testing.assert_close(direct(enc, t5_tokenizer, "a cat").float(), embeds, rtol=0, atol=0)
+
+
+def test_pinned_encoder_stays_put_across_pipeline_moves(dirs, fast_path_encoder, t5_tokenizer):
+    """The text encoder off the accelerator, on purpose: pipe.to / offload hooks leave it on the CPU with its
+    op table; embeddings come back on the ids' device in the pipeline's dtype. (On this CPU-only machine the
+    pipeline's "GPU" side is the CPU too; tests/test_device_follow.py runs the CUDA case on a GPU.)"""
+    enc = fast_path_encoder
+    pipe = make_flux(dirs)
+    use_in_pipeline(pipe, enc, pin_device="cpu")
+    adapter = pipe.text_encoder_2
+    placed = (enc.device, enc.backend, enc.dtype, enc.model.ops)
+    reference = generate(pipe, "a cat")
+    expected = direct(enc, t5_tokenizer, "a cat")  # [1, L, P] bf16
+    pipe.to("cpu")
+    pipe.to(torch.bfloat16)
+    assert (enc.device, enc.backend, enc.dtype, enc.model.ops) == placed
+    assert adapter.dtype == torch.bfloat16 and adapter.device == torch.device("cpu")
+    with torch.no_grad():
+        embeds = pipe.encode_prompt("a cat", None, max_sequence_length=SEQ)[0]
+    assert embeds.dtype == torch.bfloat16
+    torch.testing.assert_close(embeds, expected.to(torch.bfloat16), rtol=0, atol=0)
+    pipe.to(torch.float32)
+    adapter.half()
+    assert (enc.device, enc.backend, enc.dtype, enc.model.ops) == placed
+    adapter.float()
+    reference = generate(pipe, "a cat")  # the DiT and VAE went through bf16 and back: weights rounded
+    pipe.enable_model_cpu_offload(device="cpu")
+    np.testing.assert_allclose(generate(pipe, "a cat"), reference, atol=1e-6)
+    assert (enc.device, enc.backend, enc.dtype, enc.model.ops) == placed
+    pipe.maybe_free_model_hooks()
+    with pytest.raises(ConfigError, match="keep_on/pin_device must be a device"):
+        T5Replacement(enc, keep_on="gpu-please")

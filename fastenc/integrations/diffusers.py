@@ -6,6 +6,8 @@ encoder exactly as it called T5 (PixArt with the attention mask, Flux and SD3 wi
     pipe = FluxPipeline.from_pretrained(repo, text_encoder_2=T5Replacement(encoder), torch_dtype=torch.bfloat16)
     # or, on a loaded pipeline:
     use_in_pipeline(pipe, encoder)
+    # the text encoder off the GPU, on purpose (its CPU fast path; no GPU memory for text encoding):
+    use_in_pipeline(pipe, encoder, pin_device="cpu"); pipe.to("cuda")
 """
 
 from __future__ import annotations
@@ -72,15 +74,22 @@ def expected_embedding_dims(pipe) -> list[tuple[str, int]]:
     return dims
 
 
-def use_in_pipeline(pipe, encoder: Encoder | T5Replacement, *, slot: str | None = None, match_dtype: bool = True):
+def use_in_pipeline(pipe, encoder: Encoder | T5Replacement, *, slot: str | None = None, match_dtype: bool = True,
+                    pin_device: str | None = None):
     """Replace the T5 text encoder of ``pipe`` with ``encoder``; returns ``pipe``.
 
     Checks before changing anything: the encoder's projection dim equals every width the transformer
     (and controlnets) expect, the pipeline still has its T5 tokenizer, and that tokenizer's ids fit the
-    encoder's vocabulary. With ``match_dtype`` the encoder is cast to the transformer's dtype (the
-    pipelines feed the transformer embeddings in the text encoder's dtype).
+    encoder's vocabulary. With ``match_dtype`` the embeddings are handed over in the transformer's dtype
+    (the pipelines feed the transformer embeddings in the text encoder's dtype); the encoder itself is
+    cast too, except that the ``cpu`` fast path stays bf16 + int8 (``adapter.encoder.dtype`` says so).
+
+    ``pin_device="cpu"`` keeps the encoder on the CPU (its fast path) whatever the pipeline is moved to:
+    ``pipe.to("cuda")`` and offload hooks leave it there, ids come in on CUDA and embeddings go back there.
     """
-    adapter = encoder if isinstance(encoder, T5Replacement) else T5Replacement(encoder)
+    if not isinstance(encoder, (Encoder, T5Replacement)):
+        raise ConfigError(f"use_in_pipeline takes a fastenc.Encoder or T5Replacement, got {type(encoder).__name__}")
+    enc = encoder.encoder if isinstance(encoder, T5Replacement) else encoder
     name = type(pipe).__name__
     if slot is None:
         slot, tok_slot = find_t5_slot(pipe)
@@ -89,7 +98,7 @@ def use_in_pipeline(pipe, encoder: Encoder | T5Replacement, *, slot: str | None 
     else:
         tok_slot = _tokenizer_slot(slot)
 
-    dim = adapter.projection_dim
+    dim = enc.config.output_dim
     for where, want in expected_embedding_dims(pipe):
         if want != dim:
             raise ConfigError(f"the fastenc encoder projects to {dim} dims but {name}.{where} is {want}; "
@@ -98,19 +107,24 @@ def use_in_pipeline(pipe, encoder: Encoder | T5Replacement, *, slot: str | None 
     if tokenizer is None:
         raise ConfigError(f"{name}.{tok_slot} is None: the pipeline's T5 tokenizer produces the ids the encoder "
                           f"reads; load the pipeline with its {tok_slot}")
-    vocab = adapter.config.vocab_size
+    vocab = enc.config.vocab_size
     if len(tokenizer) > vocab:
         raise ConfigError(f"{name}.{tok_slot} has {len(tokenizer)} tokens but the fastenc encoder's vocab_size "
                           f"is {vocab}; it needs the T5 vocabulary the encoder was trained with")
 
+    adapter = encoder if isinstance(encoder, T5Replacement) else T5Replacement(encoder)
+    if pin_device is not None:
+        adapter.pin(pin_device)
     old = getattr(pipe, slot, None)
     if old is not None and any(hasattr(m, "_hf_hook") for m in old.modules()):
         log.warning("%s.%s had offload hooks; call enable_model_cpu_offload() again so the fastenc encoder "
                     "gets them too", name, slot)
     transformer = getattr(pipe, "transformer", None)
+    if pin_device is not None and isinstance(transformer, nn.Module):
+        adapter._out_device = transformer.device  # embeddings go where the pipeline runs
     if match_dtype and isinstance(transformer, nn.Module) and transformer.dtype != adapter.dtype:
-        log.info("casting the fastenc encoder from %s to %s to match %s.transformer", adapter.dtype,
-                 transformer.dtype, name)
+        log.info("handing %s.transformer %s embeddings (the fastenc encoder computes in %s, %s backend)", name,
+                 transformer.dtype, adapter.encoder.dtype, adapter.encoder.backend)
         adapter.to(transformer.dtype)
     pipe.register_modules(**{slot: adapter})
     log.info("%s.%s is now fastenc %s (%d-dim embeddings)", name, slot, adapter.encoder.config.name, dim)

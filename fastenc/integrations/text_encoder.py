@@ -8,6 +8,16 @@ only accepts a passed-in component for a slot declared as a transformers model i
 fastenc encoder (an ``nn.Module``, so ``pipe.to`` and accelerate's offload hooks move it).
 Diffusers still logs "Expected types for text_encoder_2: T5EncoderModel" when one is passed in; that
 check only warns.
+
+What the adapter reports is what the pipeline gets; what the encoder reports is what is computed:
+
+* ``adapter.dtype`` / ``adapter.device``: the dtype and device of the embeddings handed to the pipeline
+  (the last ``.to(...)`` the pipeline asked for); ``adapter.encoder.dtype`` / ``.device`` / ``.backend``:
+  where and in what precision they are computed. They differ when the encoder keeps its ``cpu`` fast
+  path (bf16 + int8) inside an fp32 pipeline, and when it is pinned.
+* ``T5Replacement(encoder, keep_on="cpu")`` pins the encoder: ``pipe.to("cuda")`` and offload hooks
+  leave it where it is (its op table stays), ids arriving on CUDA are copied over, and the embeddings
+  go back on the ids' device in the pipeline's dtype, so the text encoder takes no GPU memory.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ class T5Replacement(PreTrainedModel):
     base_model_prefix = "fastenc"
     main_input_name = "input_ids"
 
-    def __init__(self, encoder: Encoder):
+    def __init__(self, encoder: Encoder, *, keep_on: str | torch.device | None = None):
         if not isinstance(encoder, Encoder):
             raise ConfigError(f"T5Replacement wraps a fastenc.Encoder (from fastenc.load), "
                               f"got {type(encoder).__name__}")
@@ -61,6 +71,29 @@ class T5Replacement(PreTrainedModel):
         super().__init__(T5ReplacementConfig(hidden_size=cfg.output_dim, vocab_size=cfg.vocab_size,
                                              encoder=cfg.to_hf_dict()))
         self.encoder = encoder
+        self._out_dtype: torch.dtype | None = None  # dtype the pipeline asked for (None: the encoder's)
+        self._out_device: torch.device | None = None  # device the pipeline asked for, when pinned
+        self.keep_on: torch.device | None = None
+        if keep_on is not None:
+            self.pin(keep_on)
+
+    def pin(self, device: str | torch.device | None) -> "T5Replacement":
+        """Keep the encoder on ``device`` whatever the pipeline is moved to (``None`` unpins)."""
+        if device is None:
+            self.keep_on = None
+            self._out_device = None
+            return self
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"keep_on/pin_device must be a device such as 'cpu' or 'cuda:0', got {device!r}") from None
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        self.keep_on = device
+        self.encoder.to(device)
+        log.info("fastenc encoder pinned to %s (%s backend, %s): pipeline moves leave it there", device,
+                 self.encoder.backend, str(self.encoder.dtype).removeprefix("torch."))
+        return self
 
     def _init_weights(self, module: nn.Module) -> None:
         """Weights come from the fastenc checkpoint; transformers' initialisation must never touch them."""
@@ -69,11 +102,20 @@ class T5Replacement(PreTrainedModel):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.encoder.dtype
+        """dtype of the embeddings handed to the pipeline (``encoder.dtype`` is the one computed in)."""
+        return self._out_dtype or self.encoder.dtype
 
     @property
     def device(self) -> torch.device:
+        """Device the pipeline placed this component on (pinned: where ``pipe.to`` asked, the encoder
+        itself stays on ``keep_on``; ``encoder.device`` is where it computes)."""
+        if self.keep_on is not None:
+            return self._out_device or self.keep_on
         return self.encoder.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.encoder.dtype
 
     @property
     def projection_dim(self) -> int:
@@ -98,7 +140,8 @@ class T5Replacement(PreTrainedModel):
         unknown = sorted(k for k, v in kwargs.items() if v is not None)
         if unknown:
             raise InputError(f"T5Replacement.forward got unsupported arguments: {', '.join(unknown)}")
-        embeds = self.encoder(input_ids, attention_mask).to(self.dtype)  # [B, L, P]
+        embeds = self.encoder(input_ids, attention_mask)  # [B, L, P] on the encoder's device
+        embeds = embeds.to(device=input_ids.device, dtype=self.dtype)  # back where the ids came from
         if return_dict is False:
             return (embeds,)
         return BaseModelOutput(last_hidden_state=embeds)
@@ -118,10 +161,32 @@ class T5Replacement(PreTrainedModel):
             elif arg is not None:
                 device = arg
         if device is not None:
-            nn.Module.to(self, device=torch.device(device), non_blocking=non_blocking)
-        if dtype is not None and dtype != self.dtype:
-            self.encoder.model.cast(parse_dtype(dtype, self.device))
+            device = torch.device(device)
+            if self.keep_on is not None:
+                self._out_device = device  # pinned: the encoder stays; only the reported device follows
+            else:
+                self.encoder.to(device)  # the encoder re-selects its op table / CUDA graphs for the device
+        if dtype is not None:
+            dtype = parse_dtype(dtype, self.encoder.device)
+            self._out_dtype = dtype
+            if self.keep_on is None:  # pinned encoders keep the precision they were loaded with
+                self.encoder.cast(dtype)  # fp16 keeps wo in fp32; the cpu fast path stays bf16 (and says so)
+            if self.encoder.dtype != dtype:
+                log.info("fastenc encoder computes in %s on %s (%s backend) and hands %s embeddings to the "
+                         "pipeline", str(self.encoder.dtype).removeprefix("torch."), self.encoder.device,
+                         self.encoder.backend, str(dtype).removeprefix("torch."))
         return self
+
+    def cuda(self, device: int | torch.device | None = None) -> "T5Replacement":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def cpu(self) -> "T5Replacement":
+        return self.to("cpu")
+
+    def _apply(self, fn, recurse: bool = True):
+        if self.keep_on is not None:  # a pinned encoder is moved and cast by nothing but pin()
+            return self
+        return super()._apply(fn, recurse)
 
     def half(self) -> "T5Replacement":
         return self.to(torch.float16)
@@ -150,6 +215,7 @@ class T5Replacement(PreTrainedModel):
         device: str | torch.device | None = None,
         backend: str = "auto",
         subfolder: str | None = None,
+        keep_on: str | torch.device | None = None,
         **kwargs: Any,
     ) -> "T5Replacement":
         """Load any checkpoint ``fastenc.load`` reads. Diffusers' loader options (device_map,
@@ -163,4 +229,4 @@ class T5Replacement(PreTrainedModel):
         # diffusers loads components in fp32 unless told otherwise; so does the adapter
         encoder = load(pretrained_model_name_or_path, dtype=dtype or torch_dtype or torch.float32, device=device or "cpu",
                        backend=backend, subfolder=subfolder)
-        return cls(encoder)
+        return cls(encoder, keep_on=keep_on)
