@@ -99,6 +99,71 @@ def test_engine_for_another_gpu_and_trt_is_one_clear_error(engine_dir):
         check_engine_compat(meta, trt_version="10.8.0.43", capability=(8, 9), where=plan)
 
 
+def test_engine_needs_the_trt_release_that_built_it(engine_dir):
+    """major.minor.patch must match (a patch mismatch used to reach TensorRT's generic failure)."""
+    from fastenc.backends.tensorrt import check_trt_release, trt_release
+
+    plan = next((engine_dir / "trt").glob("*.plan"))
+    assert trt_release("10.8.0.43") == (10, 8, 0) and trt_release("10.8") is None
+    check_trt_release("10.8.0.43", "10.8.0.12", plan)  # same release, another build number
+    for here in ("10.8.1.2", "10.9.0.34", "11.0.0.1"):
+        with pytest.raises(CheckpointError) as exc:
+            check_trt_release("10.8.0.43", here, plan)
+        assert f"built with TensorRT 10.8.0.43 but this machine has TensorRT {here}" in str(exc.value)
+        assert "major.minor.patch" in str(exc.value) and "--trt --force" in str(exc.value)
+    with pytest.raises(CheckpointError, match=r"records TensorRT version '10\.8', not major\.minor\.patch"):
+        check_trt_release("10.8", "10.8.0.43", plan)
+
+
+class _FakeContext:
+    """Stand-in for the two TensorRT IExecutionContext calls bind() makes (TensorRT is not installable here)."""
+
+    def __init__(self, accept_shapes: bool = True):
+        self.accept_shapes = accept_shapes
+        self.shapes: dict[str, tuple] = {}
+        self.addresses: dict[str, int] = {}
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return self.accept_shapes
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+
+def test_bind_sets_every_shape_and_address():
+    from fastenc.backends.tensorrt import bind
+
+    ids, mask, out = torch.zeros(2, 7, dtype=torch.int32), torch.ones(2, 7, dtype=torch.int32), torch.empty(2, 7, 64)
+    ctx = _FakeContext()
+    addresses = {"input_ids": ids.data_ptr(), "attention_mask": mask.data_ptr(), "text_embeddings": out.data_ptr()}
+    bind(ctx, (2, 7), addresses)
+    assert ctx.shapes == {"input_ids": (2, 7), "attention_mask": (2, 7)} and ctx.addresses == addresses
+    with pytest.raises(FastencError, match=r"TensorRT rejected input shape \(2, 7\) for input_ids"):
+        bind(_FakeContext(accept_shapes=False), (2, 7), addresses)
+
+
+def test_each_graph_shape_gets_its_own_context():
+    """CUDA graphs bake a context's bindings in: a context is never re-bound for a second shape."""
+    from fastenc.backends.tensorrt import ShapeContexts
+
+    pool = ShapeContexts(_FakeContext, limit=2)
+    seen = {}
+    for shape in [(1, 77), (2, 77), (1, 77), (1, 512), (2, 77)]:
+        entry = pool.get(shape)
+        if entry is None:
+            entry = pool.new_context()
+            pool.put(shape, entry)
+        seen.setdefault(shape, set()).add(id(entry))
+    # (1,77) and (2,77) live; (1,77) reused; (1,512) drops (2,77) (least recently used); (2,77) comes back new
+    assert pool.created == 4 and pool.dropped == 2 and len(pool) == 2
+    assert pool.shapes() == [(1, 512), (2, 77)]
+    assert len(seen[(1, 77)]) == 1 and len(seen[(2, 77)]) == 2
+    with pytest.raises(FastencError, match="could not create an execution context"):
+        ShapeContexts(lambda: None).new_context()
+
+
 @no_trt
 def test_load_tensorrt_without_tensorrt(engine_dir):
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
