@@ -46,7 +46,7 @@ logger = logging.getLogger("fastenc")
 DEFAULT_MAX_BYTES = 1 << 30
 #: Names the disk store writes: entries and temporary files of writes in progress (or killed).
 ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
-TMP_NAME = re.compile(r"\.tmp-[^/]*")
+TMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}\.safetensors")  # tempfile.mkstemp names
 FORMAT = "fastenc-embedding-cache/2"
 
 
