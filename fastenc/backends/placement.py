@@ -160,11 +160,12 @@ class FollowsWeights:
 
     def _sync(self) -> None:
         """Install the op table (and graph runner) for where the weights are now; cheap when nothing moved."""
-        placed = self._placement()
-        if placed == self._active and (self._backend != "cpu" or param_signature(self.model) == self._cpu_signature):
+        if self._installed(self._placement()):
             return
         with self._lock:
             placed = self._placement()
+            if self._installed(placed):  # another thread did it while this one waited
+                return
             name = follow_backend(self.requested_backend, *placed)
             model = self.model
             if name == "cpu":
@@ -181,6 +182,11 @@ class FollowsWeights:
             self._sync_graphs(name, placed[0])
             self.__dict__["_backend"] = name
             self.__dict__["_active"] = placed
+
+    def _installed(self, placed: tuple[torch.device, torch.dtype]) -> bool:
+        """The installed op table is the one for ``placed`` (the cpu path's int8 weights: for these storages)."""
+        return placed == self._active and (self._backend != "cpu"
+                                           or param_signature(self.model) == self._cpu_signature)
 
     def _sync_graphs(self, name: str, device: torch.device) -> None:
         wanted = name == "triton" and device.type == "cuda" and self.cuda_graphs
