@@ -13,4 +13,4 @@ if ! bash scripts/triton_env.sh; then
   echo "test.sh: scripts/triton_env.sh failed (offline?): the Triton Inference Server tests will skip;" \
        "rerun \`bash scripts/triton_env.sh\` to see why" >&2
 fi
-exec .venv/bin/python -m pytest -q "$@"
+exec "${FASTENC_VENV:-.venv}/bin/python" -m pytest -q "$@"
