@@ -378,3 +378,59 @@ def test_gpu_pinned_encoder_and_offload_round_trip(checkpoint, tmp_path):
     cos = torch.nn.functional.cosine_similarity(embeds2.float().cuda(), embeds.float(), dim=-1)
     assert cos.min() > 0.99  # GPU kernels after the offload round trip vs the pinned CPU path
     pipe2.maybe_free_model_hooks()
+
+
+# ---- bench/gpu.py: its CPU-side logic (the GPU run is scripts/gpu_check.sh's) ---------------------
+
+
+@pytest.fixture(scope="module")
+def bench_gpu():
+    import importlib
+
+    return importlib.import_module("bench.gpu")
+
+
+def test_bench_gpu_arguments(bench_gpu):
+    args = bench_gpu.parse_args(["--shapes", "1x512, 8x77", "--candidates", "fastenc,t5-xxl", "--compile-budget", "30",
+                                 "--ort-shape", "2x64"])
+    assert args.shapes == [(1, 512), (8, 77)] and args.candidates == ["fastenc", "t5-xxl"]
+    assert args.compile_budget == 30.0 and args.ort_shape == (2, 64) and args.out_dir == bench_gpu.RESULTS_DIR
+    default = bench_gpu.parse_args([])
+    assert default.shapes == [(1, 77), (1, 512), (8, 77), (8, 512)] and default.candidates == list(bench_gpu.CANDIDATES)
+    for bad in (["--shapes", "1x513"], ["--shapes", "0x77"], ["--shapes", "1by77"], ["--candidates", "fastenc,tensorrt"],
+                ["--reps", "0"], ["--compile-budget", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            bench_gpu.parse_args(bad)
+        assert exc.value.code == 2
+
+
+def test_bench_gpu_csv_and_summary(bench_gpu, tmp_path):
+    R = bench_gpu.Row
+    rows = [R("fastenc", "base", 1, "bf16", 1, 512, "latency", "ms", 0.28, 0.30, 0.33, 50),
+            R("fastenc", "base", 1, "bf16", 1, 512, "peak_memory", "GB", 0.5, 0.5, 0.5),
+            R("torch-compile", "base", 1, "bf16", 1, 512, "latency", "ms", 0.5, 0.6, 0.7, 50),
+            R("t5-xxl", "xxl", 9, "bf16", 1, 512, "latency", "ms", 9.0, 9.5, 10.0, 50)]
+    path = bench_gpu.write_csv(tmp_path / "r" / f"gpu-{bench_gpu.gpu_slug('NVIDIA H200')}.csv", rows,
+                               {"timestamp": "t", "gpu": "NVIDIA H200", "versions": "v", "git_commit": "c"})
+    assert path.name == "gpu-nvidia-h200.csv"
+    import csv
+
+    with open(path, newline="") as f:
+        read = list(csv.DictReader(f))
+    assert list(read[0]) == bench_gpu.COLUMNS and len(read) == 4
+    assert read[0]["candidate"] == "fastenc" and read[0]["p50"] == "0.3" and read[0]["gpu"] == "NVIDIA H200"
+    text = "\n".join(bench_gpu.summary(rows))
+    assert "PASS latency <= 0.35 ms: 0.300 ms" in text and "MISS >= 1.5x torch.compile: 2.00x" not in text
+    assert "PASS >= 1.5x torch.compile: 2.00x" in text and "PASS >= 25x T5-XXL eager: 31.7x" in text
+    assert "MISS peak memory <= 0.4 GB: 0.500 GB" in text
+    assert "n/a" in "\n".join(bench_gpu.summary(rows[:2]))  # rows missing: said so, not guessed
+    assert bench_gpu.parse_rows('noise\n{"candidate": "x", "model": "m", "params": 1, "dtype": "bf16", "batch": 1, '
+                                '"seq": 2, "metric": "latency", "unit": "ms", "p20": 1, "p50": 2, "p80": 3}\n{bad')[0].p50 == 2
+
+
+def test_bench_gpu_skips_without_cuda(bench_gpu, capsys):
+    if CUDA:
+        pytest.skip("checks the no-GPU path; scripts/gpu_check.sh runs the benchmark on a GPU")
+    assert bench_gpu.main([]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("skipped:") and "CUDA" in out[0]

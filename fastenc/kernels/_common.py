@@ -59,6 +59,12 @@ TORCH_TO_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
                torch.int64: "i64"}
 
 
+def autotune_enabled() -> bool:
+    """False when ``FASTENC_AUTOTUNE=0`` (read as the kernels are imported): each kernel then compiles its
+    first GPU config only, which keeps correctness runs on a fresh GPU machine short."""
+    return os.environ.get("FASTENC_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def interpreter_requested() -> bool:
     """True when the user asked for triton's CPU interpreter (``TRITON_INTERPRET=1``), read now."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -91,6 +97,8 @@ class Kernel:
         self.name = fn.__name__
         self.fn = fn
         self.configs = list(configs or [])
+        if self.configs and not autotune_enabled():
+            self.configs = self.configs[:1]
         self.interpret_meta = dict(interpret_meta or {})
         self._recording: list | None = None
         self._interpreted = InterpretedFunction(fn)

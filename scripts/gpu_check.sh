@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU check: GPU tests, then the GPU benchmark rows, in one call of at most ~8 minutes.
+#
+#   on a machine with pip access, once (optional: diffusers for the tiny-Flux offload round trip):
+#     bash scripts/gpu_check.sh --fetch-wheels        # wheels into .whl/ (git-ignored locally)
+#   on the GPU machine, from the repository root (Python 3.12, torch + CUDA, triton, transformers, onnxruntime):
+#     bash scripts/gpu_check.sh                       # logs and CSV under $OUT (default ./gpu-check-out)
+#
+# Steps, each under its own time limit taken from what is left of the total (GPU_CHECK_SECONDS, default 470):
+#   1. environment: GPU, driver, versions; a 1-second smoke run of one compiled kernel
+#   2. GPU tests: tests/test_kernels.py at L = 77/333/512 in fp32/fp16/bf16 (+ the whole-model and graph
+#      tests), tests/test_device_follow.py (graphs after .to, invalidation, threads/streams, offload round trip
+#      in a tiny Flux pipeline when diffusers is importable); TensorRT is not on that machine, so its
+#      runner's logic is tested on the CPU only (tests/test_tensorrt.py); kernels compile their first GPU config only (FASTENC_AUTOTUNE=0) to keep this step short
+#   3. python -m bench.gpu: base student B = 1/8, L = 77/512 (fastenc triton + CUDA graphs, torch eager bf16),
+#      T5-XXL eager bf16, torch.compile max-autotune and ONNX Runtime CPU (each bounded); CSV to
+#      $OUT/gpu-<gpu>.csv (commit it as bench/results/gpu-<gpu>.csv), the summary against the targets last.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+    grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+    mkdir -p .whl
+    for spec in diffusers==0.42.1 importlib_metadata==8.7.0; do
+        $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            --platform any -d .whl "$spec" || { echo "gpu_check: could not download $spec"; exit 1; }
+    done
+    ls -l .whl
+    exit 0
+fi
+
+OUT=${OUT:-$ROOT/gpu-check-out}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+exec > >(tee -a "$LOG") 2>&1
+TOTAL=${GPU_CHECK_SECONDS:-470}
+START=$(date +%s)
+say() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*"; }
+left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+# limit for a step: at most $1 seconds, and never past the total minus $2 seconds kept for later steps
+limit() { local l; l=$(( $(left) - $2 )); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 10 ] && l=10; echo "$l"; }
+
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/fastenc-triton-cache} FASTENC_CACHE_DIR=/tmp/fastenc-cache
+unset TRITON_INTERPRET  # the interpreter never runs CUDA tensors (fastenc refuses to)
+
+# carried wheels (pure Python: diffusers + importlib_metadata); everything else is the machine's own
+if ls .whl/*.whl >/dev/null 2>&1; then
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH="$PYTHONPATH:/tmp/site"
+        say "installed carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
+    else
+        say "could not install the carried wheels in .whl/; going on without them"
+    fi
+fi
+if ! $PY -c "import diffusers" >/dev/null 2>&1; then
+    say "diffusers is not importable here: the tiny-Flux offload round trip is skipped (carry .whl from --fetch-wheels)"
+fi
+
+say "1. environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
+$PY - <<'EOF' || { say "torch/triton/CUDA are not usable here; stopping"; exit 1; }
+import sys, torch, triton, time
+print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| triton", triton.__version__, "| gpus", torch.cuda.device_count())
+assert torch.cuda.is_available(), "torch sees no CUDA GPU"
+print("gpu 0:", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+from fastenc.kernels import rms_norm
+t = time.perf_counter()
+x = torch.randn(8, 768, device="cuda", dtype=torch.bfloat16); w = torch.ones(768, device="cuda", dtype=torch.bfloat16)
+y = rms_norm.rms_norm(x, w, 1e-6); torch.cuda.synchronize()
+ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+print(f"smoke: compiled rms_norm in {time.perf_counter() - t:.1f} s, max abs err {float((y.float() - ref.float()).abs().max()):.2e}")
+EOF
+
+say "2. GPU tests"
+T=$(limit 200 220)
+workers=$($PY -c "import os; print(max(1, min(6, (os.cpu_count() or 2) // 2)))")
+xdist=""
+$PY -c "import xdist" >/dev/null 2>&1 && xdist="-n $workers"
+FASTENC_AUTOTUNE=0 timeout -k 10 "$T" $PY -m pytest -q -rs $xdist -p no:cacheprovider --timeout 180 \
+    --junitxml="$OUT/gpu_tests.xml" tests/test_kernels.py tests/test_device_follow.py \
+    -k "not (test_add_rms_norm or test_gated_ffn or test_linear_relu or test_attention_fp32) or 77 or 333 or 512" \
+    > "$OUT/gpu_tests.log" 2>&1
+status=$?
+tail -n 40 "$OUT/gpu_tests.log"
+[ "$status" -eq 124 ] && say "GPU tests stopped at their ${T} s limit (see $OUT/gpu_tests.xml for what ran)"
+say "GPU tests exit status: $status"
+
+say "3. benchmark (bench/gpu.py)"
+T=$(limit 330 5)
+B=$(( T - 20 ))
+CB=$(( B / 3 )); [ "$CB" -gt 150 ] && CB=150  # torch.compile max-autotune: the B=1, L=512 shape first
+OB=90  # ONNX Runtime CPU: export + timing, with whatever is left
+timeout -k 10 "$T" $PY -m bench.gpu --out-dir "$OUT" --reps 30 --warmup 5 --time-limit "$B" \
+    --compile-budget "$CB" --ort-budget "$OB" 2>&1
+status=$?
+[ "$status" -eq 124 ] && say "benchmark stopped at its ${T} s limit"
+say "benchmark exit status: $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+say "done in $(( $(date +%s) - START )) s"
