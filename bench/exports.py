@@ -25,7 +25,9 @@ def cache_root() -> Path:
     root = os.environ.get("FASTENC_BENCH_CACHE")
     if root:
         return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastenc" / "bench"
+    from fastenc.caches import cache_root as fastenc_cache  # $FASTENC_CACHE_DIR, else ~/.cache/fastenc
+
+    return fastenc_cache() / "bench"
 
 
 def model_key(size: str, seed: int, checkpoint: str | None = None) -> str:

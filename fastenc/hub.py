@@ -11,6 +11,7 @@ reachable, and the flag or argument that takes the downloaded folder.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import threading
@@ -24,6 +25,8 @@ RELEASED: dict[str, str] = {"base": "LifuWang/DistillT5"}
 #: What a checkpoint download fetches (weights and configs; never pickles).
 CHECKPOINT_PATTERNS = ("*.json", "*.safetensors")
 PROBE_TIMEOUT_S = 3.0
+
+log = logging.getLogger("fastenc")
 
 _cli_words = False
 
@@ -133,6 +136,11 @@ def download_checkpoint(repo_id: str, *, subfolder: str | None = None) -> Path:
     if subfolder:
         patterns = [f"{subfolder}/{p}" for p in patterns]
     reason = offline_reason()
+    if reason is None:
+        from huggingface_hub import constants
+
+        log.info("fastenc: fetching %s (%s) from the Hugging Face hub into its cache %s (`hf cache ls` lists it)",
+                 repo_id, ", ".join(patterns), constants.HF_HUB_CACHE)
     try:
         local = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, local_files_only=reason is not None)
     except Exception as exc:  # offline without a cached copy, unknown or gated repo, network failure

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,28 @@ def test_backend_labels(ckpt):
     assert describe_backend(cpu) == "fastenc cpu (bf16 + int8 W8A8)"
     assert describe_backend(SimpleNamespace(**{**vars(cpu), "model": prepare(model, int8="none")})) == \
         "fastenc cpu (bf16)"
+
+
+def test_readme_command_lines_parse_as_written():
+    """Every `fastenc ...` line in README's command-line block is accepted by the parser, flags and choices."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("## Command line"):]
+    block = block[block.index("```") + 3:]
+    lines = [line.split("  #")[0].strip() for line in block[: block.index("```")].splitlines()]
+    lines = [line for line in lines if line.startswith("fastenc ")]
+    assert len(lines) >= 8
+    parser = build_parser("*")
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])
+        assert args.command in COMMANDS, line
+
+
+def test_bench_cache_is_where_cache_info_looks(monkeypatch, tmp_path):
+    from bench.exports import cache_root  # bench/ lives in the source tree (as in tests/test_bench.py)
+
+    monkeypatch.setenv("FASTENC_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTENC_BENCH_CACHE", raising=False)
+    assert cache_root() == {c.name: c.path for c in caches.cache_dirs()}["bench"] == tmp_path / "bench"

@@ -51,3 +51,33 @@ def test_demo_bad_checkpoint_is_one_line(capsys, tmp_path):
     assert main(["demo", "--checkpoint", str(tmp_path / "missing"), "--no-export", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastenc: error: ") and err.count("\n") == 1
+
+
+def test_readme_main_job_runs_verbatim_in_a_fresh_clone(tmp_path):
+    """README's two commands are the ones the scripts and CI run; the main job runs as typed in a fresh
+    clone (in the environment this suite runs in) and leaves nothing git would see."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    commands = dict(re.findall(r"^\| (main job|tests) \| `([^`]+)` \|$", (repo / "README.md").read_text(), re.M))
+    assert commands == {"main job": "bash scripts/run.sh", "tests": "bash scripts/test.sh"}
+    assert (repo / ".ci" / "run").read_text().strip().splitlines()[-1] == f"exec {commands['tests']}"
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, timeout=120)
+    venv = Path(sys.prefix)
+    stamp = venv / ".fastenc-installed-dev"
+    assert stamp.is_file(), f"{stamp} missing: set the environment up with `bash scripts/test.sh`"
+    # the clone's pyproject.toml is no newer than this environment's install, so bootstrap reuses it
+    os.utime(clone / "pyproject.toml", (stamp.stat().st_mtime - 1, stamp.stat().st_mtime - 1))
+    argv = [*commands["main job"].split(), "--size", "small", "--no-export", "--repeats", "1", "--target", "pixart-alpha"]
+    run = subprocess.run(argv, cwd=clone, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "FASTENC_VENV": str(venv), "FASTENC_CACHE_DIR": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "kept in fastenc-demo/" in run.stdout and (clone / "fastenc-demo" / "embeddings.safetensors").is_file()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True, check=True)
+    assert status.stdout == "", status.stdout
