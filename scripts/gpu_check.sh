@@ -4,7 +4,7 @@
 #   on a machine with pip access, once (optional: diffusers for the tiny-Flux offload round trip):
 #     bash scripts/gpu_check.sh --fetch-wheels        # wheels into .whl/ (git-ignored locally)
 #   on the GPU machine, from the repository root (Python 3.12, torch + CUDA, triton, transformers, onnxruntime):
-#     bash scripts/gpu_check.sh                       # logs and CSV under $OUT (default ./gpu-check-out)
+#     bash scripts/gpu_check.sh                       # logs and CSV under $OUT (default /tmp/fastenc-gpu-check)
 #
 # Steps, each under its own time limit taken from what is left of the total (GPU_CHECK_SECONDS, default 470):
 #   1. environment: GPU, driver, versions; a 1-second smoke run of one compiled kernel
@@ -32,7 +32,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     exit 0
 fi
 
-OUT=${OUT:-$ROOT/gpu-check-out}
+OUT=${OUT:-/tmp/fastenc-gpu-check}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 exec > >(tee -a "$LOG") 2>&1
