@@ -91,7 +91,7 @@ def copy(exported, tmp_path) -> Path:
 def test_corrupt_package_of_the_same_size(copy):
     pt2 = copy / "aoti" / "encoder.fp32.cpu.pt2"
     pt2.write_bytes(os.urandom(pt2.stat().st_size))
-    with pytest.raises(CheckpointError, match=r"encoder\.fp32\.cpu\.pt2: not a loadable AOTInductor package"):
+    with pytest.raises(CheckpointError, match=r"encoder\.fp32\.cpu\.pt2: content differs from the export manifest"):
         fastenc.load(copy, backend="aoti")
 
 
@@ -105,10 +105,15 @@ def test_truncated_or_missing_package(copy):
         fastenc.load(copy, backend="aoti")
 
 
-def test_no_package_for_the_device(copy):
-    shutil.rmtree(copy / "aoti")
-    with pytest.raises(CheckpointError, match=r"no aoti artifact \(export one with `fastenc export --aoti`\)"):
+def test_no_package_for_the_device(copy, tmp_path):
+    shutil.rmtree(copy / "aoti")  # a folder missing what its manifest lists is incomplete, not package-less
+    with pytest.raises(CheckpointError, match=r"encoder\.fp32\.cpu\.pt2\.json: missing \(listed in export\.json\)"):
         fastenc.load(copy, backend="aoti")
+    plain = tmp_path / "plain"  # an export made without --aoti
+    plain.mkdir()
+    shutil.copy(copy / "config.json", plain)
+    with pytest.raises(CheckpointError, match=r"no aoti artifact \(export one with `fastenc export --aoti`\)"):
+        fastenc.load(plain, backend="aoti")
 
 
 def test_second_export_reuses_the_package(exported, package):

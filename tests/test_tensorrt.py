@@ -174,7 +174,7 @@ def test_corrupt_truncated_or_missing_engine_file(engine_dir):
     plan = next((engine_dir / "trt").glob("*.plan"))
     data = plan.read_bytes()
     plan.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # same size, other bytes
-    with pytest.raises(CheckpointError, match=r"do not match its sidecar's sha256 \(corrupt\)"):
+    with pytest.raises(CheckpointError, match=r"\.plan: content differs from the export manifest \(sha256 mismatch"):
         fastenc.load(engine_dir, backend="tensorrt")
     plan.write_bytes(data[:100])
     with pytest.raises(CheckpointError, match=r"truncated or replaced"):

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from fastenc.cli import main
 from fastenc.errors import CheckpointError
-from fastenc.exporters.artifacts import read_sidecar, write_sidecar
+from fastenc.exporters.artifacts import read_config, read_manifest, read_sidecar, write_manifest, write_sidecar
 from fastenc.exporters.contract import Profile
 from fastenc.exporters.verify import BOUNDS, Report, Row, check_bound, verify
 from reference import TINY, Reference, write_distillt5
@@ -62,16 +62,27 @@ def test_verify_report_values(export_dir):
         assert row.max_abs <= 1e-4 and row.worst_cos <= row.mean_cos <= 1.0 + 1e-6
 
 
-def _tamper(directory: Path, name: str, scale: float = 1.01) -> None:
-    """Scale the largest weight of an ONNX model (same file size), as a wrong export would be."""
+def _tamper(directory: Path, name: str, scale: float = 1.01, *, resign: bool = True) -> None:
+    """Scale the largest weight of an ONNX model (same file size). With ``resign`` the sidecar and the
+    manifest are rewritten to match, as a wrong but self-consistent export would be."""
     path = directory / "onnx" / name
     proto = onnx.load(str(path))
     big = max(proto.graph.initializer, key=lambda t: math.prod(t.dims))
     big.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(big) * scale, big.name))
     onnx.save(proto, str(path))
-    meta = read_sidecar(path)
-    write_sidecar(path, kind=meta["kind"], backend=meta["backend"], dtype=meta["dtype"], inputs=meta["inputs"],
-                  profile=Profile.from_dict(meta["profile"]), files=[path])
+    if resign:
+        meta = read_sidecar(path)
+        write_sidecar(path, kind=meta["kind"], backend=meta["backend"], dtype=meta["dtype"], inputs=meta["inputs"],
+                      profile=Profile.from_dict(meta["profile"]), files=[path])
+        resign_manifest(directory)
+
+
+def resign_manifest(directory: Path) -> None:
+    """Rewrite the manifest's sizes and hashes for the folder as it is now."""
+    m = read_manifest(directory)
+    write_manifest(directory, source=m["source"], fingerprint=m["fingerprint"], cfg=read_config(directory),
+                   target=m["target"], profile=Profile.from_dict(m["profile"]),
+                   artifacts=[directory / a for a in m["artifacts"]])
 
 
 @pytest.fixture
@@ -99,12 +110,23 @@ def test_export_fails_loudly_when_verify_misses(tampered, checkpoint, capsys):
     assert "(max abs <= 0.0001)" in captured.err and "FAIL" in captured.out
 
 
-def test_corrupt_artifact_is_a_failed_row(tampered):
+def test_corrupt_artifact_is_refused_before_anything_runs(tampered, capsys):
     path = tampered / "onnx" / "encoder.fp32.ort-cpu.onnx"
     path.write_bytes(path.read_bytes()[:500])
-    report = verify(tampered)
-    row = next(r for r in report.rows if r.artifact.endswith("ort-cpu.onnx"))
-    assert row.status == "FAIL" and "truncated or replaced" in row.note
+    with pytest.raises(CheckpointError, match=r"ort-cpu\.onnx: \d+ bytes but \d+ were written \(truncated or "
+                                              r"replaced\); re-export with `fastenc export \.\.\. --force`"):
+        verify(tampered)
+    assert main(["verify", str(tampered)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastenc: error: ") and err.count("\n") == 1 and "truncated or replaced" in err
+
+
+def test_unsigned_tamper_is_refused_by_verify(export_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    _tamper(copy, "encoder.fp32.onnx", resign=False)
+    with pytest.raises(CheckpointError, match=r"encoder\.fp32\.onnx: content differs from the export manifest"):
+        verify(copy)
 
 
 def test_checkpoint_moved_and_checkpoint_override(export_dir, checkpoint, tmp_path):

@@ -10,8 +10,8 @@ import torch
 from ..config import EncoderConfig
 from ..errors import BackendUnavailable, CheckpointError
 from ..exporters.aoti import check_package_compat
-from ..exporters.artifacts import check_files, first_line
-from ..exporters.contract import DTYPES
+from ..exporters.artifacts import check_files, find_artifacts, first_line
+from ..exporters.contract import DTYPES, dtype_name
 from .graph import GraphRunner, pick
 
 
@@ -45,15 +45,14 @@ def load_artifact(directory: Path, backend: str = "aoti", device: str | torch.de
         want = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
     else:
         want = [torch.device(device).type]
-    last: CheckpointError | None = None
-    for kind in want:
-        try:
-            path, meta, cfg = pick(directory, "aoti", dtype, ["fp32", "bf16", "fp16"] if kind == "cpu"
-                                   else ["bf16", "fp16", "fp32"], lambda m, k=kind: m.get("device") == k)
-        except CheckpointError as exc:
-            last = exc
+    wanted = dtype_name(dtype)
+    found = find_artifacts(Path(directory), "aoti")
+    for kind in want:  # the first device with a package of the dtype; a bad package is an error, not skipped
+        if kind != want[-1] and not any(m.get("device") == kind and (wanted is None or m.get("dtype") == wanted)
+                                        for _, m in found):
             continue
+        path, meta, cfg = pick(directory, "aoti", dtype, ["fp32", "bf16", "fp16"] if kind == "cpu"
+                               else ["bf16", "fp16", "fp32"], lambda m, k=kind: m.get("device") == k)
         dev = torch.device(device) if device is not None else torch.device(kind)
         return AotiRunner(cfg, path, meta, dev), cfg
-    assert last is not None
-    raise last
+    raise AssertionError("unreachable")

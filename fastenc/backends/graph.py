@@ -19,7 +19,7 @@ from torch import nn
 from ..config import EncoderConfig
 from ..errors import CheckpointError, ConfigError
 from ..inputs import check_token_inputs
-from ..exporters.artifacts import find_artifacts, read_config, read_manifest
+from ..exporters.artifacts import check_export, find_artifacts, read_config, read_manifest
 from ..exporters.contract import INPUT_DTYPE, Profile, dtype_name
 
 GRAPH_BACKENDS = ("onnxruntime", "tensorrt", "aoti")
@@ -80,9 +80,11 @@ def exported_from_random_init(directory: Path) -> bool:
 def pick(directory: Path, backend: str, dtype: str | torch.dtype | None, order: list[str],
          usable: Callable[[dict[str, Any]], bool], *, allow_int8: bool = False) -> tuple[Path, dict[str, Any], EncoderConfig]:
     """Choose the artifact of ``backend`` to run: the requested dtype, else the first of ``order``
-    present; among equals the first ``usable`` one. Raises one :class:`CheckpointError` naming what exists."""
+    present; among equals the first ``usable`` one. Raises one :class:`CheckpointError` naming what exists.
+
+    The chosen artifact, its sidecar and the folder's config and tokenizer files are checked against
+    the export manifest (sha256; every other listed file by size) before anything reads them."""
     directory = Path(directory)
-    cfg = read_config(directory)
     found = find_artifacts(directory, backend)
     if not found:
         raise CheckpointError(f"{directory}: no {backend} artifact (export one with `fastenc export"
@@ -91,7 +93,8 @@ def pick(directory: Path, backend: str, dtype: str | torch.dtype | None, order: 
     for name in [wanted] if wanted else order:
         for path, meta in found:
             if meta.get("dtype") == name and usable(meta):
-                return path, meta, cfg
+                check_export(directory, members=[path])
+                return path, meta, read_config(directory)
     have = ", ".join(sorted({f"{m.get('dtype')} ({p.name})" for p, m in found}))
     want = f"dtype {wanted}" if wanted else "a dtype"
     raise CheckpointError(f"{directory}: no {backend} artifact with {want} usable here; found {have}")

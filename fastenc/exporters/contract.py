@@ -103,12 +103,22 @@ class Profile:
             raise ConfigError(f"{where}: malformed shape profile {data!r} ({exc!r})") from None
 
 
+#: Largest ``--max-batch`` / ``--max-seq`` an export accepts. T5's relative position buckets work at any
+#: length, but attention memory grows with the square of the length (verify runs a full-length
+#: sequence: 12 heads x 4096^2 x 4 bytes = 0.8 GB of scores for the base model); the targets use <= 512.
+MAX_BATCH_LIMIT = 1024
+MAX_SEQ_LIMIT = 4096
+
+
 def make_profile(max_batch: int, max_seq: int, *, opt_batch: int | None = None, opt_seq: int | None = None) -> Profile:
     """Profile for ``--max-batch``/``--max-seq``: min 1, opt batch 1 (one prompt per call, as diffusers
     encodes) and opt seq = max seq (pipelines pad every prompt to the target's length)."""
-    for flag, value in (("--max-batch", max_batch), ("--max-seq", max_seq)):
+    for flag, value, limit in (("--max-batch", max_batch, MAX_BATCH_LIMIT), ("--max-seq", max_seq, MAX_SEQ_LIMIT)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        if value > limit:
+            raise ConfigError(f"{flag} {value} is more than {limit}, the largest an export supports "
+                              f"(attention memory grows with batch x length^2)")
     opt_b = 1 if opt_batch is None else opt_batch
     opt_l = max_seq if opt_seq is None else opt_seq
     return Profile(1, opt_b, max_batch, 1, opt_l, max_seq)

@@ -1,7 +1,11 @@
 """``fastenc export``: checkpoint -> ONNX (+ ORT-optimised, int8) -> TensorRT engine / AOTInductor package.
 
-Each artifact is one idempotent step (reused when its recorded inputs match, rebuilt with
-``force``), written under a temporary name and renamed; ``verify`` runs at the end.
+Every flag is checked (:func:`_validate`) before anything is loaded or written. The whole export
+folder is one transaction (:mod:`.transaction`): the new export is built in a staging folder beside
+``--out``, each artifact one idempotent step (hard-linked from the previous export when its recorded
+inputs match and its files match that export's manifest; rebuilt with ``force``), the manifest with
+every file's sha256 is written last, and the staging folder is swapped in. ``verify`` runs at the end
+(and checks every file against the manifest); with ``verify=False`` the manifest check still runs.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +26,18 @@ from ..fileio import atomic_write
 from ..config import get_size, max_length_for
 from ..errors import BackendUnavailable, ConfigError
 from ..model import T5Encoder
-from .artifacts import (EXPORT_VERSION, KIND_DIRS, build_step, checkpoint_fingerprint, write_json, write_manifest,
-                        write_sidecar)
+from .artifacts import (EXPORT_VERSION, KIND_DIRS, MANIFEST_NAME, VERIFIED_NAME, build_step, check_export,
+                        checkpoint_fingerprint, write_json, write_manifest, write_sidecar)
 from .contract import Profile, dtype_name, make_profile
+from .transaction import Transaction, check_target, fault_point
 
 log = logging.getLogger("fastenc")
 
 DEFAULT_MAX_BATCH = 4
+MIN_OPSET = 17
+#: Names an export folder holds (``--out`` may hold nothing else: the swap replaces the whole folder).
+EXPORT_NAMES = frozenset({weights.CONFIG_NAME, MANIFEST_NAME, VERIFIED_NAME, "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", *KIND_DIRS.values()})
 
 
 @dataclass(frozen=True)
@@ -119,56 +129,115 @@ class _Source:
 
 
 def _validate(req: ExportRequest) -> tuple[str, Profile, torch.device]:
+    """Every flag, before anything is loaded, allocated or written: one ConfigError naming the flag."""
+    if req.out is None or not isinstance(req.out, (str, os.PathLike)) or not str(req.out):
+        raise ConfigError(f"--out must be a folder path, got {req.out!r}")
     max_len = max_length_for(req.target)
-    dtype = dtype_name(req.dtype) or ("bf16" if req.trt else "fp32")
+    try:
+        dtype = dtype_name(req.dtype) or ("bf16" if req.trt else "fp32")
+    except ConfigError as exc:
+        raise ConfigError(f"--dtype: {exc}") from None
     profile = make_profile(req.max_batch, req.max_seq if req.max_seq is not None else max_len)
-    aoti_device = torch.device(req.device or "cpu")
+    if not isinstance(req.seed, int) or isinstance(req.seed, bool) or not 0 <= req.seed < 2**63:
+        raise ConfigError(f"--seed must be an integer in 0..2**63-1, got {req.seed!r}")
+    max_opset = _max_opset()
+    if not isinstance(req.opset, int) or isinstance(req.opset, bool) or not MIN_OPSET <= req.opset <= max_opset:
+        raise ConfigError(f"opset must be an integer in {MIN_OPSET}..{max_opset}, got {req.opset!r}")
+    threshold = req.external_data_threshold
+    if threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0):
+        raise ConfigError(f"external_data_threshold must be a byte count >= 0, got {threshold!r}")
+    if req.device is not None and not isinstance(req.device, (str, torch.device)):
+        raise ConfigError(f"--device must be cpu or cuda, got {req.device!r}")
+    try:
+        aoti_device = torch.device(req.device or "cpu")
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device must be cpu or cuda, got {req.device!r}") from None
     if aoti_device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {req.device!r}")
     if req.aoti and aoti_device.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("--aoti --device cuda needs a CUDA GPU and none is visible")
+    check_target(Path(req.out), EXPORT_NAMES)
     if req.trt:  # before anything is written
         from .tensorrt import import_tensorrt, require_gpu
 
         import_tensorrt()
         require_gpu()
-    out = Path(req.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a directory")
     return dtype, profile, aoti_device
+
+
+def _max_opset() -> int:
+    try:
+        import onnx
+
+        return int(onnx.defs.onnx_opset_version())
+    except ImportError:  # the export step says what is missing
+        return 23
 
 
 def export(req: ExportRequest) -> ExportResult:
     """Run every requested step; raises :class:`~fastenc.exporters.verify.VerificationFailed` when an
-    artifact misses its accuracy bound."""
+    artifact misses its accuracy bound (the new export is in place then, for inspection)."""
     dtype, profile, aoti_device = _validate(req)
     src = _Source(req)
     out = Path(req.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = ExportResult(out)
-    _write_model_files(out, src)
-
-    onnx_dtypes = [dtype] + (["fp32"] if req.int8 and dtype != "fp32" else [])
-    onnx_meta: dict[str, dict[str, Any]] = {}
-    for dt in onnx_dtypes:
-        path, meta = _onnx_step(out, src, dt, profile, req, result)
-        onnx_meta[dt] = meta
-        _ort_step(out, path, meta, req, result)
-    if req.int8:
-        _int8_step(out, onnx_meta["fp32"], req, result)
-    if req.trt:
-        _trt_step(out, onnx_meta[dtype], dtype, profile, req, result)
-    if req.aoti:
-        _aoti_step(out, src, dtype, profile, aoti_device, req, result)
-    write_manifest(out, source=src.spec, fingerprint=src.fingerprint, cfg=src.cfg, target=req.target,
-                   profile=profile, artifacts=result.artifacts)
-    src._encoder = None
+    with Transaction(out) as txn:
+        stage = txn.staging
+        steps = _Steps(stage, txn.previous, req)
+        _write_model_files(stage, src)
+        onnx_dtypes = [dtype] + (["fp32"] if req.int8 and dtype != "fp32" else [])
+        onnx_meta: dict[str, dict[str, Any]] = {}
+        for dt in onnx_dtypes:
+            path, meta = _onnx_step(steps, src, dt, profile)
+            onnx_meta[dt] = meta
+            fault_point("after-onnx")
+            _ort_step(steps, path, meta)
+        if req.int8:
+            _int8_step(steps, onnx_meta["fp32"])
+        if req.trt:
+            _trt_step(steps, onnx_meta[dtype], dtype, profile)
+        if req.aoti:
+            _aoti_step(steps, src, dtype, profile, aoti_device)
+        src._encoder = None
+        write_manifest(stage, source=src.spec, fingerprint=src.fingerprint, cfg=src.cfg, target=req.target,
+                       profile=profile, artifacts=steps.artifacts)
+        txn.commit()
+    result.artifacts = [out / p.relative_to(stage) for p in steps.artifacts]
+    result.built = [out / p.relative_to(stage) for p in steps.built]
     if req.verify:
         from .verify import raise_on_failure, verify
 
         result.report = verify(out)
         raise_on_failure(result.report)
+    else:
+        check_export(out)  # and remembers the digests, so the first load does not hash again
     return result
+
+
+class _Steps:
+    """Where the steps write (the staging folder) and what they may reuse (the previous export)."""
+
+    def __init__(self, stage: Path, previous: Path | None, req: ExportRequest):
+        self.stage, self.previous, self.req = stage, previous, req
+        self.artifacts: list[Path] = []
+        self.built: list[Path] = []
+
+    def path(self, backend: str, name: str) -> Path:
+        return self.stage / KIND_DIRS[backend] / name
+
+    def prior(self, path: Path) -> Path | None:
+        """The same artifact in the previous export, when there is one to reuse from."""
+        if self.previous is None or self.req.force:
+            return None
+        return self.previous / path.relative_to(self.stage)
+
+    def run(self, path: Path, inputs: dict[str, Any], build, what: str) -> tuple[dict[str, Any], bool]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta, built = build_step(path, inputs, build, force=self.req.force, what=what, previous=self.prior(path))
+        self.artifacts.append(path)
+        if built:
+            self.built.append(path)
+        return meta, built
 
 
 def _write_model_files(out: Path, src: _Source) -> None:
@@ -187,18 +256,12 @@ def _write_model_files(out: Path, src: _Source) -> None:
                         break
 
 
-def _record(result: ExportResult, path: Path, built: bool) -> None:
-    result.artifacts.append(path)
-    if built:
-        result.built.append(path)
-
-
-def _onnx_step(out: Path, src: _Source, dtype: str, profile: Profile, req: ExportRequest,
-               result: ExportResult) -> tuple[Path, dict[str, Any]]:
+def _onnx_step(steps: _Steps, src: _Source, dtype: str, profile: Profile) -> tuple[Path, dict[str, Any]]:
     from .onnx import EXTERNAL_DATA_THRESHOLD, export_onnx
 
+    req = steps.req
     threshold = req.external_data_threshold if req.external_data_threshold is not None else EXTERNAL_DATA_THRESHOLD
-    path = out / KIND_DIRS["onnxruntime"] / f"encoder.{dtype}.onnx"
+    path = steps.path("onnxruntime", f"encoder.{dtype}.onnx")
     inputs = {"export_version": EXPORT_VERSION, "fingerprint": src.fingerprint, "dtype": dtype, "opset": req.opset,
               "profile": profile.to_dict(), "external_data_threshold": threshold}
 
@@ -208,12 +271,11 @@ def _onnx_step(out: Path, src: _Source, dtype: str, profile: Profile, req: Expor
         return write_sidecar(path, kind="onnx", backend="onnxruntime", dtype=dtype, inputs=inputs, profile=profile,
                              files=files, opset=req.opset, torch_version=torch.__version__)
 
-    meta, built = build_step(path, inputs, build, force=req.force, what=f"ONNX export ({dtype})")
-    _record(result, path, built)
+    meta, _ = steps.run(path, inputs, build, f"ONNX export ({dtype})")
     return path, meta
 
 
-def _ort_step(out: Path, onnx_path: Path, onnx_meta: dict[str, Any], req: ExportRequest, result: ExportResult) -> None:
+def _ort_step(steps: _Steps, onnx_path: Path, onnx_meta: dict[str, Any]) -> None:
     from .onnx import _require_ort, optimize_for_ort
 
     ort = _require_ort()
@@ -229,21 +291,19 @@ def _ort_step(out: Path, onnx_path: Path, onnx_meta: dict[str, Any], req: Export
                              profile=profile, files=files, optimized_for="CPUExecutionProvider")
 
     try:
-        meta, built = build_step(path, inputs, build, force=req.force, what=f"ONNX Runtime optimisation ({dtype})")
+        steps.run(path, inputs, build, f"ONNX Runtime optimisation ({dtype})")
     except BackendUnavailable as exc:
         log.info("no CPU-optimised ONNX Runtime model for %s: %s (the plain model serves CUDA and TensorRT)", dtype, exc)
-        return
-    _record(result, path, built)
 
 
-def _int8_step(out: Path, fp32_meta: dict[str, Any], req: ExportRequest, result: ExportResult) -> None:
+def _int8_step(steps: _Steps, fp32_meta: dict[str, Any]) -> None:
     from .onnx import _require_ort, quantize_int8
 
     ort = _require_ort()
-    src_path = out / KIND_DIRS["onnxruntime"] / "encoder.fp32.onnx"
+    src_path = steps.path("onnxruntime", "encoder.fp32.onnx")
     path = src_path.with_name("encoder.int8.onnx")
     inputs = {"source": fp32_meta["inputs"], "onnxruntime": ort.__version__,
-              "scheme": "dynamic int8, per-channel weights, weight MatMuls only"}
+              "scheme": "dynamic int8, per-channel 7-bit weights, weight MatMuls only"}
     profile = Profile.from_dict(fp32_meta["profile"])
 
     def build() -> dict[str, Any]:
@@ -251,50 +311,47 @@ def _int8_step(out: Path, fp32_meta: dict[str, Any], req: ExportRequest, result:
         return write_sidecar(path, kind="onnx-int8", backend="onnxruntime", dtype="int8", inputs=inputs,
                              profile=profile, files=files, optimized_for="CPUExecutionProvider")
 
-    meta, built = build_step(path, inputs, build, force=req.force, what="int8 dynamic quantisation")
-    _record(result, path, built)
+    steps.run(path, inputs, build, "int8 dynamic quantisation")
 
 
-def _trt_step(out: Path, onnx_meta: dict[str, Any], dtype: str, profile: Profile, req: ExportRequest,
-              result: ExportResult) -> None:
+def _trt_step(steps: _Steps, onnx_meta: dict[str, Any], dtype: str, profile: Profile) -> None:
     from .tensorrt import TIMING_CACHE_NAME, build_engine, engine_name, gpu_metadata, import_tensorrt, require_gpu
 
     trt = import_tensorrt()
     capability = require_gpu()
-    trt_dir = out / KIND_DIRS["tensorrt"]
-    path = trt_dir / engine_name(trt.__version__, capability, dtype)
-    onnx_path = out / KIND_DIRS["onnxruntime"] / f"encoder.{dtype}.onnx"
+    path = steps.path("tensorrt", engine_name(trt.__version__, capability, dtype))
+    onnx_path = steps.path("onnxruntime", f"encoder.{dtype}.onnx")
+    timing_cache = path.parent / TIMING_CACHE_NAME
     build_info = gpu_metadata(trt.__version__)
     inputs = {"source": onnx_meta["inputs"], "tensorrt": trt.__version__,
               "compute_capability": build_info["compute_capability"], "profile": profile.to_dict(),
               "strongly_typed": True}
 
     def build() -> dict[str, Any]:
-        build_engine(onnx_path, path, profile, timing_cache=trt_dir / TIMING_CACHE_NAME)
+        build_engine(onnx_path, path, profile, timing_cache=timing_cache)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         return write_sidecar(path, kind="tensorrt", backend="tensorrt", dtype=dtype, inputs=inputs, profile=profile,
                              files=[path], sha256=digest, onnx=onnx_path.name, **build_info)
 
-    meta, built = build_step(path, inputs, build, force=req.force, what=f"TensorRT engine ({dtype})")
-    _record(result, path, built)
+    old_cache = steps.prior(timing_cache)
+    if old_cache is not None and old_cache.is_file():  # a copy: TensorRT rewrites it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(timing_cache, lambda p: shutil.copyfile(old_cache, p))
+    steps.run(path, inputs, build, f"TensorRT engine ({dtype})")
 
 
-def _aoti_step(out: Path, src: _Source, dtype: str, profile: Profile, device: torch.device, req: ExportRequest,
-               result: ExportResult) -> None:
+def _aoti_step(steps: _Steps, src: _Source, dtype: str, profile: Profile, device: torch.device) -> None:
     from .aoti import compile_package, describe_build, host_isa, package_name, profile_metadata
 
-    path = out / KIND_DIRS["aoti"] / package_name(dtype, device)
+    path = steps.path("aoti", package_name(dtype, device))
     target_hw = host_isa() if device.type == "cpu" else "sm{}{}".format(*torch.cuda.get_device_capability(device))
     inputs = {"export_version": EXPORT_VERSION, "fingerprint": src.fingerprint, "dtype": dtype,
               "device": device.type, "hardware": target_hw, "profile": profile.to_dict(),
               "torch": torch.__version__}
 
     def build() -> dict[str, Any]:
-        path.parent.mkdir(parents=True, exist_ok=True)
         compile_package(src.model(dtype, device), path, profile, metadata=profile_metadata(profile))
         return write_sidecar(path, kind="aoti", backend="aoti", dtype=dtype, inputs=inputs, profile=profile,
                              files=[path], **describe_build(path, device))
 
-    meta, built = build_step(path, inputs, build, force=req.force, what=f"AOTInductor package ({dtype}, {device.type})")
-    _record(result, path, built)
-
+    steps.run(path, inputs, build, f"AOTInductor package ({dtype}, {device.type})")

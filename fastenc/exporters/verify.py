@@ -6,6 +6,10 @@ random token ids when the export has no tokenizer. fp32 artifacts are compared w
 torch model, fp16/bf16 ones with the torch model in the same dtype, the int8 model with fp32.
 
 Bounds: fp32 max abs error <= 1e-4; fp16/bf16 mean cos-sim >= 0.9999; int8 mean cos-sim >= 0.995.
+
+Before anything runs, every file of the folder is checked against the export manifest (sizes and
+sha256, :func:`~.artifacts.check_export`): a tampered, truncated or mixed folder is refused with one
+error, not reported as a row.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 
 from ..config import EncoderConfig
 from ..errors import BackendUnavailable, CheckpointError, FastencError
-from .artifacts import checkpoint_fingerprint, find_artifacts, read_config, read_manifest
+from .artifacts import check_export, checkpoint_fingerprint, find_artifacts, read_config
 from .contract import INPUT_DTYPE, Profile
 
 log = logging.getLogger("fastenc")
@@ -238,7 +242,7 @@ def verify(directory: str | os.PathLike, *, checkpoint: str | None = None,
     """Run every artifact under ``directory`` against the torch model; returns the report (never raises
     for a missed bound: see :attr:`Report.ok`)."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = check_export(directory)  # every file against the manifest's sha256 before anything runs
     cfg = read_config(directory)
     profile = Profile.from_dict(manifest.get("profile"), where=directory / "export.json")
     found = find_artifacts(directory)
