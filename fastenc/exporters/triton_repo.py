@@ -34,7 +34,7 @@ from typing import Any
 
 from ..config import TARGET_MAX_LENGTH, max_length_for
 from ..errors import CheckpointError, ConfigError
-from .artifacts import check_files, find_artifacts, read_config, read_manifest, staged
+from .artifacts import artifact_files, check_export, find_artifacts, read_config, read_manifest, staged
 from .contract import ATTENTION_MASK, INPUT_IDS, OUTPUT_NAME, Profile
 
 log = logging.getLogger("fastenc")
@@ -312,14 +312,14 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
         output_type = "TYPE_FP32"
     else:
         artifact, meta = _pick(export_dir, backend, req.dtype)
-        check_files(artifact, meta)
+        check_export(export_dir, members=[artifact])  # sha256 of what is copied; a tampered folder is refused
         profile = Profile.from_dict(meta["profile"], where=artifact)
         if not profile.min_seq <= max_length <= profile.max_seq:
             raise ConfigError(f"target {target} pads to {max_length} tokens but {artifact.name} accepts seq "
                               f"{profile.min_seq}..{profile.max_seq}; export with --max-seq {max_length} or pick "
                               f"another --target")
         limit = profile_batch = profile.max_batch
-        files = [artifact.parent / f for f in meta.get("files", {artifact.name: 0})]
+        files = artifact_files(artifact, meta)  # names from the sidecar, checked to stay in the folder
         dtype = str(meta.get("dtype"))
         output_type = (_onnx_output_type(artifact) if backend != "tensorrt" else None) or OUTPUT_TYPES.get(dtype)
         if output_type is None:
