@@ -171,9 +171,9 @@ class Encoder(FollowsWeights, nn.Module):
         need = len(texts) * max_length * P * itemsize
         if need > limit:
             raise InputError(
-                f"encode() of {len(texts)} prompts at target {target!r} would return {need / 2**30:.1f} GiB "
+                f"encode() of {len(texts)} prompts at target {target!r} would return {_human(need)} "
                 f"([{len(texts)}, {max_length}, {P}] {str(self.dtype).removeprefix('torch.')}), over "
-                f"max_output_bytes={limit / 2**30:.1f} GiB; iterate encode_batches(prompts, target={target!r}, "
+                f"max_output_bytes={_human(limit)}; iterate encode_batches(prompts, target={target!r}, "
                 "batch_size=...) to stream them, or pass a larger max_output_bytes")
         step = self.micro_batch(max_length)
         embeds = mask = None
@@ -245,12 +245,14 @@ class Encoder(FollowsWeights, nn.Module):
             fp, dt = self.fingerprint, str(self.dtype)
             keys = [cache_key(fp, target, dt, p) for p in texts]
         embeds: list[torch.Tensor | None] = [None] * len(texts)
-        todo = []
+        todo: list[int] = []  # rows to compute: the first of each distinct prompt not in the cache
+        same: dict[str, int] = {}  # prompt -> its row in todo
         for i, key in enumerate(keys):
-            hit = self.cache.get(key) if key is not None else None
+            hit = self.cache.get(key) if key is not None and texts[i] not in same else None
             if hit is not None and hit[0].shape[0] == ids.shape[1]:
                 embeds[i] = hit[0].to(self.device)
-            else:
+            elif texts[i] not in same:
+                same[texts[i]] = len(todo)
                 todo.append(i)
         if todo:
             sel = torch.tensor(todo)
@@ -259,9 +261,11 @@ class Encoder(FollowsWeights, nn.Module):
             except NumericsError as exc:
                 raise NumericsError(f"{exc} (prompts from index {offset})") from None
             for j, i in enumerate(todo):
-                embeds[i] = out[j]
                 if keys[i] is not None:
                     self.cache.put(keys[i], out[j], mask[i])
+            for i, text in enumerate(texts):
+                if embeds[i] is None:
+                    embeds[i] = out[same[text]]
         return Embeddings(torch.stack(embeds), mask.to(self.device), batch.num_truncated)
 
 
@@ -271,6 +275,14 @@ def activation_bytes(cfg: EncoderConfig, seq_len: int, dtype: torch.dtype) -> in
     scores = cfg.num_heads * L * L * (3 * 4 + item)  # scores, fp32 softmax in/out, position bias
     widths = 3 * cfg.inner_dim + 3 * (2 if cfg.gated else 1) * cfg.d_ff + 2 * cfg.output_dim + 6 * cfg.d_model
     return scores + L * widths * item
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 def _is_fastenc_tokenizer(tokenizer: object) -> bool:
