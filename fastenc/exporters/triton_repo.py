@@ -52,6 +52,7 @@ OUTPUT_TYPES = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "bf16": "TYPE_BF16", "
 _ONNX_ELEM_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16"}  # onnx.TensorProto enum values
 DEFAULT_QUEUE_DELAY_US = 100
 MAX_INSTANCES = 64
+MAX_PROMPT_BYTES = 65536  # the tokenizer model refuses longer prompts (T5 keeps at most 512 tokens anyway)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def tokenizer_config(name: str, *, max_batch_size: int, target: str, max_length:
         + _dynamic_batching(delay_us)
         + _instance_group("cpu")
         + _parameters({"target": target, "max_length": str(max_length), "pass_mask": "true" if pass_mask else "false",
-                       "tokenizer_file": "tokenizer.json"})
+                       "tokenizer_file": "tokenizer.json", "max_prompt_bytes": str(MAX_PROMPT_BYTES)})
     )
 
 

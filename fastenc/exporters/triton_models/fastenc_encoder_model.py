@@ -38,8 +38,11 @@ class TritonPythonModel:
             torch.set_num_threads(threads)
         if not folder.is_dir():
             raise pb_utils.TritonModelException(f"fastenc encoder: no checkpoint folder {folder}")
-        # A load error (missing or corrupt weights) propagates: Triton marks the model UNAVAILABLE with it.
-        self.encoder = fastenc.load(folder, backend=backend, device="cpu", cache=False)
+        try:  # missing or corrupt weights: fastenc names the file; Triton marks the model UNAVAILABLE with it
+            self.encoder = fastenc.load(folder, backend=backend, device="cpu", cache=False)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise pb_utils.TritonModelException(f"fastenc encoder: cannot load {folder}: {first}") from None
         log.info("fastenc encoder: %s, %d threads", self.encoder, torch.get_num_threads())
 
     def execute(self, requests):

@@ -27,6 +27,8 @@ class TritonPythonModel:
         if not name:
             raise pb_utils.TritonModelException(f"config.pbtxt of {config.get('name')} lacks parameter 'onnx_model'")
         path = Path(args["model_repository"]) / args["model_version"] / name
+        if not path.is_file():
+            raise pb_utils.TritonModelException(f"fastenc encoder: model file {path} is missing")
         providers = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args.get("model_instance_device_id", 0))}))
@@ -35,7 +37,11 @@ class TritonPythonModel:
         threads = int(config.get("parameters", {}).get("threads", {}).get("string_value", "0"))
         if threads > 0:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # a truncated or corrupt file: say which, in one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise pb_utils.TritonModelException(f"fastenc encoder: cannot load {path}: {first}") from None
         log.info("fastenc encoder: %s on %s", path.name, self.session.get_providers()[0])
 
     def execute(self, requests):

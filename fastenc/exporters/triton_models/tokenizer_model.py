@@ -3,7 +3,10 @@
 Outputs (TYPE_INT32 [B, L]): ``input_ids``, ``attention_mask`` (1 = token incl. </s>, 0 = padding) and
 ``encoder_attention_mask`` — the mask the encoder gets: the attention mask for targets whose pipeline
 passes it to T5 (PixArt), all ones otherwise (Flux, SD3), as ``fastenc.Encoder.encode`` does.
-Parameters (config.pbtxt): ``max_length``, ``pass_mask`` ("true"/"false"), ``tokenizer_file``, ``target``.
+Parameters (config.pbtxt): ``max_length``, ``pass_mask`` ("true"/"false"), ``tokenizer_file``, ``target``,
+``max_prompt_bytes`` (longer prompts are refused before tokenisation; default 65536, far above the 512
+tokens T5 keeps). A request that is not a [B, 1] batch of UTF-8 strings within that size gets an error
+response naming the problem; the other requests of the batch are served.
 Needs fastenc installed in the python backend's environment.
 """
 
@@ -35,18 +38,29 @@ class TritonPythonModel:
         self.tokenizer = Tokenizer.from_file(folder / _param(config, "tokenizer_file", "tokenizer.json"))
         self.max_length = int(_param(config, "max_length"))
         self.pass_mask = _param(config, "pass_mask", "false").lower() == "true"
+        self.max_prompt_bytes = int(_param(config, "max_prompt_bytes", "65536"))
         log.info("fastenc tokenizer: %s, %d tokens, encoder mask %s", _param(config, "target", "?"),
                  self.max_length, "passed" if self.pass_mask else "all ones")
+
+    def _prompt(self, i, value):
+        raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        if len(raw) > self.max_prompt_bytes:
+            raise ValueError(f"text[{i}] is {len(raw)} bytes; prompts are limited to {self.max_prompt_bytes} bytes "
+                             "(parameter max_prompt_bytes)")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"text[{i}] is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
                 text = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()  # [B, 1] of bytes
-                prompts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in text.reshape(-1)]
-                if len(prompts) != text.shape[0]:
-                    raise ValueError(f"text must be [batch, 1], got {list(text.shape)}")
-                batch = self.tokenizer(prompts, max_length=self.max_length)
+                if text.ndim != 2 or text.shape[0] < 1 or text.shape[1] != 1:
+                    raise ValueError(f"text must be a [batch >= 1, 1] tensor of strings, got {list(text.shape)}")
+                prompts = [self._prompt(i, t) for i, t in enumerate(text.reshape(-1))]
+                batch = self.tokenizer(prompts, max_length=self.max_length, warn=False)  # truncates like the pipelines
                 ids = batch.input_ids.numpy().astype(np.int32)  # [B, L]
                 mask = batch.attention_mask.numpy().astype(np.int32)  # [B, L]
                 encoder_mask = mask if self.pass_mask else np.ones_like(mask)
@@ -55,6 +69,11 @@ class TritonPythonModel:
                     pb_utils.Tensor("attention_mask", mask),
                     pb_utils.Tensor("encoder_attention_mask", encoder_mask),
                 ]))
-            except Exception as exc:  # one bad request must not fail the others in the batch
+            except ValueError as exc:  # the request's fault (HTTP 400); it must not fail the others in the batch
+                message = f"fastenc tokenizer: {exc}"
+                code = getattr(pb_utils.TritonError, "INVALID_ARG", None)  # error codes: Triton 23.xx and later
+                error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+                responses.append(pb_utils.InferenceResponse(error=error))
+            except Exception as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"fastenc tokenizer: {exc}")))
         return responses
