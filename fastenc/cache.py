@@ -247,10 +247,10 @@ class EmbeddingCache:
         try:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
             os.close(fd)
-            os.chmod(tmp, umask_mode())  # mkstemp makes 0600; follow the umask like any other file
             metadata = {"format": FORMAT, "key": json.dumps(list(k)),  # ASCII: any prompt fits the header
                         "sha256": _checksum(*entry)}
             save_file({"embeds": entry[0], "mask": entry[1]}, tmp, metadata=metadata)
+            os.chmod(tmp, umask_mode())  # save_file recreates the file 0600
             os.replace(tmp, path)
             tmp = None
         except OSError as exc:  # read-only, full, removed: memory-only from now on

@@ -18,6 +18,7 @@ def atomic_write(target: Path, writer: Callable[[Path], None]) -> Path:
     try:
         os.chmod(tmp, umask_mode())  # mkstemp makes 0600; artifacts are read by other accounts too
         writer(Path(tmp))
+        os.chmod(tmp, umask_mode())  # again: some writers (safetensors' save_file) recreate the file 0600
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
