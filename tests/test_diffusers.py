@@ -457,3 +457,6 @@ def test_pinned_encoder_stays_put_across_pipeline_moves(dirs, fast_path_encoder,
     pipe.maybe_free_model_hooks()
     with pytest.raises(ConfigError, match="keep_on/pin_device must be a device"):
         T5Replacement(enc, keep_on="gpu-please")
+    loaded = T5Replacement.from_pretrained(dirs["encoder"], keep_on="cpu", backend="torch")
+    loaded.to("meta")  # a pinned adapter reports the pipeline's device; its encoder does not move
+    assert loaded.device.type == "meta" and loaded.encoder.device.type == "cpu"

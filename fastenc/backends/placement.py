@@ -172,7 +172,9 @@ class FollowsWeights:
                 from .cpu import prepare
 
                 plan = getattr(model, "int8_plan", None)
-                prepare(model, int8=plan if plan is not None else "auto", source=self._plan_source)
+                # the plan made at load (or by an earlier move) is reused; else one is searched and cached on disk
+                source = self._plan_source or getattr(self, "source", None)
+                prepare(model, int8=plan if plan is not None else "auto", source=source)
                 self.__dict__["_cpu_signature"] = param_signature(model)
             else:
                 model.ops = op_table(name, placed[0])
