@@ -221,6 +221,43 @@ def test_resume_matches_an_uninterrupted_run(world, tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     kept = sorted(p.name for p in (part / "checkpoints").iterdir())
     assert kept == ["step-00000008", "step-00000012"]  # keep_checkpoints=2, no temporary folders left
+    # nothing pickled: every file is JSON or safetensors (a safetensors header is 8 bytes of length + JSON)
+    files = [f for f in (part / "checkpoints").rglob("*") if f.is_file()]
+    assert {f.suffix for f in files} == {".json", ".safetensors"}
+    for f in files:
+        head = f.read_bytes()[:16]
+        assert not head.startswith((b"\x80", b"PK")), f  # pickle protocol 2+ / torch.save's zip
+        if f.suffix == ".safetensors":
+            assert head[8:9] == b"{", f
+    names = {f.relative_to(part / "checkpoints" / "step-00000008").as_posix() for f in files
+             if f.is_relative_to(part / "checkpoints" / "step-00000008")}
+    assert {"optimizer.safetensors", "optimizer.json", "scheduler.json", "trainer.safetensors", "trainer.json",
+            "rng-0.json", "rng-0.safetensors", "trainer_state.json", "student/model.safetensors",
+            "student-ema/model.safetensors"} <= names
+
+
+def test_resume_never_unpickles(world, tmp_path, monkeypatch):
+    """A checkpoint is read without pickle: torch.load and pickle.load are never called, and a leftover
+    temporary folder of a killed save is removed by the next save."""
+    import pickle
+
+    out = tmp_path / "run"
+    common = {"run": {"max_steps": 4, "save_every": 2, "keep_checkpoints": 1}}
+    trainer(world, out, run={**common["run"], "stop_after_steps": 2}).fit()
+    stale = out / "checkpoints" / ".step-00000001.tmp"
+    stale.mkdir()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("resume must not unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    resumed = trainer(world, out, run={**common["run"], "resume": "auto"}).fit()
+    assert resumed.step == 4 and not stale.exists()
 
 
 def test_collapse_probe_flags_a_collapsed_student(world, tmp_path, caplog):

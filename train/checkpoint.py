@@ -1,17 +1,25 @@
-"""Checkpoints that resume exactly, with the student in fastenc's own format.
+"""Checkpoints that resume exactly, with the student in fastenc's own format and nothing pickled.
 
 ``<output_dir>/checkpoints/step-XXXXXXXX/`` holds
 
 * ``student/`` — ``fastenc.save`` output (config.json, model.safetensors, tokenizer.json): loadable by
   ``fastenc.load`` and exportable by ``fastenc export`` without conversion;
 * ``student-ema/`` — the EMA weights, same format (when EMA is on);
-* accelerate's state: optimizer, per-process RNG states (python, numpy, torch, CUDA), and the
-  registered objects (LR scheduler, :class:`TrainState`: step, batch count, data position, EMA;
-  latents and guidance are drawn from a generator seeded by (seed, process, batch), so they need no state);
-* ``trainer_state.json`` — a readable summary (step, stage, data position).
+* ``optimizer.{safetensors,json}`` — the optimizer's full state keyed by parameter name
+  (``torch.distributed.checkpoint.state_dict``; gathered from every process under FSDP);
+* ``scheduler.json`` — the LR scheduler; ``scaler.json`` — the fp16 gradient scaler, when there is one;
+* ``trainer.{safetensors,json}`` — :class:`TrainState`: step, batch count, data position, EMA weights
+  (latents and guidance are drawn from a generator seeded by (seed, process, batch): no state needed);
+* ``rng-<process>.{safetensors,json}`` — each process's python, numpy, torch and CUDA RNG states;
+* ``trainer_state.json`` — a readable summary (step, stage, data position), written last.
+
+Tensors go to safetensors files, everything else to JSON (:func:`save_tree` / :func:`load_tree`):
+resuming reads no pickle, so a checkpoint folder from elsewhere cannot run code. A value that is
+neither a tensor nor JSON-able is an error at save time, never a pickle.
 
 The folder is written under a temporary name and renamed when complete, so a crash never leaves a
-half-written ``step-*``; ``resume = "auto"`` picks the newest complete one.
+half-written ``step-*`` (leftover temporary folders are removed by the next save); ``resume = "auto"``
+picks the newest complete one.
 """
 
 from __future__ import annotations
@@ -20,29 +28,35 @@ import copy
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import fastenc
 from fastenc.errors import CheckpointError, ConfigError
-from fastenc.model import T5Encoder
 from fastenc.fileio import atomic_write
+from fastenc.model import T5Encoder
 
 log = logging.getLogger("fastenc.train")
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+TMP_DIR = re.compile(r"^\.step-\d{8}\.tmp$")
 STUDENT = "student"
 STUDENT_EMA = "student-ema"
 SUMMARY = "trainer_state.json"
+OPTIMIZER, SCHEDULER, SCALER, TRAINER = "optimizer", "scheduler", "scaler", "trainer"
 
 
 class TrainState:
-    """Everything beyond model/optimizer that exact resume needs; registered with accelerate."""
+    """Everything beyond model, optimizer and scheduler that exact resume needs."""
 
     def __init__(self, stream, ema=None):
         self.step = 0
@@ -110,51 +124,163 @@ def save_student(model: T5Encoder, directory: Path, tokenizer=None, source: str 
     return fastenc.save(fastenc.Encoder(model, tokenizer=tokenizer, source=source), directory)
 
 
-def install_hooks(accelerator, tokenizer, get_ema) -> None:
-    """Make accelerate store the student as ``student/`` in fastenc format instead of model.safetensors."""
-    fsdp = accelerator.distributed_type.name == "FSDP"
-
-    def save_hook(models, weights, output_dir):
-        for model in models:
-            full = full_student(accelerator, model)
-            if full is not None:
-                save_student(full, Path(output_dir) / STUDENT, tokenizer)
-            ema = get_ema()
-            if ema is not None and accelerator.is_main_process:
-                save_student(ema.copy_to(copy.deepcopy(accelerator.unwrap_model(model))),
-                             Path(output_dir) / STUDENT_EMA, tokenizer)
-        if not fsdp:
-            weights.clear()
-
-    def load_hook(models, input_dir):
-        if fsdp:
-            return
-        for model in list(models):
-            path = Path(input_dir) / STUDENT / "model.safetensors"
-            if not path.is_file():
-                raise CheckpointError(f"{input_dir}: no {STUDENT}/model.safetensors")
-            module = accelerator.unwrap_model(model)
-            module.load_state_dict(load_file(str(path), device=str(module.embed.weight.device)), strict=True)
-            models.remove(model)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+# ---------------------------------------------------------------------------- tensors + JSON, no pickle
 
 
-def save(accelerator, state: TrainState, output_dir: str | Path, *, keep: int, extra: dict | None = None) -> Path:
+def _encode(obj: Any, where: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON for ``obj`` with each tensor (or numpy array) replaced by a reference into ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{len(tensors):06d}:{where}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()  # own storage: safetensors refuses shared ones
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        key = f"{len(tensors):06d}:{where}"
+        tensors[key] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "ui" else obj.copy())
+        return {"__ndarray__": key, "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, f"{where}.{k}", tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, f"{where}.key{i}", tensors), _encode(v, f"{where}.{i}", tensors)]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{where}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{where}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f"cannot store {type(obj).__name__} at {where} without pickle (tensors and JSON values only)")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: Path) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors, where) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj or "__ndarray__" in obj:
+        key = obj.get("__tensor__", obj.get("__ndarray__"))
+        if key not in tensors:
+            raise CheckpointError(f"{where}: refers to tensor {key!r}, which its .safetensors file lacks")
+        if "__tensor__" in obj:
+            return tensors[key]
+        return tensors[key].numpy().astype(np.dtype(str(obj.get("dtype"))))
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors, where) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors, where): _decode(v, tensors, where) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors, where) for k, v in obj.items()}
+
+
+def save_tree(folder: Path, name: str, obj: Any) -> None:
+    """``folder/name.json`` (+ ``name.safetensors`` when ``obj`` holds tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    data = _encode(obj, name, tensors)
+    if tensors:
+        atomic_write(folder / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(folder / f"{name}.json", lambda p: p.write_text(json.dumps(data) + "\n"))
+
+
+def load_tree(folder: Path, name: str) -> Any:
+    """What :func:`save_tree` wrote (safetensors and JSON only; no pickle is read)."""
+    path = folder / f"{name}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete or from an older version") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    tensors_path = folder / f"{name}.safetensors"
+    tensors = load_file(str(tensors_path)) if tensors_path.is_file() else {}
+    return _decode(data, tensors, path)
+
+
+# ---------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, where: Path) -> None:
+    try:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: malformed RNG state ({exc})") from None
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+@dataclass
+class Resumable:
+    """What a checkpoint restores: the (prepared) student, optimizer and scheduler, the train state."""
+
+    student: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: TrainState
+    tokenizer: Any = None
+
+
+def _is_fsdp(accelerator) -> bool:
+    return accelerator.distributed_type.name == "FSDP"
+
+
+def _model_and_optimizer(accelerator, parts: Resumable):
+    model = parts.student if _is_fsdp(accelerator) else accelerator.unwrap_model(parts.student)
+    return model, getattr(parts.optimizer, "optimizer", parts.optimizer)  # accelerate wraps the optimizer
+
+
+def _options(full: bool = True, broadcast: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=full, cpu_offload=True, broadcast_from_rank0=broadcast)
+
+
+def save(accelerator, parts: Resumable, output_dir: str | Path, *, keep: int, extra: dict | None = None) -> Path:
     """Write ``step-XXXXXXXX`` atomically (temporary folder, then rename); keep the newest ``keep``."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = parts.state
     final = step_dir(output_dir, state.step)
     tmp = final.with_name(f".{final.name}.tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    main = accelerator.is_main_process
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for old in final.parent.iterdir():  # this step's, or left by a run killed while saving
+            if TMP_DIR.match(old.name):
+                shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
+
+    full = full_student(accelerator, parts.student)  # collective under FSDP
+    model, optimizer = _model_and_optimizer(accelerator, parts)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_options())  # collective under FSDP
+    if main:
+        save_student(full, tmp / STUDENT, parts.tokenizer)
+        if state.ema is not None:
+            save_student(state.ema.copy_to(copy.deepcopy(full)), tmp / STUDENT_EMA, parts.tokenizer)
+        save_tree(tmp, OPTIMIZER, optim_state)
+        save_tree(tmp, SCHEDULER, parts.scheduler.state_dict())
+        save_tree(tmp, TRAINER, state.state_dict())
+        if getattr(accelerator, "scaler", None) is not None:
+            save_tree(tmp, SCALER, accelerator.scaler.state_dict())
+    del optim_state
+    save_tree(tmp, f"rng-{accelerator.process_index}", rng_state())
+    accelerator.wait_for_everyone()
+    if main:
         summary = {"step": state.step, "batches": state.batches, "stream": state.stream.state_dict(),
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
+                   "processes": accelerator.num_processes, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   **(extra or {})}
         atomic_write(tmp / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -165,6 +291,32 @@ def save(accelerator, state: TrainState, output_dir: str | Path, *, keep: int, e
     return final
 
 
-def load(accelerator, path: Path) -> None:
-    accelerator.load_state(str(path))
+def load(accelerator, parts: Resumable, path: Path) -> None:
+    """Restore everything :func:`save` wrote (and every process's RNG) from ``path``."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    path = Path(path)
+    fsdp = _is_fsdp(accelerator)
+    main = accelerator.is_main_process
+    summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
+    if summary.get("processes", accelerator.num_processes) != accelerator.num_processes:
+        raise ConfigError(f"{path} was written by {summary['processes']} processes and this run has "
+                          f"{accelerator.num_processes}; resume with the same number of processes")
+    weights = path / STUDENT / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: no {STUDENT}/model.safetensors")
+    model, optimizer = _model_and_optimizer(accelerator, parts)
+    if fsdp:  # the main process reads, the others receive
+        state = load_file(str(weights)) if main else {}
+        set_model_state_dict(model, state, options=_options(broadcast=True))
+    else:
+        module = accelerator.unwrap_model(parts.student)
+        module.load_state_dict(load_file(str(weights), device=str(module.embed.weight.device)), strict=True)
+    optim_state = load_tree(path, OPTIMIZER) if (main or not fsdp) else {}
+    set_optimizer_state_dict(model, optimizer, optim_state, options=_options(broadcast=fsdp))
+    parts.scheduler.load_state_dict(load_tree(path, SCHEDULER))
+    parts.state.load_state_dict(load_tree(path, TRAINER))
+    if getattr(accelerator, "scaler", None) is not None:
+        accelerator.scaler.load_state_dict(load_tree(path, SCALER))
+    set_rng_state(load_tree(path, f"rng-{accelerator.process_index}"), path)
     log.info("resumed from %s", path)

@@ -139,8 +139,6 @@ class Trainer:
         self.student, self.optimizer = acc.prepare(student, optimizer)
         self.ema = EMA(acc.unwrap_model(self.student), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.state = checkpoint.TrainState(self.stream, self.ema)
-        acc.register_for_checkpointing(self.lr_scheduler, self.state)
-        checkpoint.install_hooks(acc, self.tokenizer, lambda: self.ema)
         self.vae = load_vae(cfg, self.device) if cfg.run.image_every and self.dit is not None else None
 
         # constant inputs: negative prompt (PixArt CFG) and probe tokens
@@ -371,12 +369,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ driver
 
+    def _resumable(self) -> checkpoint.Resumable:
+        return checkpoint.Resumable(self.student, self.optimizer, self.lr_scheduler, self.state, self.tokenizer)
+
     def save(self) -> Path:
-        return checkpoint.save(self.acc, self.state, self.out, keep=self.cfg.run.keep_checkpoints,
+        return checkpoint.save(self.acc, self._resumable(), self.out, keep=self.cfg.run.keep_checkpoints,
                                extra={"stage": self.stream.stages[self.stream.stage_index].name})
 
     def resume(self, path: Path) -> None:
-        checkpoint.load(self.acc, path)
+        checkpoint.load(self.acc, self._resumable(), path)
         if self.acc.is_main_process:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
 
