@@ -5,8 +5,11 @@ and an int8 GEMM (``torch._int_mm``) about 4x. :class:`CpuOps` subclasses the re
 table (the model code is unchanged):
 
 * every op computes in bf16 (softmax, norms and GELU accumulate in fp32 inside torch's kernels);
-* attention is two batched GEMMs around torch's native bf16 softmax, which on the CPU beats
-  ``scaled_dot_product_attention`` with an additive bias (and matches the reference bit for bit);
+* attention is either two batched GEMMs around torch's native bf16 softmax (matches the reference
+  bit for bit) or torch's fused CPU flash-attention kernel (``scaled_dot_product_attention`` with
+  the relative-position bias as its additive mask, ``scale=1``): which one is faster depends on the
+  CPU and the sequence length, so :func:`choose_attention` times both once per model shape and the
+  choice is cached with the int8 plan;
 * selected weights run as W8A8 GEMMs: weights quantised symmetrically per output channel, the
   activations per token at run time, int32 accumulation, one fp32 rescale
   ``y[m, n] = acc[m, n] * s_x[m] * s_w[n]``.
@@ -15,7 +18,8 @@ Which weights go int8 is decided per model by :func:`plan_int8` on a calibration
 the fp32 model: quantisation error grows with the number of layers it passes through, so the
 order is attention and projector weights first (least sensitive), then the FFN input and output
 projections of the *last* layers, extended towards the first while the calibration cosine
-similarity stays at or above ``min_cos``. Plans are cached on disk (see :func:`plan_cache_dir`).
+similarity stays at or above ``min_cos`` on average and ``DEFAULT_MIN_WORST`` on its worst token
+(activation outliers hurt a few tokens far more than the mean). Plans are cached on disk (see :func:`plan_cache_dir`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -38,11 +42,15 @@ from ..ops import TORCH_OPS, TorchOps, activation
 log = logging.getLogger("fastenc")
 
 #: Bump when the plan search or the int8 scheme changes (invalidates cached plans).
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 #: Calibration cosine similarity (mean over tokens, to fp32) a plan must keep.
 DEFAULT_MIN_COS = 0.9995
+#: ... and its worst token (a margin above 0.999, since unseen inputs have more tokens to be worst).
+DEFAULT_MIN_WORST = 0.9994
 CALIB_LEN = 128
+CALIB_ROWS = 2  # two different rows: the worst token of 256 tokens estimates the tail better
 INT8_MODES = ("auto", "none", "all")
+ATTENTION_KINDS = ("matmul", "sdpa")
 
 
 # ----------------------------------------------------------------------------- int8 GEMM
@@ -94,7 +102,10 @@ class CpuOps(TorchOps):
 
     name = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, attention: str = "matmul") -> None:
+        if attention not in ATTENTION_KINDS:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
+        self.attention_kind = attention
         self._int8: dict[int, Int8Weight] = {}
 
     def quantize(self, weight: torch.Tensor) -> None:
@@ -158,6 +169,8 @@ class CpuOps(TorchOps):
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q, k, v: [B, H, L, dk]; bias [B|1, H, L, L]. torch's bf16 softmax accumulates in fp32."""
+        if self.attention_kind == "sdpa":  # fused: QK^T, + bias, softmax, PV in one pass over key blocks
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)  # [B, H, L, dk]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # GEMMs on strided views are slower
         scores = torch.matmul(q, k.transpose(-1, -2)) + bias  # [B, H, L, L]
         return torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, H, L, dk]
@@ -223,6 +236,20 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def fast_path_supported() -> tuple[bool, str]:
     """Whether this CPU runs bf16 and int8 GEMMs natively (else the fp32 torch backend is faster)."""
     flags = cpu_flags()
@@ -246,6 +273,8 @@ class Int8Plan:
     cos: float | None = None
     min_cos: float | None = None
     calib_len: int | None = None
+    attention: str | None = None  # "matmul" | "sdpa": the faster attention kernel on the machine that planned
+    worst: float | None = None  # the calibration batch's worst-token cos-sim
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "version": PLAN_VERSION}, indent=1)
@@ -255,7 +284,11 @@ class Int8Plan:
         data = json.loads(text)
         if data.pop("version", None) != PLAN_VERSION:
             raise ValueError("stale plan version")
-        return cls(tuple(data["weights"]), data.get("cos"), data.get("min_cos"), data.get("calib_len"))
+        attention = data.get("attention")
+        if attention is not None and attention not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention kind {attention!r}")
+        return cls(tuple(data["weights"]), data.get("cos"), data.get("min_cos"), data.get("calib_len"), attention,
+                   data.get("worst"))
 
     def summary(self, cfg) -> str:
         n = cfg.num_layers
@@ -264,21 +297,24 @@ class Int8Plan:
         attn = sum(f"blocks.{i}.attn.qkv.weight" in self.weights for i in range(n))
         proj = sum(name.startswith("projector.") for name in self.weights)
         cos = f", calibration cos {self.cos:.5f}" if self.cos is not None else ""
-        return f"int8: attention {attn}/{n} layers, FFN in {wi}/{n} out {wo}/{n}, projector {proj}/2{cos}"
+        cos += f" (worst token {self.worst:.5f})" if self.worst is not None else ""
+        return f"attention {self.attention or 'matmul'}; int8: attention {attn}/{n} layers, FFN in {wi}/{n} out {wo}/{n}, projector {proj}/2{cos}"
 
 
 def linear_weight_names(model: T5Encoder) -> list[str]:
     return [n for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("embed.", "rel_bias."))]
 
 
-def calibration_ids(cfg, length: int = CALIB_LEN, seed: int = 0) -> torch.Tensor:
-    """A fixed pseudo-random batch of token ids [1, length] (ids 0-1 are pad/EOS, so skipped)."""
+def calibration_ids(cfg, length: int = CALIB_LEN, seed: int = 0, rows: int = CALIB_ROWS) -> torch.Tensor:
+    """A fixed pseudo-random batch of token ids [rows, length] (ids 0-1 are pad/EOS, so skipped)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(2, cfg.vocab_size, (1, length), generator=gen)
+    return torch.randint(2, cfg.vocab_size, (rows, length), generator=gen)
 
 
-def _cos(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(F.cosine_similarity(out.float(), ref.float(), dim=-1).mean())
+def _cos(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Cosine similarity of the embeddings to the reference: (mean, worst) over tokens."""
+    cos = F.cosine_similarity(out.float(), ref.float(), dim=-1)  # [B, L]
+    return float(cos.mean()), float(cos.min())
 
 
 def plan_int8(
@@ -287,13 +323,16 @@ def plan_int8(
     ids: torch.Tensor,
     *,
     min_cos: float = DEFAULT_MIN_COS,
+    min_worst: float = DEFAULT_MIN_WORST,
 ) -> Int8Plan:
     """Search the int8 weight set for ``model`` (already bf16 with a :class:`CpuOps` table).
 
-    ``ref`` is the fp32 model's output on ``ids``. Steps: attention + projector weights (else the
-    projector alone, else nothing); then the FFN input projection ``wi`` of layers ``k..n-1`` for
-    the smallest ``k`` that keeps ``min_cos`` (binary search: error grows as ``k`` falls); then
-    ``wo`` the same way. About ten forward passes at the calibration length.
+    ``ref`` is the fp32 model's output on ``ids``; a weight set passes when the mean cosine
+    similarity over tokens keeps ``min_cos`` and the worst token keeps ``min_worst`` (activation
+    outliers, as in trained T5 v1.1, hurt a few tokens far more than the mean). Steps: attention +
+    projector weights (else the projector alone, else nothing); then the FFN input projection
+    ``wi`` of layers ``k..n-1`` for the smallest ``k`` that passes (binary search: error grows as
+    ``k`` falls); then ``wo`` the same way. About ten forward passes at the calibration length.
     """
     ops = model.ops
     if not isinstance(ops, CpuOps):
@@ -302,21 +341,25 @@ def plan_int8(
     n = model.config.num_layers
 
     @torch.inference_mode()
-    def score(names: Sequence[str]) -> float:
+    def score(names: Sequence[str]) -> tuple[float, float]:
         ops.clear()
         for name in names:
             ops.quantize(params[name])
         return _cos(model(ids), ref)
 
+    def passes(c: tuple[float, float]) -> bool:
+        return c[0] >= min_cos and c[1] >= min_worst
+
     attn = [f"blocks.{i}.attn.{w}.weight" for i in range(n) for w in ("qkv", "o")]
     proj = [name for name in linear_weight_names(model) if name.startswith("projector.")]
     base: list[str] = []
     best = score(base)
-    if best < min_cos:
-        log.warning("fastenc: bf16 alone reaches cos-sim %.5f to fp32 on the calibration batch (< %.4f); "
-                    "no weight goes int8 (backend='torch' computes in fp32)", best, min_cos)
+    if not passes(best):
+        log.warning("fastenc: bf16 alone reaches cos-sim %.5f (worst token %.5f) to fp32 on the calibration "
+                    "batch (< %.4f / %.4f); no weight goes int8 (backend='torch' computes in fp32)",
+                    best[0], best[1], min_cos, min_worst)
     for cand in (attn + proj, proj):
-        if cand and (c := score(cand)) >= min_cos:
+        if cand and passes(c := score(cand)):
             base, best = cand, c
             break
     if base == attn + proj:
@@ -326,7 +369,7 @@ def plan_int8(
                 mid = (lo + hi) // 2
                 cand = base + [f"blocks.{i}.ffn.{kind}.weight" for i in range(mid, n)]
                 c = score(cand)
-                if c >= min_cos:
+                if passes(c):
                     hi, best_mid = mid, c
                 else:
                     lo = mid + 1
@@ -335,7 +378,32 @@ def plan_int8(
             base = base + [f"blocks.{i}.ffn.{kind}.weight" for i in range(hi, n)]
             best = best_mid
     ops.clear()
-    return Int8Plan(tuple(base), round(best, 6), min_cos, int(ids.shape[1]))
+    return Int8Plan(tuple(base), round(best[0], 6), min_cos, int(ids.shape[1]), worst=round(best[1], 6))
+
+
+def choose_attention(cfg, seq_len: int = 512, *, reps: int = 3) -> str:
+    """Time the two attention kernels of :class:`CpuOps` in bf16 on ``[1, H, seq_len, d_kv]`` and return
+    the faster (``"matmul"`` or ``"sdpa"``); ``reps`` timed calls each after one warm-up, minimum kept."""
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, cfg.num_heads, seq_len, cfg.d_kv)
+    q, k, v = (torch.randn(shape, generator=gen).to(torch.bfloat16) for _ in range(3))  # [1, H, L, dk]
+    table = torch.randn(cfg.num_buckets, cfg.num_heads, generator=gen)
+    bias = TORCH_OPS.position_bias(table, seq_len, None, cfg.num_buckets, cfg.max_distance, torch.bfloat16)
+    best = {kind: float("inf") for kind in ATTENTION_KINDS}
+    with torch.inference_mode():
+        for rep in range(reps + 1):  # the kernels alternate, so a change in load hits both
+            for kind in ATTENTION_KINDS:
+                ops = CpuOps(kind)
+                t0 = time.perf_counter()
+                ops.attention(q, k, v, bias)
+                if rep:  # the first call of each is the warm-up
+                    best[kind] = min(best[kind], time.perf_counter() - t0)
+    choice = min(best, key=best.get)
+    log.info("fastenc: cpu backend attention at L=%d: %s (%s)", seq_len, choice,
+             ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in best.items()))
+    return choice
 
 
 def plan_cache_dir() -> Path:
@@ -347,7 +415,7 @@ def plan_cache_dir() -> Path:
 
 
 def _plan_key(source: str, cfg, min_cos: float, calib_len: int) -> str:
-    text = f"{PLAN_VERSION}|{source}|{cfg}|{min_cos}|{calib_len}|{torch.__version__}"
+    text = f"{PLAN_VERSION}|{source}|{cfg}|{min_cos}|{DEFAULT_MIN_WORST}|{calib_len}|{torch.__version__}|{cpu_model()}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -388,6 +456,7 @@ def prepare(
     calib_len: int = CALIB_LEN,
     source: str | None = None,
     tune_malloc: bool = True,
+    attention: str = "auto",
 ) -> T5Encoder:
     """Turn ``model`` (any float dtype, on the CPU) into the CPU fast path, in place.
 
@@ -395,11 +464,16 @@ def prepare(
     given), ``"none"`` (bf16 only), ``"all"`` (every linear weight), or explicit parameter names
     / an :class:`Int8Plan`. The plan is kept as ``model.int8_plan``. ``tune_malloc`` calls
     :func:`keep_temporaries_on_heap` (process-wide; pass False to leave glibc's malloc alone).
+    ``attention``: ``"auto"`` (the plan's choice, else timed once by :func:`choose_attention` and
+    kept in the plan), ``"matmul"`` or ``"sdpa"``. The first call with a new ``source`` pays the
+    planning (about ten calibration forwards) and the attention timing; later ones read the plan.
     """
     if model.embed.weight.device.type != "cpu":
         raise ConfigError(f"the cpu backend runs on the CPU; the model is on {model.embed.weight.device}")
     if isinstance(int8, str) and int8 not in INT8_MODES:
         raise ConfigError(f"int8 must be one of {', '.join(INT8_MODES)} or a list of weight names, got {int8!r}")
+    if attention != "auto" and attention not in ATTENTION_KINDS:
+        raise ConfigError(f"attention must be auto, {' or '.join(ATTENTION_KINDS)}, got {attention!r}")
     model.eval()
     if tune_malloc:
         keep_temporaries_on_heap()
@@ -413,13 +487,17 @@ def prepare(
         model.ops = TORCH_OPS
         with torch.inference_mode():
             if model.compute_dtype == torch.float32:
-                ref = model(ids)  # [1, L, P]
+                ref = model(ids)  # [rows, L, P]
             else:  # a half-precision model: reference in fp32 on upcast copies of its weights
                 import copy
 
                 ref = copy.deepcopy(model).float()(ids)
     model.cast(torch.bfloat16)
-    ops = CpuOps()
+    cached = plan
+    kind = attention if attention != "auto" else (plan.attention if plan is not None else None)
+    if kind is None:
+        kind = choose_attention(model.config)
+    ops = CpuOps(kind)
     model.ops = ops
     if plan is None:
         if int8 == "none":
@@ -430,13 +508,16 @@ def prepare(
             log.info("fastenc: planning int8 weights for the cpu backend (%d calibration tokens%s)", calib_len,
                      "; cached after" if key else "")
             plan = plan_int8(model, ref, ids, min_cos=min_cos)
-            _write_plan(key, plan)
         else:
             plan = Int8Plan(tuple(int8))
     params = dict(model.named_parameters())
     unknown = [name for name in plan.weights if name not in params]
     if unknown:
         raise ConfigError(f"int8 plan names unknown weights: {', '.join(unknown[:3])}")
+    if plan.attention != kind:
+        plan = replace(plan, attention=kind)
+    if key is not None and (cached is None or (attention == "auto" and cached.attention is None)):
+        _write_plan(key, plan)
     ops.clear()
     for name in plan.weights:
         ops.quantize(params[name])

@@ -1,0 +1,181 @@
+"""The cpu backend (bf16 + planned int8 W8A8): accuracy beyond its calibration data, fused-op parity,
+plan caching.
+
+These check numbers, not speed, so they run on any x86 CPU: without AVX512-BF16 torch emulates the
+bf16 kernels (slower, same results), which the tiny shapes here keep cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import common
+from fastenc.backends import cpu as fcpu
+from fastenc.errors import ConfigError
+from fastenc.ops import TORCH_OPS
+
+from reference import TINY
+
+#: Deep enough (6 layers) for quantisation error to build up, small enough for the suite.
+OUTLIER_CFG = TINY.replace(d_model=128, d_ff=352, num_layers=6, num_heads=4, d_kv=32, vocab_size=1024,
+                           num_buckets=32, max_distance=128, projection_dim=512, name="outlier")
+OUTLIER_CHANNELS = (3, 77, 101)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTENC_CACHE_DIR", str(tmp_path / "fastenc-cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread avoids waiting on a descheduled OpenMP peer
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def outlier_model(scale: float = 20.0, damp: float = 2.0) -> torch.nn.Module:
+    """T5-initialised weights with a few residual channels ``scale`` times larger, as in trained T5 v1.1:
+    the embeddings and every FFN output projection write those channels large, and the RMSNorm
+    weights damp them by ``damp`` only, so the normalised activations entering every GEMM keep a few
+    channels ~``scale / damp`` times the rest (per-token int8 then loses the small channels)."""
+    model = common.build_model(OUTLIER_CFG, seed=7)
+    ch = list(OUTLIER_CHANNELS)
+    model.embed.weight[:, ch] *= scale
+    for block in model.blocks:
+        block.ffn.wo.weight[ch, :] *= scale
+        block.attn_norm.weight[ch] /= damp
+        block.ffn_norm.weight[ch] /= damp
+    model.final_norm.weight[ch] /= damp
+    return model
+
+
+def cos_to(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(out.float(), ref.float(), dim=-1)  # [B, L]
+
+
+def test_outlier_weights_really_have_outlier_activations():
+    model = outlier_model()
+    ids = common.sample_ids(OUTLIER_CFG, 1, 32, seed=1)
+    with torch.inference_mode():
+        x = model.embed(ids)  # [1, L, D]
+        normed = TORCH_OPS.rms_norm(x, model.blocks[0].attn_norm.weight, 1e-6)
+    share = normed[..., list(OUTLIER_CHANNELS)].pow(2).sum(-1) / normed.pow(2).sum(-1)  # [1, L]
+    assert float(share.median()) > 0.5  # 3 of 128 channels hold most of a typical token's energy
+
+
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_plan_keeps_accuracy_on_outlier_weights_beyond_calibration(attention):
+    model = outlier_model()
+    fast = fcpu.prepare(copy.deepcopy(model), source="test:outlier", attention=attention)
+    assert fast.int8_plan.calib_len == fcpu.CALIB_LEN
+    # ids, lengths and a padding mask the plan never saw (calibration: one row of 128 ids, seed 0)
+    cases = [(common.sample_ids(OUTLIER_CFG, 1, 40, seed=11), None),
+             (common.sample_ids(OUTLIER_CFG, 2, 200, seed=12), None)]
+    ids = common.sample_ids(OUTLIER_CFG, 2, 77, seed=13)
+    mask = torch.ones_like(ids)
+    mask[1, 50:] = 0
+    cases.append((ids, mask))
+    for ids, mask in cases:
+        with torch.inference_mode():
+            ref, out = model(ids, mask), fast(ids, mask)
+        cos = cos_to(out, ref)
+        if mask is not None:
+            cos = cos[mask.bool()]  # padding positions are not embeddings anyone uses
+        assert float(cos.mean()) >= 0.9995, (tuple(ids.shape), float(cos.mean()), fast.int8_plan)
+        assert float(cos.min()) >= 0.998, (tuple(ids.shape), float(cos.min()), fast.int8_plan)
+    assert fast.ops.num_int8 > 0  # the plan still runs some GEMMs in int8
+    assert fast.int8_plan.cos >= fcpu.DEFAULT_MIN_COS and fast.int8_plan.worst >= fcpu.DEFAULT_MIN_WORST
+
+
+def test_outliers_are_what_the_plan_protects_against():
+    """Quantising every GEMM of the outlier model breaks its worst tokens, so the plan's choices matter."""
+    model = outlier_model()
+    ids = common.sample_ids(OUTLIER_CFG, 2, 200, seed=21)
+    everything = fcpu.prepare(copy.deepcopy(model), int8="all", attention="matmul")
+    planned = fcpu.prepare(copy.deepcopy(model), attention="matmul")
+    with torch.inference_mode():
+        ref, everything, planned = model(ids), everything(ids), planned(ids)
+    worst_all, worst_planned = float(cos_to(everything, ref).min()), float(cos_to(planned, ref).min())
+    assert worst_all < 0.999 and worst_all < worst_planned
+
+
+# ----------------------------------------------------------------------------- fused attention
+
+
+@pytest.mark.parametrize("B,H,L,dk", [(1, 3, 17, 8), (2, 4, 64, 32), (1, 2, 129, 64)])
+def test_sdpa_attention_matches_reference(B, H, L, dk):
+    gen = torch.Generator().manual_seed(L)
+    q, k, v = (torch.randn(B, H, L, dk, generator=gen) * 0.5 for _ in range(3))  # [B, H, L, dk]
+    mask = torch.ones(B, L)
+    mask[-1, L // 2:] = 0
+    bias32 = TORCH_OPS.position_bias(torch.randn(32, H, generator=gen), L, mask, 32, 128, torch.float32)
+    ref = TORCH_OPS.attention(q, k, v, bias32)  # fp32 reference
+    bias16 = TORCH_OPS.position_bias(torch.randn(32, H, generator=gen), L, mask, 32, 128, torch.bfloat16)
+    bf = [t.bfloat16() for t in (q, k, v)]
+    sdpa = fcpu.CpuOps("sdpa").attention(*bf, bias16)
+    matmul = fcpu.CpuOps("matmul").attention(*bf, bias16)
+    assert sdpa.dtype == torch.bfloat16 and sdpa.shape == (B, H, L, dk)
+    ref16 = TORCH_OPS.attention(*(t.float() for t in bf), bias16.float())
+    torch.testing.assert_close(sdpa.float(), ref16, atol=2e-2, rtol=2e-2)
+    # the fused kernel is at least as close to fp32 as the bf16 matmul path
+    err = lambda out: float((out.float() - ref16).norm() / ref16.norm())  # noqa: E731
+    assert err(sdpa) <= err(matmul) * 1.5 + 1e-3
+    torch.testing.assert_close(TORCH_OPS.attention(q, k, v, bias32), ref)
+
+
+def test_sdpa_takes_the_fused_cpu_kernel():
+    q, k, v = (torch.randn(1, 2, 48, 16).bfloat16() for _ in range(3))
+    bias = TORCH_OPS.position_bias(torch.randn(32, 2), 48, None, 32, 128, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fcpu.CpuOps("sdpa").attention(q, k, v, bias)
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names, sorted(names)
+    assert "aten::bmm" not in names and "aten::_softmax" not in names
+
+
+def test_matmul_attention_equals_reference_in_bf16():
+    q, k, v = (torch.randn(2, 3, 17, 8).bfloat16() for _ in range(3))  # [B, H, L, dk]
+    bias = TORCH_OPS.position_bias(torch.randn(8, 3), 17, torch.ones(2, 17), 8, 20, torch.bfloat16)
+    assert torch.equal(fcpu.CpuOps("matmul").attention(q, k, v, bias), TORCH_OPS.attention(q, k, v, bias))
+
+
+def test_choose_attention_returns_a_kind_and_bad_kinds_fail():
+    assert fcpu.choose_attention(TINY, 32, reps=1) in fcpu.ATTENTION_KINDS
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        fcpu.CpuOps("flash")
+    with pytest.raises(ConfigError, match="attention must be auto"):
+        fcpu.prepare(common.build_model(TINY), attention="flash")
+
+
+# ----------------------------------------------------------------------------- plan cache
+
+
+def test_plan_and_attention_choice_are_cached_and_reused(tmp_path, monkeypatch):
+    model = common.build_model(TINY)
+    a = fcpu.prepare(copy.deepcopy(model), source="test:tiny")
+    files = list((tmp_path / "fastenc-cache" / "cpu-plans").glob("*.json"))
+    assert len(files) == 1
+    assert a.int8_plan.attention in fcpu.ATTENTION_KINDS and a.ops.attention_kind == a.int8_plan.attention
+    text = files[0].read_text()
+    other = "sdpa" if a.int8_plan.attention == "matmul" else "matmul"
+    files[0].write_text(text.replace(str(a.int8_plan.cos), "0.123").replace(f'"{a.int8_plan.attention}"',
+                                                                             f'"{other}"'))
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a cached plan must not be searched or timed again")
+
+    monkeypatch.setattr(fcpu, "plan_int8", no_search)
+    monkeypatch.setattr(fcpu, "choose_attention", no_search)
+    b = fcpu.prepare(copy.deepcopy(model), source="test:tiny")  # the file's values, no planning cost
+    assert b.int8_plan.weights == a.int8_plan.weights and b.int8_plan.cos == 0.123
+    assert b.ops.attention_kind == other
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTENC_CACHE_DIR", str(tmp_path / "fastenc-cache"))
+    for broken in ("not json", fcpu.Int8Plan(("blocks.9.attn.qkv.weight",)).to_json(),
+                   text.replace(f'"{a.int8_plan.attention}"', '"flash"')):
+        files[0].write_text(broken)  # unreadable, naming weights the model lacks, unknown kernel: planned again
+        c = fcpu.prepare(copy.deepcopy(model), source="test:tiny")
+        assert c.int8_plan.weights == a.int8_plan.weights and c.int8_plan.attention in fcpu.ATTENTION_KINDS
