@@ -176,7 +176,10 @@ def time_events(fn: Callable[[], object], warmup: int, reps: int) -> tuple[float
 
 def measure(candidate: str, fn: Callable[[], object], model_name: str, params: int, batch: int, seq: int,
             args, note: str = "") -> list[Row]:
+    """Latency (CUDA events) and peak memory from a reset before the warm-up (so a first call's CUDA-graph
+    capture counts; cached blocks are released first, allocator pools of captured graphs are not)."""
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     p20, p50, p80 = time_events(fn, args.warmup, args.reps)
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -207,16 +210,18 @@ def run_student(args, say) -> list[Row]:
         for B, L in args.shapes:
             ids = sample_ids(cfg.vocab_size, B, L, dev)
             with torch.inference_mode():
-                rows += measure("fastenc-graphs", lambda: enc.graphs(ids), args.size, params, B, L, args,
-                                note="CUDA-graph replay alone (no input/output checks)")
+                model(ids)  # autotune this shape's kernels first: triton's benchmarking buffers stay out of the peak
                 rows += measure("fastenc", lambda: enc(ids), args.size, params, B, L, args,
-                                note="triton kernels + CUDA graphs")
+                                note="triton kernels + CUDA graphs (peak includes the graph capture)")
+                rows += measure("fastenc-graphs", lambda: enc.graphs(ids), args.size, params, B, L, args,
+                                note="CUDA-graph replay alone, no input/output checks (steady-state peak)")
                 model.ops = TORCH_OPS
                 ref = model(ids)
                 model.ops = op_table("triton", dev)
                 cos = float(torch.nn.functional.cosine_similarity(enc(ids).float(), ref.float(), dim=-1).min())
             rows.append(Row("fastenc", args.size, params, "bf16", B, L, "cos_vs_torch", "min", cos, cos, cos, 1))
-            say(f"fastenc {B}x{L}: {rows[-3].p50:.3f} ms, peak {rows[-2].p50:.3f} GB, min cos {cos:.5f}")
+            say(f"fastenc {B}x{L}: {rows[-5].p50:.3f} ms ({rows[-3].p50:.3f} ms replay alone), "
+                f"peak {rows[-4].p50:.3f} GB, min cos {cos:.5f}")
         del enc
     del model
     torch.cuda.empty_cache()
