@@ -226,6 +226,10 @@ class Encoder(FollowsWeights, nn.Module):
         if self.tokenizer is None:
             raise ConfigError("this encoder has no tokenizer: pass tokenizer=FOLDER_OR_HUB_ID to fastenc.load "
                               "(e.g. a folder with tokenizer.json, or Flux's tokenizer_2 folder)")
+        size = getattr(self.tokenizer, "vocab_size", None)
+        if isinstance(size, int) and size > self.config.vocab_size:
+            raise ConfigError(f"the tokenizer has {size} token ids but the model's embedding table has "
+                              f"{self.config.vocab_size} rows: it is not this model's tokenizer")
 
     def _warn_truncated(self, truncated: int, total: int, max_length: int) -> None:
         if truncated and _is_fastenc_tokenizer(self.tokenizer):

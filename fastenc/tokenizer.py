@@ -10,7 +10,6 @@ including ``</s>`` and 0 for padding.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import shutil
@@ -23,7 +22,7 @@ import torch
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import processors
 
-from .config import max_length_for
+from .config import max_length_for, read_json_object
 from .errors import ConfigError, InputError
 from .fileio import atomic_write
 
@@ -62,7 +61,12 @@ def _special_token(config: dict[str, Any], name: str, default: str) -> str:
     value = config.get(name, default)
     if isinstance(value, dict):  # AddedToken serialisation: {"content": "<pad>", ...}
         value = value.get("content", default)
-    return str(value) if value else default
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        logger.warning("ignoring tokenizer_config.json %s=%r (not a string); using %r", name, value, default)
+        return default
+    return value
 
 
 class Tokenizer:
@@ -102,9 +106,9 @@ class Tokenizer:
         cfg_path = path.parent / "tokenizer_config.json"
         if cfg_path.is_file():
             try:
-                config = json.loads(cfg_path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                logger.warning("ignoring unreadable %s (%s)", cfg_path, exc)
+                config = read_json_object(cfg_path)
+            except ConfigError as exc:  # special tokens then default to T5's <pad> and </s>
+                logger.warning("ignoring unreadable tokenizer config (%s)", exc)
         pad, eos = _special_token(config, "pad_token", "<pad>"), _special_token(config, "eos_token", "</s>")
         return cls(tok, pad_token=pad, eos_token=eos)
 
@@ -271,8 +275,8 @@ class Tokenizer:
 def _model_type(path: Path) -> str:
     """The ``model.type`` of a tokenizer.json ("Unigram" for T5), or "unreadable"."""
     try:
-        model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
-    except (OSError, ValueError):
+        model = read_json_object(path, max_bytes=1 << 30).get("model", {})
+    except ConfigError:
         return "unreadable"
     return str(model.get("type", "unknown")) if isinstance(model, dict) else "unknown"
 

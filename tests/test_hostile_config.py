@@ -367,3 +367,46 @@ def test_config_dict_api_validates_too():
         MICRO.replace(eps=float("nan"))
     with pytest.raises(ConfigError, match=r"^EncoderConfig.gated must be a bool, got 1$"):
         MICRO.replace(gated=1)
+
+
+# ---------------------------------------------------------------------------- tokenizer files, load arguments
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe", b"[1, 2]", b'{"pad_token": 5, "eos_token": {"content": []}}'])
+def test_bad_tokenizer_config_falls_back_to_t5_specials(tmp_path, content, caplog):
+    from fastenc.tokenizer import Tokenizer
+    from helpers import make_t5_tokenizer_json
+
+    make_t5_tokenizer_json(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_bytes(content)
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+    assert "ignoring unreadable tokenizer config" in caplog.text or "(not a string); using '<pad>'" in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"[]", b"\xff", b'{"model": 3}'])
+def test_unusable_tokenizer_json_is_skipped_with_a_clear_error(tmp_path, content):
+    from fastenc.tokenizer import Tokenizer
+
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"no T5 tokenizer.json or spiece.model found in {tmp_path}.*; skipped "
+                                          rf"{tmp_path / 'tokenizer.json'} \((unreadable|unknown) model"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoint": 5}, "checkpoint must be a path or hub id (str), got int"),
+    ({"checkpoint": ""}, "checkpoint '' is not a path or hub id"),
+    ({"random_init": 1, "size": "small"}, "random_init must be True or False, got 1"),
+    ({"random_init": True, "size": "small", "seed": -1}, "seed must be a non-negative integer, got -1"),
+    ({"random_init": True, "size": 3}, "size must be a string, got int"),
+    ({"random_init": True, "device": "nonsense"}, "unknown device 'nonsense'; use 'cpu', 'cuda' or 'cuda:N'"),
+    ({"random_init": True, "backend": None}, "backend must be a string, got NoneType"),
+    ({"random_init": True, "cache": "yes"}, "cache must be True, False or an EmbeddingCache, got str"),
+    ({"checkpoint": "x", "subfolder": "../up"}, "subfolder '../up' must be a relative folder inside the checkpoint"),
+    ({"checkpoint": "x", "subfolder": "/abs"}, "subfolder '/abs' must be a relative folder inside the checkpoint"),
+])
+def test_load_arguments_are_checked_first(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        fastenc.load(**kwargs)
+    assert str(info.value) == message

@@ -183,6 +183,24 @@ def test_bad_ids_and_masks_onnxruntime(ort_enc, ids, mask, message):
     assert str(info.value) == message
 
 
+def test_graph_backends_micro_batch_within_their_profile(ort_enc):
+    assert ort_enc.micro_batch(16) == 2  # the export's max_batch, whatever the memory budget allows
+    with pytest.raises(InputError, match=r"batch=3"):  # forward itself stays exact: the profile decides
+        ort_enc(torch.ones(3, 4, dtype=torch.long))
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    directory = write_checkpoint(tmp_path / "v200", MICRO.replace(vocab_size=200))
+    make_t5_tokenizer_json(directory)
+    enc = fastenc.load(directory, backend="torch", cache=False)
+    size = enc.tokenizer.vocab_size
+    assert size > 200
+    with pytest.raises(ConfigError) as info:
+        enc.encode("a cat")
+    assert str(info.value) == (f"the tokenizer has {size} token ids but the model's embedding table has 200 rows: "
+                               "it is not this model's tokenizer")
+
+
 def test_onnxruntime_still_runs_good_ids(ort_enc, ck):
     ids = torch.tensor([[5, 6, 1], [V - 1, 1, 0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
