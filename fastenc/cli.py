@@ -395,6 +395,19 @@ def _command_of(argv: list[str]) -> str | None:
     return None
 
 
+_KWARG = re.compile(r"\b(backend|device|dtype|tokenizer|size|random_init)="
+                    r"(?:'([^']*)'|\"([^\"]*)\"|([\w.:/-]+))")
+
+
+def cli_words(message: str) -> str:
+    """Python-API wording in a library message, in flags: ``device='cpu'`` -> ``--device cpu``."""
+    def flag(m: re.Match) -> str:
+        name, value = m[1], next(v for v in m.groups()[1:] if v is not None)
+        return "--random-init" if name == "random_init" else f"--{name} {value}"
+
+    return _KWARG.sub(flag, message.replace(" to fastenc.load", ""))
+
+
 def _one_line(text: str) -> str:
     line = " ".join(str(text).split())
     return line.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates cannot crash the report
@@ -408,6 +421,10 @@ def _os_error(exc: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # undecodable argv bytes (lone surrogates) echoed in a path must not crash the output
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
@@ -422,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output(flag, getattr(args, attr), folder=folder)
         return int(args.func(args) or 0)
     except FastencError as exc:
-        sys.stderr.write(_one_line(f"{prog}: error: {exc}") + "\n")
+        sys.stderr.write(_one_line(f"{prog}: error: {cli_words(str(exc))}") + "\n")
         return 2
     except OSError as exc:
         sys.stderr.write(_one_line(f"{prog}: error: {_os_error(exc)}") + "\n")

@@ -308,3 +308,15 @@ def test_bench_cache_is_where_cache_info_looks(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTENC_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTENC_BENCH_CACHE", raising=False)
     assert cache_root() == {c.name: c.path for c in caches.cache_dirs()}["bench"] == tmp_path / "bench"
+
+
+def test_library_messages_are_worded_as_flags():
+    from fastenc.cli import cli_words
+
+    assert cli_words("backend 'cpu' computes in bf16, not float16; pass dtype='bf16' or leave it out, or use "
+                     "backend='torch'") == ("backend 'cpu' computes in bf16, not float16; pass --dtype bf16 or leave "
+                                            "it out, or use --backend torch")
+    assert cli_words("no tokenizer: pass tokenizer=FOLDER_OR_HUB_ID to fastenc.load") == \
+        "no tokenizer: pass --tokenizer FOLDER_OR_HUB_ID"
+    assert cli_words("pass a checkpoint or random_init=True with size=...") == \
+        "pass a checkpoint or --random-init with --size ..."
