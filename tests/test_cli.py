@@ -245,6 +245,9 @@ def test_cache_info_and_clear_delete_only_fastencs_files(capsys, monkeypatch, tm
     monkeypatch.delenv("FASTENC_BENCH_CACHE", raising=False)
     dirs = {c.name: c.path for c in caches.cache_dirs()}
     assert dirs["cpu-plans"] == plan_cache_dir()  # the cpu backend writes where `cache` looks
+    from fastenc.cache import default_disk_dir
+
+    assert dirs["embeddings"] == default_disk_dir()  # so does the embedding cache's disk store
     plan = dirs["cpu-plans"] / ("0123456789abcdef01234567.json")
     plan.parent.mkdir(parents=True)
     plan.write_text(json.dumps({"weights": []}))
