@@ -207,6 +207,28 @@ def test_graph_runner_drops_graphs_when_the_weights_change():
     assert runner.check_weights() is False
 
 
+def test_moves_wait_for_replays_and_drop_graphs_without_deadlock():
+    """A move holds the runner's lock (replays in flight come first) and resets it inside: re-entrant."""
+    model = T5Encoder(TINY).eval()
+    runner = graphs.CudaGraphRunner(model)
+    enc = fastenc.Encoder(model, backend="torch", graphs=runner)
+    assert enc.graphs is runner
+    runner.check_weights()
+    runner._graphs[(1, 32)] = object()
+    done = threading.Event()
+
+    def move():
+        enc.to(torch.bfloat16)
+        enc.to("meta")  # another device: graphs and pool dropped at once
+        done.set()
+
+    t = threading.Thread(target=move)
+    t.start()
+    t.join(timeout=30)
+    assert done.is_set(), "moving the encoder deadlocked on the graph runner's lock"
+    assert not runner._graphs and runner._captured_for is None and enc.backend == "torch"
+
+
 def test_encoder_owns_no_graphs_off_cuda(checkpoint):
     enc = fastenc.load(checkpoint, backend="torch", cache=False)
     assert enc.graphs is None and "graphs" not in dict(enc.named_children())

@@ -21,6 +21,7 @@ Precision rules (an encoder's ``dtype`` is always what it computes in):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -95,7 +96,7 @@ class FollowsWeights:
     def _apply(self, fn, recurse: bool = True):
         if self._is_graph_backend:
             return super()._apply(fn, recurse)
-        with self._lock:
+        with self._moving():
             before_backend, (before_device, before_dtype) = self.backend, self._placement()
             out = super()._apply(fn, recurse)
             device, dtype = self._placement()
@@ -136,9 +137,17 @@ class FollowsWeights:
         if self.backend == "cpu":
             self._log_kept_fast_path(dtype)
             return self
-        with self._lock:
+        with self._moving():
             self.model.cast(dtype)
         return self
+
+    @contextlib.contextmanager
+    def _moving(self):
+        """The encoder's lock, and the graph runner's with replays in flight ordered before the move
+        (so a move frees nothing a replay still reads)."""
+        runner = self._graph_runner
+        with self._lock, (runner.quiesced() if runner is not None else contextlib.nullcontext()):
+            yield
 
     def half(self):
         return self.to(torch.float16)

@@ -20,11 +20,12 @@ device, and a stream that replays next first waits for the previous replay's out
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -118,7 +119,7 @@ class CudaGraphRunner(nn.Module):
         self.warmup = warmup
         self._graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
         self._pool = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by quiesced() -> reset()
         self._slots: list[tuple[nn.Module, str]] | None = None  # (module, parameter name) of every parameter
         self._captured_for: tuple | None = None  # parameter signature the live graphs were captured against
         self._done = None  # CUDA event recorded after the last replay's output copy
@@ -223,6 +224,18 @@ class CudaGraphRunner(nn.Module):
         self.stats.live = list(self._graphs)
         log.info("fastenc: captured CUDA graph for batch %d, seq %d (%d live)", batch, seq, len(self._graphs))
         return entry
+
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Hold the replay lock, with the current stream of the weights' device ordered after the last
+        replay: a move of the weights inside frees nothing a replay in flight still reads."""
+        with self._lock:
+            done = self._done
+            if done is not None:
+                device = self.device()
+                if device.type == "cuda":
+                    torch.cuda.current_stream(device).wait_event(done)
+            yield
 
     def reset(self) -> None:
         """Drop every captured graph and the memory pool (e.g. after loading new weights)."""
