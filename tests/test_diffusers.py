@@ -460,3 +460,7 @@ def test_pinned_encoder_stays_put_across_pipeline_moves(dirs, fast_path_encoder,
     loaded = T5Replacement.from_pretrained(dirs["encoder"], keep_on="cpu", backend="torch")
     loaded.to("meta")  # a pinned adapter reports the pipeline's device; its encoder does not move
     assert loaded.device.type == "meta" and loaded.encoder.device.type == "cpu"
+    loaded.pin(None)
+    loaded.to("meta")  # where accelerate's sequential offload leaves weights: one clear error, not a meta copy
+    with pytest.raises(ConfigError, match="enable_model_cpu_offload"):
+        loaded(torch.tensor([[5, 9, 1]]))

@@ -140,6 +140,11 @@ class T5Replacement(PreTrainedModel):
         unknown = sorted(k for k, v in kwargs.items() if v is not None)
         if unknown:
             raise InputError(f"T5Replacement.forward got unsupported arguments: {', '.join(unknown)}")
+        if self.encoder.device.type == "meta":
+            raise ConfigError("the fastenc encoder's weights are on the meta device (accelerate's sequential CPU "
+                              "offload does that: fastenc's ops read weights directly, so its per-layer hooks "
+                              "never load them); use pipe.enable_model_cpu_offload() or use_in_pipeline(..., "
+                              "pin_device='cpu') instead")
         embeds = self.encoder(input_ids, attention_mask)  # [B, L, P] on the encoder's device
         embeds = embeds.to(device=input_ids.device, dtype=self.dtype)  # back where the ids came from
         if return_dict is False:
