@@ -69,7 +69,7 @@ CSV_COLUMNS = [
     "timestamp", "encoder", "label", "model", "target", "seq", "instances", "max_queue_delay_us",
     "preferred_batch_sizes", "max_batch_size", "threads", "concurrency", "seconds", "requests", "prompts_per_s",
     "p50_ms", "p95_ms", "p99_ms", "failed", "encoder_executions", "encoder_inferences", "mean_batch",
-    "batch_sizes", "machine", "git_commit", "command",
+    "batch_sizes", "loadavg_1min", "machine", "git_commit", "command",
 ]
 
 
@@ -485,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("serving %s: %d instance(s), queue delay %d us", encoder, instances, delay)
                     with served(repo, work / "server") as server:
                         for c in args.concurrency:
+                            load = os.getloadavg()[0]  # the machine may be shared: say how busy it was
                             level = run_level(server, "fastenc", "fastenc_encoder", c, args.seconds, input_data, work)
                             row = {
                                 "timestamp": stamp, "encoder": encoder, "label": ENCODER_LABELS[encoder],
@@ -499,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "encoder_inferences": level.encoder["inferences"],
                                 "mean_batch": f"{level.mean_batch:.2f}",
                                 "batch_sizes": " ".join(f"{b}x{n}" for b, n in level.encoder["batches"].items()),
-                                "machine": machine, "git_commit": commit, "command": command,
+                                "loadavg_1min": f"{load:.2f}", "machine": machine, "git_commit": commit,
+                                "command": command,
                             }
                             rows.append(row)
                             log.info("c=%d: %s prompts/s, p50 %s ms, p99 %s ms, mean batch %s, failed %d", c,

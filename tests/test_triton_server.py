@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import fastenc
-from fastenc.errors import ConfigError
+from fastenc.errors import CheckpointError, ConfigError
 from fastenc.exporters import ExportRequest, export
 from fastenc.exporters.triton_repo import TritonRepoRequest, add_triton_command, encoder_config, write_triton_repo
 from helpers import make_t5_tokenizer_json
@@ -272,3 +272,50 @@ def test_server_rejects_a_batch_over_max_batch_size(server, tmp_path):
     run = infer(server, "fastenc", ["a cat"] * 5, tmp_path / "out.npz")  # max_batch_size 4
     assert run.returncode == 1 and not (tmp_path / "out.npz").exists()
     assert run.stderr.startswith("client.py: error:") and "batch" in run.stderr, run.stderr
+
+
+# ---------------------------------------------------------------------------- staging, fastenc-cpu configs
+
+
+def test_failed_run_leaves_no_partial_repository(exported, tmp_path):
+    """A tokenizer that cannot be read fails the run after staging began: no new folder, no staging left
+    over, an existing repository untouched."""
+    from fastenc.errors import FastencError
+
+    bad = tmp_path / "not-a-tokenizer"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(FastencError, match="tokenizer"):
+        write_triton_repo(TritonRepoRequest(exported["export"], tmp_path / "new" / "repo", tokenizer=str(bad)))
+    assert list((tmp_path / "new").iterdir()) == []  # no repo, no .repo.staging-*
+
+    existing = tmp_path / "existing"
+    write_triton_repo(TritonRepoRequest(exported["export"], existing, name="other"))
+    before = sorted(p.relative_to(existing) for p in existing.rglob("*"))
+    with pytest.raises(FastencError, match="tokenizer"):
+        write_triton_repo(TritonRepoRequest(exported["export"], existing, tokenizer=str(bad)))
+    assert sorted(p.relative_to(existing) for p in existing.rglob("*")) == before
+
+
+def test_fastenc_cpu_and_batching_configs_parse(triton_venv, exported, tmp_path):
+    repo = write_triton_repo(TritonRepoRequest(exported["export"], tmp_path / "r", encoder_backend="fastenc-cpu",
+                                               instance_count=2, preferred_batch_sizes=(2, 4), max_queue_delay_us=2000,
+                                               threads=1))
+    assert repo.encoder_platform == "python"
+    ckpt = repo.encoder / "1" / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors"]
+    assert (repo.encoder / "1" / "model.py").read_text().startswith('"""Triton python-backend model: fastenc\'s own')
+    parsed = parse_configs([repo.encoder / "config.pbtxt"])[str(repo.encoder / "config.pbtxt")]
+    assert "error" not in parsed, parsed
+    assert parsed["parameters"] == {"checkpoint": "checkpoint", "backend": "cpu", "threads": "1"}
+    assert parsed["outputs"]["text_embeddings"] == ["TYPE_FP32", [-1, TINY.projection_dim]]
+    text = (repo.encoder / "config.pbtxt").read_text()
+    assert "preferred_batch_size: [ 2, 4 ]" in text and "count: 2" in text and "KIND_CPU" in text
+    with pytest.raises(ConfigError, match="--preferred-batch-sizes"):
+        write_triton_repo(TritonRepoRequest(exported["export"], tmp_path / "r2", preferred_batch_sizes=(8,)))
+    with pytest.raises(ConfigError, match="--instance-count"):
+        write_triton_repo(TritonRepoRequest(exported["export"], tmp_path / "r2", instance_count=0))
+    with pytest.raises(CheckpointError, match="--checkpoint"):
+        write_triton_repo(TritonRepoRequest(exported["export"], tmp_path / "r2", encoder_backend="fastenc-cpu",
+                                            checkpoint=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "r2").exists()
