@@ -25,6 +25,7 @@ BACKENDS = ("auto", "torch", "cpu", "triton", "onnxruntime", "tensorrt", "aoti")
 DTYPES = ("fp32", "bf16", "fp16")
 DEVICE_METAVAR = "{cpu,cuda,cuda:N}"
 _DEVICE = re.compile(r"cpu|cuda(:\d{1,2})?")
+_HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # owner/name, as fastenc.weights.resolve_checkpoint reads it
 
 #: name -> (one-line help, "module:function" that adds the full subparser)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -147,17 +148,34 @@ def check_prompts(prompts: list[str], what: str = "prompt") -> None:
                              "prompts as UTF-8 (check the terminal's locale, e.g. LANG=C.UTF-8)") from None
 
 
-def load_from_args(args, **extra):
-    """fastenc.load from the model flags; errors speak in flags."""
-    from . import load
-
+def checkpoint_from_args(args) -> str | None:
+    """The checkpoint the model flags name, hub ids fetched (or refused offline) before torch is imported."""
     if args.checkpoint is not None and args.random_init:
         raise ConfigError("--checkpoint and --random-init exclude each other")
-    if args.checkpoint is None and not args.random_init and args.size is None:
-        raise ConfigError("pass --checkpoint DIR|HUB_ID, --size base for the released base student "
-                          "(LifuWang/DistillT5, from the hub), or --size SIZE --random-init for random weights")
+    if args.random_init:
+        return None
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        if args.size is None:
+            raise ConfigError("pass --checkpoint DIR|HUB_ID, --size base for the released base student "
+                              "(LifuWang/DistillT5, from the hub), or --size SIZE --random-init for random weights")
+        from .hub import released_checkpoint
+
+        checkpoint = released_checkpoint(args.size)
+    if not Path(checkpoint).exists() and _HUB_ID.fullmatch(checkpoint):
+        from .hub import download_checkpoint
+
+        return str(download_checkpoint(checkpoint))
+    return checkpoint
+
+
+def load_from_args(args, **extra):
+    """fastenc.load from the model flags; errors speak in flags."""
+    checkpoint = checkpoint_from_args(args)
     check_device(args.device)
-    return load(args.checkpoint, size=args.size, random_init=args.random_init, backend=getattr(args, "backend", "auto"),
+    from . import load
+
+    return load(checkpoint, size=args.size, random_init=args.random_init, backend=getattr(args, "backend", "auto"),
                 device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, **extra)
 
 

@@ -121,10 +121,12 @@ def test_every_subcommand_reports_one_line(capsys, monkeypatch, tmp_path, argv, 
 
 def test_no_traceback_and_exit_codes_from_a_real_process(tmp_path):
     """argv bytes that are not UTF-8, an unknown command, a missing folder: one line each, no traceback."""
-    env = {**os.environ, "FASTENC_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    script = (
+    env = {**os.environ, "FASTENC_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    script = (  # none of these imports torch: help, info, caches, and the offline refusal of a hub download
         "import sys, fastenc.cli\n"
-        "for argv in (['info'], ['--help'], ['cache', 'info']):\n"
+        "for argv in (['info'], ['--help'], ['cache', 'info'], ['export', '--size', 'base', '--trt'],\n"
+        "             ['encode', '--size', 'base', 'a cat', '-o', 'x.safetensors']):\n"
         "    try:\n"
         "        fastenc.cli.main(argv)\n"
         "    except SystemExit:\n"
@@ -134,6 +136,7 @@ def test_no_traceback_and_exit_codes_from_a_real_process(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0 and run.stdout.rstrip().endswith("NO-TORCH"), run.stdout + run.stderr
     assert "backend cpu" in run.stdout and "cpu-plans" in run.stdout
+    assert run.stderr.count("hf download LifuWang/DistillT5 --local-dir DistillT5") == 2, run.stderr
 
     cmd = [sys.executable, "-m", "fastenc.cli"]
     bad = subprocess.run([*cmd, "encode", "--random-init", "--size", "small", b"caf\xe9", "-o", str(tmp_path / "o.st")],

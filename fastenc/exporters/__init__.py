@@ -5,14 +5,16 @@ All artifacts follow one contract (:mod:`.contract`) and carry a sidecar JSON (:
 Heavy dependencies (onnx, onnxruntime, tensorrt) are imported only by the steps that need them.
 """
 
-from .contract import INPUT_NAMES, OUTPUT_NAME, Profile, make_profile
-
 __all__ = ["INPUT_NAMES", "OUTPUT_NAME", "Profile", "make_profile", "export", "ExportRequest"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str):  # lazy: `fastenc export --help` and its argument checks need no torch
     if name in ("export", "ExportRequest"):
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name in ("INPUT_NAMES", "OUTPUT_NAME", "Profile", "make_profile"):
+        from . import contract
+
+        return getattr(contract, name)
     raise AttributeError(name)

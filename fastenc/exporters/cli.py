@@ -77,21 +77,12 @@ def add_verify_command(sub) -> None:
 
 def cmd_export(args) -> int:
     from ..caches import human, tree_size
-    from ..errors import ConfigError
+    from ..cli import checkpoint_from_args
+
+    checkpoint = checkpoint_from_args(args)  # hub ids fetched first (before torch loads); offline: fails at once
     from .pipeline import ExportRequest, export
     from .verify import VerificationFailed
 
-    if args.checkpoint is not None and args.random_init:
-        raise ConfigError("--checkpoint and --random-init exclude each other")
-    checkpoint = args.checkpoint
-    if checkpoint is None and not args.random_init:
-        if args.size is None:
-            raise ConfigError("pass --checkpoint DIR|HUB_ID, --size base for the released base student "
-                              "(LifuWang/DistillT5, from the hub), or --size SIZE --random-init for random weights")
-        from .. import weights
-        from ..hub import released_checkpoint
-
-        checkpoint = str(weights.resolve_checkpoint(released_checkpoint(args.size)))  # offline: fails here, at once
     name = args.size or ("checkpoint" if args.checkpoint else "base")
     out = args.out or Path(f"fastenc-export-{name}")
     if args.out is None:
