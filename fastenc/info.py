@@ -137,7 +137,13 @@ def collect(*, probe: bool = False) -> dict[str, str]:
         info["torch sees"] = (", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
                               if cuda else "no CUDA device")
         info["torch threads"] = str(torch.get_num_threads())
-    for name, status in usable_backends(cuda=cuda).items():
+    backends = usable_backends(cuda=cuda)
+    if probe and _version("torch"):  # what the cpu backend itself checks (oneDNN, torch._int_mm, CPU flags)
+        from .backends.cpu import fast_path_supported
+
+        ok, why = fast_path_supported()
+        backends["cpu"] = f"yes (default on this CPU: {why})" if ok else f"no ({why})"
+    for name, status in backends.items():
         info[f"backend {name}"] = status
     info["cache"] = f"{cache_root()} (fastenc cache info)"
     return info
