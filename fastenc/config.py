@@ -65,6 +65,11 @@ class EncoderConfig:
             value = getattr(self, field)
             if not _is_int(value) or not 0 < value <= hi:
                 raise ConfigError(f"EncoderConfig.{field} must be an integer in 1..{hi}, got {_short(value)}")
+        if self.num_buckets < 4:  # half per direction, a quarter exact: fewer leaves no bucket to use
+            raise ConfigError(f"EncoderConfig.num_buckets must be at least 4, got {self.num_buckets}")
+        if self.max_distance <= self.num_buckets // 4:
+            raise ConfigError(f"EncoderConfig.max_distance must exceed num_buckets // 4 = {self.num_buckets // 4}, "
+                              f"got {self.max_distance}")
         if not _is_number(self.eps) or not 0.0 < float(self.eps) <= 1.0:
             raise ConfigError(f"EncoderConfig.eps must be a finite number in (0, 1], got {_short(self.eps)}")
         if self.activation not in ACTIVATIONS:
@@ -152,15 +157,23 @@ class EncoderConfig:
             projector_bias = sub.bool("projector_bias")
         else:
             projector_bias = get.bool("project_bias", default=False)
-        return cls(
+        num_buckets = get.int("relative_attention_num_buckets", LIMITS["num_buckets"], default=32)
+        max_distance = get.int("relative_attention_max_distance", LIMITS["max_distance"], default=128)
+        if num_buckets < 4:
+            raise ConfigError(f"{source}: key 'relative_attention_num_buckets' must be at least 4 (T5's "
+                              f"bidirectional buckets), got {num_buckets}")
+        if max_distance <= num_buckets // 4:
+            raise ConfigError(f"{source}: key 'relative_attention_max_distance' must exceed "
+                              f"relative_attention_num_buckets // 4 = {num_buckets // 4}, got {max_distance}")
+        fields = dict(
             d_model=d_model,
             d_ff=d_ff,
             num_layers=num_layers,
             num_heads=num_heads,
             d_kv=d_kv,
             vocab_size=get.int("vocab_size", LIMITS["vocab_size"], default=32128),
-            num_buckets=get.int("relative_attention_num_buckets", LIMITS["num_buckets"], default=32),
-            max_distance=get.int("relative_attention_max_distance", LIMITS["max_distance"], default=128),
+            num_buckets=num_buckets,
+            max_distance=max_distance,
             eps=get.eps("layer_norm_epsilon", default=1e-6),
             gated=gated,
             activation=act,
@@ -168,6 +181,10 @@ class EncoderConfig:
             projector_bias=projector_bias,
             name=sub.str("name", default="custom"),
         )
+        try:
+            return cls(**fields)
+        except ConfigError as exc:  # a combination the dataclass refuses (e.g. too many parameters)
+            raise ConfigError(f"{source}: {exc}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers-compatible T5 config dict (DistillT5 keys when there is a projector)."""

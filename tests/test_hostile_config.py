@@ -93,6 +93,19 @@ def test_projector_input_must_match_d_model(ck):
         _load(ck)
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"relative_attention_num_buckets": 2}, "key 'relative_attention_num_buckets' must be at least 4 (T5's "
+                                           "bidirectional buckets), got 2"),
+    ({"relative_attention_max_distance": 2}, "key 'relative_attention_max_distance' must exceed "
+                                            "relative_attention_num_buckets // 4 = 2, got 2"),
+])
+def test_relative_attention_buckets_that_cannot_work(ck, changes, message):
+    _edit_config(ck, **changes)  # used to end in ZeroDivisionError / IndexError at the first forward
+    with pytest.raises(ConfigError) as info:
+        _load(ck)
+    assert str(info.value) == f"{ck / 'config.json'}: {message}"
+
+
 def test_nan_literal_epsilon(ck):
     text = (ck / "config.json").read_text().replace('"layer_norm_epsilon": 1e-06', '"layer_norm_epsilon": NaN')
     assert "NaN" in text
@@ -293,6 +306,12 @@ def test_random_config_values_end_in_a_load_or_a_fastenc_error(pristine, tmp_pat
         assert str(exc).startswith(str(ck)), exc  # names the file
         return
     assert enc.config.num_layers == MICRO.num_layers and math.isfinite(enc.config.eps)
+    with torch.no_grad():  # what loads also runs: a finite result or one FastencError
+        try:
+            out = enc(torch.randint(0, MICRO.vocab_size, (1, 40)))
+        except FastencError:
+            return
+    assert torch.isfinite(out).all()
 
 
 @SETTINGS
