@@ -478,3 +478,47 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
         return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+# ----------------------------------------------------------------------------- the machine a run ran on
+
+#: CPU features that decide which kernels run (bf16/int8 GEMMs), reported with every CPU result.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    try:
+        from fastenc.backends.cpu import cpu_flags
+
+        flags = cpu_flags()
+    except ImportError:
+        flags = set()
+    return [f for f in CPU_FEATURES if f in flags]
+
+
+def load_average() -> str:
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "n/a"
+    return f"{one:.2f}/{five:.2f}"
+
+
+def machine_description(load_start: str | None = None) -> str:
+    """CPU model, logical CPUs, the features that matter and the load average (1/5 min) when the run
+    started and now, e.g. ``AMD EPYC (2 cpus; avx2; load 0.10/0.05 -> 1.02/0.40)``."""
+    feats = ", ".join(cpu_features()) or "no avx2"
+    load = f"load {load_start} -> {load_average()}" if load_start else f"load {load_average()}"
+    return f"{device_name(torch.device('cpu')).rsplit(' (', 1)[0]} ({os.cpu_count()} cpus; {feats}; {load})"
+
+
+def machine_slug() -> str:
+    """File-name form of the machine: ``amd-epyc-2cpu-avx512bf16`` (CPU model, CPUs, best bf16 feature)."""
+    import re
+
+    name = device_name(torch.device("cpu")).rsplit(" (", 1)[0].lower()
+    name = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*|\d+-core", " ", name)
+    name = "-".join(re.findall(r"[a-z0-9]+", name))[:40] or "cpu"
+    feats = cpu_features()
+    best = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in feats), "x86")
+    return f"{name}-{os.cpu_count()}cpu-{best.replace('_', '')}"

@@ -1,230 +1,454 @@
-"""Side-by-side CPU comparison: the plain fp32 ONNX Runtime export against every CPU candidate.
+"""Side by side on the CPU: fastenc's default CPU path against the runtimes a user would pick instead.
 
-    python -m bench.cpu_path [--size base] [--batch 1] [--seq 512] [--threads N] [--rounds 7]
-                             [--with-transformers] [--with-compile] [--checkpoint DIR]
+    python -m bench.cpu_path [--size base] [--shapes 1x512,1x120,4x256] [--threads 2] [--rounds 5]
+                             [--candidates ...] [--contention] [--out FILE.csv|DIR] [--save]
+                             [--checkpoint DIR]
 
-All candidates hold the same weights (random T5-initialised unless ``--checkpoint``) and are
-timed in interleaved rounds (each round runs every candidate once), so a change in machine load
-hits all of them alike. Reported per candidate: wall-clock min and median (ms), process CPU time
-min (ms; equals wall time with one thread on an idle core, and is robust to other processes
-taking the core), speed-up against ``ort-fp32`` on both, and the cosine similarity of the
-embeddings to the fp32 model (mean and min over tokens). Rows are appended to
-``bench/results/cpu_path.csv``.
+Every candidate runs in its own worker process (``bench/workers.py``) with the same weights
+(random T5-initialised unless ``--checkpoint``) and the same thread count, set for every runtime:
+torch (``set_num_threads``, ``OMP_NUM_THREADS``), ONNX Runtime (intra-op ``threads``, inter-op 1,
+spinning off), OpenVINO (``INFERENCE_NUM_THREADS``, one stream, latency hint). Per shape, each
+round asks every worker for one call in turn (round-robin), so a change in machine load hits all
+alike; reported are the median and minimum wall time, process CPU time, the cosine similarity of
+the embeddings to the fp32 model (mean and worst token), the build time and the first call (where
+plans are searched and graphs compiled). ``--contention`` repeats the rounds while another process
+keeps one core busy and reports the slowdown.
+
+Results go to ``--out`` (a ``.csv`` file, with ``.md`` table and ``.png`` plot beside it, or a
+folder), else to a new run folder under the bench cache; ``bench/results/`` changes only with
+``--save`` (``cpu_path-<machine>.{csv,md,png}``, the machine and its load named inside).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import datetime as _dt
 import logging
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fastenc.config import SIZES
 from fastenc.errors import BackendUnavailable
-from fastenc.ops import TorchOps
 
-from . import common, exports
+from . import common, exports, workers
 
 log = logging.getLogger("fastenc")
 
-DEFAULT = ["ort-fp32", "ort-int8", "torch-fp32", "torch-bf16", "torch-bf16-sdpa", "cpu-bf16", "cpu-int8-all", "cpu"]
-OPTIONAL = ["transformers-fp32", "transformers-bf16", "compile-bf16"]
-BASELINE = "ort-fp32"
-CHOSEN = "cpu"
-
-DESCRIPTIONS = {
-    "ort-fp32": "plain fp32 ONNX export, ONNX Runtime defaults",
-    "ort-int8": "ONNX Runtime dynamic int8 (per-channel weights, per-tensor activations)",
-    "torch-fp32": "fastenc torch backend, fp32",
-    "torch-bf16": "fastenc torch backend, bf16",
-    "torch-bf16-sdpa": "bf16, attention via scaled_dot_product_attention",
-    "cpu-bf16": "fastenc cpu backend without int8",
-    "cpu-int8-all": "fastenc cpu backend, every linear int8",
-    "cpu": "fastenc cpu backend, planned int8 (the default on CPU)",
-    "transformers-fp32": "transformers T5EncoderModel + projector, fp32",
-    "transformers-bf16": "transformers T5EncoderModel + projector, bf16",
-    "compile-bf16": "torch.compile (inductor, freezing) of the bf16 model",
+#: name -> (what it is, needs native bf16). The default set is what a user would compare.
+CANDIDATES = {
+    "cpu": ("fastenc cpu backend: bf16 + planned int8 W8A8 (the default on AVX512-BF16/AMX CPUs)", True),
+    "cpu-bf16": ("fastenc cpu backend without int8", True),
+    "torch-bf16": ("fastenc torch backend, bf16", True),
+    "torch-fp32": ("fastenc torch backend, fp32 (the default on CPUs without native bf16)", False),
+    "compile-bf16": ("torch.compile of the bf16 model (inductor, freezing)", True),
+    "compile-fp32": ("torch.compile of the fp32 model (inductor, freezing)", False),
+    "transformers-bf16": ("transformers T5EncoderModel + projector, bf16", True),
+    "transformers-fp32": ("transformers T5EncoderModel + projector, fp32", False),
+    "ort-fp32": ("ONNX Runtime, plain fp32 export", False),
+    "ort-opt": ("ONNX Runtime, fp32 export optimised offline for the CPU provider", False),
+    "ort-int8": ("ONNX Runtime dynamic int8 (per-channel weights, per-tensor activations)", False),
+    "ov": ("OpenVINO, its default precision on this CPU (bf16 where native, else fp32)", False),
+    "ov-int8w": ("OpenVINO + NNCF int8 weight compression (compress_weights, INT8_ASYM)", False),
 }
+DEFAULT = ["cpu", "torch-bf16", "compile-bf16", "transformers-bf16", "ort-fp32", "ort-opt", "ort-int8", "ov",
+           "ov-int8w"]
+#: On a CPU without native bf16 the bf16 candidates are emulated (tens of times slower): fp32 stand-ins.
+FP32_STANDIN = {"torch-bf16": "torch-fp32", "compile-bf16": "compile-fp32", "transformers-bf16": "transformers-fp32"}
+#: The candidate every speed-up is quoted against, and the fastenc default.
+REFERENCE = "ov-int8w"
+ONNX_KINDS = {"ort-fp32": ("fp32", "onnx"), "ort-opt": ("fp32", "onnx-ort"), "ort-int8": ("int8", "onnx-int8")}
 
 
-class SdpaOps(TorchOps):
-    """Reference ops with attention through ``scaled_dot_product_attention`` (T5: no scaling)."""
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for part in text.split(","):
+        b, sep, l_ = part.strip().lower().partition("x")
+        if not sep or not b.isdigit() or not l_.isdigit() or int(b) < 1 or int(l_) < 1:
+            raise argparse.ArgumentTypeError(f"--shapes: {part!r} is not BATCHxLENGTH (e.g. 1x512)")
+        shapes.append((int(b), int(l_)))
+    return shapes
 
-    name = "torch-sdpa"
 
-    def attention(self, q, k, v, bias):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # [B, H, L, dk]
+# ----------------------------------------------------------------------------- building (in the worker)
+
+
+def _label(backend: str, model, dtype: torch.dtype) -> str:
+    from types import SimpleNamespace
+
+    try:
+        from fastenc.info import describe_backend
+    except ImportError:
+        return f"fastenc {backend}"
+    return describe_backend(SimpleNamespace(backend=backend, dtype=dtype, model=model, device=torch.device("cpu")))
+
+
+def build_candidate(name: str, o: dict, threads: int):
+    """Runs in the worker process: returns ``(run(ids) -> [B, L, P] tensor, label, note)``."""
+    import copy
+
+    if name in ONNX_KINDS or name.startswith("ov"):
+        return _build_graph(name, o, threads)
+    model32 = common.build_model(o["size"], seed=o["seed"], checkpoint=o["checkpoint"])
+    if name in ("cpu", "cpu-bf16"):
+        from fastenc.backends import cpu as fcpu
+
+        source = fcpu.source_fingerprint(o["checkpoint"]) if o["checkpoint"] else f"bench:{o['size']}:seed{o['seed']}"
+        t0 = time.perf_counter()
+        m = fcpu.prepare(model32, int8="auto" if name == "cpu" else "none", source=source)
+        note = f"prepare {time.perf_counter() - t0:.1f} s; {m.int8_plan.summary(m.config)}"
+        return (lambda ids: m(ids)), _label("cpu", m, torch.bfloat16), note
+    dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+    m = model32 if dtype == torch.float32 else copy.deepcopy(model32).cast(dtype)
+    del model32
+    if name.startswith("torch-"):
+        return (lambda ids: m(ids)), _label("torch", m, dtype), ""
+    if name.startswith("transformers-"):
+        tm = common.TransformersEncoder(m)
+        return (lambda ids: tm(ids)), f"transformers {name.split('-')[1]}", ""
+    if name.startswith("compile-"):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        compiled = torch.compile(m, dynamic=False)
+        return (lambda ids: compiled(ids)), f"torch.compile {name.split('-')[1]} (inductor, freezing)", \
+            "compiles at the first call of each shape"
+    raise BackendUnavailable(f"unknown candidate {name!r}")
+
+
+def _build_graph(name: str, o: dict, threads: int):
+    from fastenc.exporters.artifacts import find_artifacts
+
+    out_dir = Path(o["export_dir"])
+    if name in ONNX_KINDS:
+        dtype, kind = ONNX_KINDS[name]
+        path = next((p for p, meta in find_artifacts(out_dir, "onnxruntime")
+                     if meta.get("dtype") == dtype and meta.get("kind") == kind), None)
+        if path is None:
+            raise BackendUnavailable(f"{out_dir}: no {kind} {dtype} model")
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no spinning between calls
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+
+        def run_ort(ids):
+            feed = {"input_ids": ids.to(torch.int32).numpy()}
+            if "attention_mask" in names:
+                feed["attention_mask"] = torch.ones_like(ids, dtype=torch.int32).numpy()
+            return torch.from_numpy(sess.run(None, feed)[0])
+
+        label = {"ort-fp32": "ONNX Runtime fp32", "ort-opt": "ONNX Runtime fp32 (optimised graph)",
+                 "ort-int8": "ONNX Runtime int8 (dynamic)"}[name]
+        return run_ort, f"{label} {ort.__version__}", "intra-op spinning off"
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise BackendUnavailable(f"openvino is not installed ({exc}); pip install openvino nncf") from None
+    path = next((p for p, meta in find_artifacts(out_dir, "onnxruntime")
+                 if meta.get("dtype") == "fp32" and meta.get("kind") == "onnx"), None)
+    if path is None:
+        raise BackendUnavailable(f"{out_dir}: no fp32 ONNX model to convert")
+    core = ov.Core()
+    model = ov.convert_model(str(path))
+    note = "converted from the fastenc ONNX export"
+    if name == "ov-int8w":
+        try:
+            import nncf
+        except ImportError as exc:
+            raise BackendUnavailable(f"nncf is not installed ({exc}); pip install nncf") from None
+        model = nncf.compress_weights(model)  # INT8_ASYM weights, activations in the inference precision
+        note += "; NNCF compress_weights (int8 asym)"
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                 "PERFORMANCE_HINT": "LATENCY"})
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino Type: f32, bf16, f16
+    precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+    precision = {"bf16": "bf16", "f32": "fp32", "f16": "fp16"}.get(precision, precision)
+    request = compiled.create_infer_request()
+    inputs = [(p.get_any_name(), p.get_element_type().to_dtype()) for p in compiled.inputs]
+
+    def run_ov(ids):
+        feed = {}
+        for input_name, np_dtype in inputs:
+            arr = ids if input_name == "input_ids" else torch.ones_like(ids)
+            feed[input_name] = arr.numpy().astype(np_dtype)
+        request.infer(feed)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    what = f"OpenVINO {ov.__version__.split('-')[0]} {precision}" + (" + int8 weights (NNCF)" if name == "ov-int8w"
+                                                                      else "")
+    return run_ov, what, note
+
+
+# ----------------------------------------------------------------------------- the run (in the parent)
 
 
 @dataclass
-class Candidate:
+class Point:
+    """One candidate at one shape."""
+
     name: str
-    run: Callable[[], torch.Tensor]
-    note: str = ""
+    label: str
+    batch: int
+    seq: int
+    first_ms: float = float("nan")
+    cos_mean: float = float("nan")
+    cos_worst: float = float("nan")
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
-    cos: tuple[float, float] = (float("nan"), float("nan"))
+    busy: list[float] = field(default_factory=list)  # wall times with one core kept busy
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.wall) if self.wall else float("nan")
+
+    @property
+    def busy_p50(self) -> float:
+        return statistics.median(self.busy) if self.busy else float("nan")
 
 
-def build_candidates(names: list[str], model32, ids: torch.Tensor, args, say: Callable[[str], None]) -> list[Candidate]:
-    """Build each requested candidate; unavailable ones are reported with a one-line reason."""
-    from fastenc.backends import cpu as fcpu
-
-    out: list[Candidate] = []
-
-    def export(int8: bool):
-        name = exports.model_key(args.size, args.seed, args.checkpoint)
-        ckpt = args.checkpoint or exports.saved_checkpoint(model32, name)
-        out_dir = exports.export_dir(name)
-        exports.ensure_export(ckpt, out_dir, int8=int8, max_batch=max(4, args.batch), max_seq=max(512, args.seq))
-        return out_dir
-
+def choose_candidates(names: list[str], native_bf16: bool, say, emulated: bool = False) -> list[str]:
+    out = []
     for name in names:
-        t0 = time.perf_counter()
-        try:
-            if name in ("ort-fp32", "ort-int8"):
-                dtype = "fp32" if name == "ort-fp32" else "int8"
-                out_dir = export(int8=True)
-                sess = exports.OrtSession(exports.onnx_file(out_dir, dtype), threads=args.threads)
-                run = (lambda s: lambda: s(ids))(sess)
-            elif name in ("torch-fp32", "torch-bf16", "torch-bf16-sdpa"):
-                m = model32 if name == "torch-fp32" else copy.deepcopy(model32).cast(torch.bfloat16)
-                if name.endswith("sdpa"):
-                    m.ops = SdpaOps()
-                run = (lambda m: lambda: m(ids))(m)
-            elif name.split("@")[0] in ("cpu", "cpu-bf16", "cpu-int8-all"):
-                m = copy.deepcopy(model32)
-                kind, _, min_cos = name.partition("@")  # cpu@0.9993: a plan searched with another bound
-                mode = {"cpu": "auto", "cpu-bf16": "none", "cpu-int8-all": "all"}[kind]
-                source = f"bench:{args.size}:seed{args.seed}" if not args.checkpoint else None
-                if args.checkpoint:
-                    source = fcpu.source_fingerprint(args.checkpoint)
-                fcpu.prepare(m, int8=mode, min_cos=float(min_cos) if min_cos else args.min_cos, source=source)
-                note = m.int8_plan.summary(m.config) if kind == "cpu" else ""
-                run = (lambda m: lambda: m(ids))(m)
-                out.append(Candidate(name, run, note))
-                say(f"  built {name} in {time.perf_counter() - t0:.1f} s {note}")
-                continue
-            elif name.startswith("transformers-"):
-                dt = torch.float32 if name.endswith("fp32") else torch.bfloat16
-                m = model32 if dt == torch.float32 else copy.deepcopy(model32).cast(dt)
-                tm = common.TransformersEncoder(m)
-                run = (lambda tm: lambda: tm(ids))(tm)
-            elif name == "compile-bf16":
-                import torch._inductor.config as inductor_config
-
-                inductor_config.freezing = True
-                m = copy.deepcopy(model32).cast(torch.bfloat16)
-                compiled = torch.compile(m, dynamic=False)
-                with torch.no_grad():
-                    compiled(ids)
-                run = (lambda c: lambda: c(ids))(compiled)
-            else:
-                raise BackendUnavailable(f"unknown candidate {name!r}")
-        except BackendUnavailable as exc:
-            say(f"  skip {name}: {exc}")
-            continue
-        out.append(Candidate(name, run))
-        say(f"  built {name} in {time.perf_counter() - t0:.1f} s")
+        if name not in CANDIDATES:
+            raise SystemExit(f"--candidates: unknown {name!r} (known: {', '.join(CANDIDATES)})")
+        if CANDIDATES[name][1] and not native_bf16 and not emulated:
+            standin = FP32_STANDIN.get(name)
+            say(f"  skip {name}: this CPU has no AVX512-BF16/AMX (bf16 would be emulated, tens of times slower)"
+                + (f"; {standin} instead" if standin else ""))
+            name = standin
+        if name and name not in out:
+            out.append(name)
     return out
 
 
-def run_rounds(cands: list[Candidate], ref: torch.Tensor, rounds: int, warmup: int = 1) -> None:
-    with torch.inference_mode():
-        for c in cands:
-            out = c.run()
-            for _ in range(warmup - 1):
-                c.run()
-            cos = F.cosine_similarity(out.float(), ref.float(), dim=-1)  # [B, L]
-            c.cos = (float(cos.mean()), float(cos.min()))
-        for _ in range(rounds):
-            for c in cands:
-                w0, c0 = time.perf_counter(), time.process_time()
-                c.run()
-                c.cpu.append((time.process_time() - c0) * 1e3)
-                c.wall.append((time.perf_counter() - w0) * 1e3)
+def run(args, say) -> tuple[list[Point], dict]:
+    from fastenc.backends.cpu import fast_path_supported
+
+    native_bf16, why = fast_path_supported()
+    names = choose_candidates(args.candidates.split(",") if args.candidates else DEFAULT, native_bf16, say,
+                              args.emulated_bf16)
+    if not native_bf16 and not args.candidates and "torch-fp32" not in names:
+        names.insert(0, "torch-fp32")  # fastenc's default on this CPU
+    load_start = common.load_average()
+    cfg = common.get_config(args.size)
+    model32 = common.build_model(args.size, seed=args.seed, checkpoint=args.checkpoint)
+    options = {"size": args.size, "seed": args.seed, "checkpoint": args.checkpoint, "export_dir": None}
+    if any(n in ONNX_KINDS or n.startswith("ov") for n in names):
+        key = exports.model_key(args.size, args.seed, args.checkpoint)
+        ckpt = args.checkpoint or exports.saved_checkpoint(model32, key)
+        out_dir = exports.export_dir(key)
+        t0 = time.perf_counter()
+        try:
+            exports.ensure_export(ckpt, out_dir, int8=True, max_batch=max(4, max(b for b, _ in args.shapes)),
+                                  max_seq=max(512, max(s for _, s in args.shapes)))
+            options["export_dir"] = str(out_dir)
+            say(f"  ONNX exports in {out_dir} ({time.perf_counter() - t0:.0f} s; reused when present)")
+        except BackendUnavailable as exc:
+            say(f"  skip the ONNX Runtime and OpenVINO candidates: {exc}")
+            names = [n for n in names if not (n in ONNX_KINDS or n.startswith("ov"))]
+    from bench import cpu_path as this  # pickled by module name, also when run as __main__
+
+    builder = this.build_candidate
+    pool: list[workers.Worker] = []
+    try:
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                w = workers.start(name, builder, options, args.threads)
+            except workers.WorkerError as exc:
+                say(f"  skip {name}: {exc}")
+                continue
+            pool.append(w)
+            say(f"  built {name} in {time.perf_counter() - t0:.1f} s: {w.label}" + (f" [{w.note}]" if w.note else ""))
+        points: list[Point] = []
+        for batch, seq in args.shapes:
+            ids = common.sample_ids(cfg, batch, seq, seed=args.seed + 1)
+            with torch.inference_mode():
+                ref = model32(ids)  # [B, L, P] fp32 reference
+            here = []
+            for w in list(pool):
+                p = Point(w.name, w.label, batch, seq)
+                try:
+                    got = w.request("first", ids.numpy())
+                except workers.WorkerError as exc:
+                    say(f"  {w.name} fails at {batch}x{seq}: {exc}")
+                    continue
+                cos = F.cosine_similarity(torch.from_numpy(got["out"]), ref, dim=-1)  # [B, L]
+                p.first_ms, p.cos_mean, p.cos_worst = got["first_ms"], float(cos.mean()), float(cos.min())
+                w.request("time", ids.numpy(), args.warmup)
+                here.append((w, p))
+            say(f"  {batch}x{seq}: {args.rounds} rounds x {len(here)} candidates ...")
+            for busy in ([False, True] if args.contention else [False]):
+                ctx = workers.BusyCore() if busy else None
+                if ctx:
+                    ctx.__enter__()
+                try:
+                    for _ in range(args.rounds):
+                        for w, p in here:
+                            for wall, cpu in w.request("time", ids.numpy(), 1):
+                                (p.busy if busy else p.wall).append(wall)
+                                if not busy:
+                                    p.cpu.append(cpu)
+                finally:
+                    if ctx:
+                        ctx.__exit__(None, None, None)
+            points += [p for _, p in here]
+        builds = {w.name: (w.build_s, w.note) for w in pool}
+    finally:
+        for w in pool:
+            w.stop()
+    meta = {"machine": common.machine_description(load_start), "threads": args.threads, "native_bf16": why,
+            "builds": builds, "size": args.size, "params": common.param_count(cfg),
+            "weights": f"checkpoint {args.checkpoint}" if args.checkpoint else f"random T5-init (seed {args.seed})"}
+    return points, meta
 
 
-def report(cands: list[Candidate]) -> tuple[list[str], list[list[str]]]:
-    base = next((c for c in cands if c.name == BASELINE), None)
-    header = ["candidate", "wall min ms", "wall p50 ms", "cpu min ms", "x ort-fp32 (wall)", "x ort-fp32 (cpu)",
-              "cos mean", "cos min", "what"]
+# ----------------------------------------------------------------------------- reporting
+
+
+def table(points: list[Point], meta: dict) -> str:
+    """Markdown table: one row per candidate and shape, speed-up against :data:`REFERENCE`."""
+    ref = {(p.batch, p.seq): p.p50 for p in points if p.name == REFERENCE}
+    contended = any(p.busy for p in points)
+    head = ["B x L", "candidate", "median ms", "min ms", f"x {REFERENCE}", "cos mean / worst", "first call ms"]
+    if contended:
+        head += ["1 core busy: median ms", "slowdown"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * 2 + [" ---: "] * (len(head) - 2)) + "|"]
+    for p in sorted(points, key=lambda p: (p.batch, p.seq, p.p50)):
+        r = ref.get((p.batch, p.seq))
+        cells = [f"{p.batch} x {p.seq}", f"{p.label} (`{p.name}`)", f"{p.p50:.1f}", f"{min(p.wall):.1f}",
+                 f"{r / p.p50:.2f}" if r else "n/a", f"{p.cos_mean:.5f} / {p.cos_worst:.5f}", f"{p.first_ms:.0f}"]
+        if contended:
+            cells += [f"{p.busy_p50:.1f}", f"{p.busy_p50 / p.p50:.2f}x" if p.busy else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"{meta['size']} ({meta['params'] / 1e6:.0f} M parameters), {meta['weights']}, {meta['threads']} threads "
+             f"per runtime, each candidate in its own process, round-robin; machine: {meta['machine']}; "
+             f"cpu backend fast path: {meta['native_bf16']}."]
+    notes += [f"- `{name}` built in {s:.1f} s" + (f": {note}" if note else "") for name, (s, note) in
+              meta["builds"].items()]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def write_csv(path: Path, points: list[Point], meta: dict) -> None:
     rows = []
-    for c in cands:
-        wmin, wmed, cmin = min(c.wall), common.Stats.of(c.wall).p50, min(c.cpu)
-        sw = f"{min(base.wall) / wmin:.2f}" if base else "n/a"
-        sc = f"{min(base.cpu) / cmin:.2f}" if base else "n/a"
-        rows.append([c.name, f"{wmin:.1f}", f"{wmed:.1f}", f"{cmin:.1f}", sw, sc, f"{c.cos[0]:.5f}", f"{c.cos[1]:.5f}",
-                     DESCRIPTIONS.get(c.name, "") + (f" [{c.note}]" if c.note else "")])
-    return header, rows
+    dtype_of = {"cpu": "bf16+int8", "ort-int8": "int8", "ov-int8w": "int8-weights"}
+    for p in points:
+        dtype = dtype_of.get(p.name, "fp32" if "fp32" in p.name or p.name in ("ort-opt", "ov") else "bf16")
+        stats = [("latency", "ms", common.Stats.of(p.wall)), ("cpu_time", "ms", common.Stats.of(p.cpu)),
+                 ("first_call", "ms", common.Stats.single(p.first_ms)),
+                 ("cos_mean", "1", common.Stats.single(p.cos_mean)),
+                 ("cos_worst", "1", common.Stats.single(p.cos_worst))]
+        if p.busy:
+            stats.append(("latency_one_core_busy", "ms", common.Stats.of(p.busy)))
+        rows += [common.Row(meta["size"], meta["params"], p.name, dtype, p.batch, p.seq, m, u, s) for m, u, s in stats]
+    ctx = common.run_context(torch.device("cpu"), "checkpoint" if "checkpoint" in meta["weights"] else "random")
+    ctx["device"], ctx["threads"] = meta["machine"], str(meta["threads"])
+    if path.exists():
+        path.unlink()  # a result file holds one run
+    common.append_csv(path, rows, ctx)
+
+
+def plot(path: Path, points: list[Point], meta: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shapes = sorted({(p.batch, p.seq) for p in points})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 0.45 * len(points) / len(shapes) + 2.2),
+                             squeeze=False)
+    for ax, (b, s) in zip(axes[0], shapes):
+        pts = sorted((p for p in points if (p.batch, p.seq) == (b, s)), key=lambda p: -p.p50)
+        y = range(len(pts))
+        ax.barh(y, [p.p50 for p in pts], color=["tab:green" if p.name == "cpu" else "tab:gray" for p in pts],
+                label="median")
+        if any(p.busy for p in pts):
+            ax.barh(y, [p.busy_p50 for p in pts], fill=False, hatch="//", edgecolor="tab:red",
+                    label="one core busy")
+        ax.set_yticks(list(y), [f"{p.label}\ncos {p.cos_mean:.4f}/{p.cos_worst:.4f}" for p in pts], fontsize=7)
+        ax.set_xlabel("ms per call (median)")
+        ax.set_title(f"B={b}, L={s}")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{meta['size']}, {meta['threads']} threads; {meta['machine']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(target: Path, points: list[Point], meta: dict) -> list[Path]:
+    """``target`` is a ``.csv`` path (table ``.md`` and plot ``.png`` beside it) or a folder."""
+    from fastenc.fileio import atomic_write
+
+    if target.suffix == ".csv":
+        csv_path = target
+    else:
+        csv_path = target / "cpu_path.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(csv_path, lambda p: write_csv(p, points, meta))
+    md = csv_path.with_suffix(".md")
+    text = table(points, meta)
+    atomic_write(md, lambda p: p.write_text(text))
+    out = [csv_path, md]
+    png = csv_path.with_suffix(".png")
+    if plot(png, points, meta):
+        out.append(png)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cpu_path", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="base", choices=[s for s in SIZES if s != "xxl"] + ["tiny"])
+    p.add_argument("--size", default="base", choices=[s for s in SIZES if s != "xxl"] + list(common.TINY_SIZES))
     p.add_argument("--checkpoint", help="real weights (a fastenc-loadable checkpoint) instead of random ones")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's)")
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--shapes", type=parse_shapes, default=parse_shapes("1x512,1x120,4x256"),
+                   help="BATCHxLENGTH,... (default 1x512,1x120,4x256)")
+    p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: the CPUs)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per shape (each candidate once per round)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per candidate and shape after the first")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-cos", type=float, default=None, help="calibration cos-sim the int8 plan must keep")
-    p.add_argument("--candidates", help=f"comma-separated subset of {','.join(DEFAULT + OPTIONAL)}")
-    p.add_argument("--with-transformers", action="store_true", help="add transformers fp32/bf16 (slow)")
-    p.add_argument("--with-compile", action="store_true", help="add torch.compile bf16 (compiles for a minute)")
-    p.add_argument("--csv", default=str(common.RESULTS_DIR / "cpu_path.csv"), help="'' to write none")
+    p.add_argument("--candidates", help=f"comma-separated subset of {','.join(CANDIDATES)} (default "
+                                        f"{','.join(DEFAULT)})")
+    p.add_argument("--contention", action="store_true", help="repeat the rounds with one core kept busy")
+    p.add_argument("--emulated-bf16", action="store_true",
+                   help="run the bf16 candidates even where the CPU emulates bf16 (accuracy only: slow)")
+    p.add_argument("--out", help="results: a .csv file (table .md and plot .png beside it) or a folder "
+                                 "(default: a new run folder under the bench cache)")
+    p.add_argument("--save", action="store_true", help="also write bench/results/cpu_path-<machine>.{csv,md,png}")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from fastenc.backends import cpu as fcpu
-
-    args.min_cos = args.min_cos if args.min_cos is not None else fcpu.DEFAULT_MIN_COS
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.threads = torch.get_num_threads()
-    names = args.candidates.split(",") if args.candidates else DEFAULT + (
-        ["transformers-fp32", "transformers-bf16"] if args.with_transformers else []) + (
-        ["compile-bf16"] if args.with_compile else [])
+    if args.rounds < 1 or args.warmup < 0:
+        p.error("--rounds must be >= 1 and --warmup >= 0")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    args.threads = args.threads or cpus
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
     say = lambda text: sys.stdout.write(text + "\n") or sys.stdout.flush()  # noqa: E731
-
-    cfg = common.get_config(args.size)
-    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"RANDOM T5-init weights (seed {args.seed})"
-    say(f"CPU path comparison: {args.size} ({common.param_count(cfg) / 1e6:.0f} M params), B={args.batch}, "
-        f"L={args.seq}, {args.threads} thread(s), {weights}")
-    say(f"device: {common.device_name(torch.device('cpu'))}; {common.versions()}")
-    model32 = common.build_model(args.size, seed=args.seed, checkpoint=args.checkpoint)
-    ids = common.sample_ids(model32.config, args.batch, args.seq, seed=args.seed + 1)
-    with torch.inference_mode():
-        ref = model32(ids)  # [B, L, P] fp32 reference
-    cands = build_candidates(names, model32, ids, args, say)
-    say(f"timing {args.rounds} interleaved rounds ...")
-    run_rounds(cands, ref, args.rounds)
-    header, rows = report(cands)
-    say(common.format_table(header, rows))
-    chosen = next((c for c in cands if c.name == CHOSEN), None)
-    base = next((c for c in cands if c.name == BASELINE), None)
-    if chosen and base:
-        say(f"\nfastenc cpu vs plain ORT fp32: {min(base.wall) / min(chosen.wall):.2f}x wall, "
-            f"{min(base.cpu) / min(chosen.cpu):.2f}x CPU time, cos-sim {chosen.cos[0]:.5f} "
-            f"(goal: >= 2x, cos >= 0.999)")
-    if args.csv:
-        ctx = common.run_context(torch.device("cpu"), "checkpoint" if args.checkpoint else "random")
-        csv_rows = []
-        params = common.param_count(cfg)
-        for c in cands:
-            dtype = {"ort-int8": "int8", "cpu": "bf16+int8", "cpu-int8-all": "bf16+int8"}.get(
-                c.name, "fp32" if "fp32" in c.name else "bf16")
-            for metric, unit, stats in (("latency", "ms", common.Stats.of(c.wall)),
-                                        ("cpu_time", "ms", common.Stats.of(c.cpu)),
-                                        ("cos_sim", "1", common.Stats.single(c.cos[0]))):
-                csv_rows.append(common.Row(args.size, params, c.name, dtype, args.batch, args.seq, metric, unit, stats))
-        common.append_csv(args.csv, csv_rows, ctx)
-        say(f"rows appended to {args.csv}")
+    say(f"CPU side by side: {args.size}, shapes {', '.join(f'{b}x{s}' for b, s in args.shapes)}, "
+        f"{args.threads} thread(s) per runtime; {common.machine_description()}")
+    points, meta = run(args, say)
+    if not points:
+        say("nothing ran")
+        return 1
+    text = table(points, meta)
+    say("\n" + text)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    target = Path(args.out) if args.out else exports.cache_root() / "runs" / f"cpu_path-{stamp}"
+    written = write_outputs(target, points, meta)
+    if args.save:
+        written += write_outputs(common.RESULTS_DIR / f"cpu_path-{common.machine_slug()}.csv", points, meta)
+    say("written: " + ", ".join(str(w) for w in written))
     return 0
 
 

@@ -32,14 +32,20 @@ def _isolated_caches(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- benchmark scripts
 
 
-def test_latency_quick_tiny_grid_writes_csv_table_and_plot(tmp_path, capsys):
+def test_latency_quick_tiny_grid_writes_csv_table_and_plot(tmp_path, capsys, monkeypatch):
     from bench import latency
 
-    out_csv, out_png = tmp_path / "latency.csv", tmp_path / "latency.png"
+    results = tmp_path / "committed-results"
+    monkeypatch.setattr(common, "RESULTS_DIR", results)  # without --save nothing may land there
     rc = latency.main(["--quick", "--tiny", "--backends", "torch,cpu,onnxruntime,tensorrt", "--batch", "1,2",
-                       "--seq", "16", "--reps", "2", "--threads", "1", "--csv", str(out_csv), "--plot", str(out_png)])
+                       "--seq", "16", "--reps", "2", "--threads", "1"])
     text = capsys.readouterr().out
     assert rc == 0
+    assert not results.exists()
+    runs = list((tmp_path / "bench-cache" / "runs").glob("latency-*/latency.csv"))
+    assert len(runs) == 1, runs
+    out_csv, out_png = runs[0], runs[0].with_suffix(".png")
+    assert f"bench cache: {tmp_path / 'bench-cache'} holds" in text
     assert "RANDOM weights" in text
     assert "skip     tiny tensorrt" in text  # unavailable backends get a one-line reason
     assert "vs xxl: speed-up" in text
@@ -91,18 +97,65 @@ def test_pipeline_cpu_variant(tmp_path, capsys):
     assert metrics == {"latency", "peak_host_memory", "held_host_memory"}
 
 
-@needs_fast_path
-def test_cpu_path_script_compares_against_the_baseline(capsys):
+def test_cpu_path_runs_each_candidate_in_its_own_process_and_writes_only_where_told(tmp_path, capsys,
+                                                                                     monkeypatch):
     from bench import cpu_path
 
-    rc = cpu_path.main(["--size", "tiny", "--seq", "24", "--rounds", "2", "--csv", "",
-                        "--candidates", "torch-fp32,torch-bf16-sdpa,cpu-bf16,cpu"])
+    results = tmp_path / "committed-results"
+    monkeypatch.setattr(common, "RESULTS_DIR", results)
+    out = tmp_path / "run" / "side.csv"
+    rc = cpu_path.main(["--size", "tiny", "--shapes", "1x16,2x8", "--rounds", "1", "--warmup", "0", "--threads", "1",
+                        "--candidates", "torch-fp32,cpu,torch-bf16", "--emulated-bf16", "--contention",
+                        "--out", str(out)])
     text = capsys.readouterr().out
-    assert rc == 0
-    lines = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("torch-", "cpu"))}
-    assert set(lines) >= {"torch-fp32", "torch-bf16-sdpa", "cpu-bf16", "cpu"}
-    assert float(lines["torch-fp32"][6]) == pytest.approx(1.0, abs=1e-5)  # cos mean of the reference itself
-    assert float(lines["cpu"][6]) >= 0.999
+    assert rc == 0 and not results.exists()
+    rows = common.read_csv(out)
+    got = {(r["backend"], r["batch"], r["seq"], r["metric"]): float(r["p50"]) for r in rows}
+    for name in ("torch-fp32", "cpu", "torch-bf16"):
+        for b, l_ in (("1", "16"), ("2", "8")):
+            for metric in ("latency", "cpu_time", "first_call", "cos_mean", "cos_worst", "latency_one_core_busy"):
+                assert (name, b, l_, metric) in got, (name, b, l_, metric)
+    assert got[("torch-fp32", "1", "16", "cos_mean")] == pytest.approx(1.0, abs=1e-6)  # the reference itself
+    assert got[("cpu", "1", "16", "cos_mean")] >= 0.999
+    assert all("cpus;" in r["device"] and "load" in r["device"] and r["threads"] == "1" for r in rows)
+    assert "fastenc cpu (bf16" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "1 core busy" in text and "slowdown" in text
+    # --save writes the machine-named files under bench/results as well
+    rc = cpu_path.main(["--size", "tiny", "--shapes", "1x8", "--rounds", "1", "--warmup", "0", "--threads", "1",
+                        "--candidates", "torch-fp32", "--out", str(tmp_path / "run2"), "--save"])
+    assert rc == 0 and (tmp_path / "run2" / "cpu_path.csv").is_file()
+    assert (results / f"cpu_path-{common.machine_slug()}.csv").is_file()
+
+
+def _probe_builder(name, options, threads):
+    import os
+
+    if name == "broken":
+        raise ValueError("no such runtime\nsecond line")
+    info = torch.tensor([float(os.getpid()), float(torch.get_num_threads()), float(os.environ["OMP_NUM_THREADS"])])
+    return (lambda ids: info), "probe", ""
+
+
+def test_worker_processes_are_isolated_and_report_errors_in_one_line():
+    import os
+
+    from bench import workers
+
+    pool = [workers.start(f"probe{i}", _probe_builder, {}, threads=1) for i in range(2)]
+    try:
+        infos = [w.request("first", torch.zeros(1, 2, dtype=torch.long).numpy())["out"] for w in pool]
+        pids = {int(i[0]) for i in infos}
+        assert len(pids) == 2 and os.getpid() not in pids  # one process per candidate
+        assert all(int(i[1]) == 1 and int(i[2]) == 1 for i in infos)  # threads set for torch and OpenMP
+        samples = pool[0].request("time", torch.zeros(1, 2, dtype=torch.long).numpy(), 3)
+        assert len(samples) == 3 and all(wall >= 0 and cpu >= 0 for wall, cpu in samples)
+    finally:
+        for w in pool:
+            w.stop()
+    assert all(not w.process.is_alive() for w in pool)
+    with pytest.raises(workers.WorkerError, match=r"^ValueError: no such runtime \(test_bench.py:\d+\)$"):
+        workers.start("broken", _probe_builder, {}, threads=1)
 
 
 # ----------------------------------------------------------------------------- models used by the benchmarks
