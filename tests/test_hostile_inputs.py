@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastenc
 from fastenc.errors import ConfigError, InputError, NumericsError
@@ -74,6 +76,33 @@ def test_encode_refuses_what_is_not_str_or_a_sequence_of_str(enc, prompts, messa
         enc.encode(prompts, target="pixart-alpha")
     assert str(info.value) == message
     assert len(enc.cache) == 0  # nothing half-done was cached
+
+
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=24)  # surrogates, controls, NUL included
+
+
+def _valid(p) -> bool:
+    if not isinstance(p, str):
+        return False
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompts=ANY_TEXT | st.lists(ANY_TEXT | st.none() | st.integers() | st.binary(max_size=3), max_size=4)
+       | st.tuples(ANY_TEXT, ANY_TEXT) | st.none() | st.integers() | st.binary(max_size=4))
+def test_random_prompts_encode_or_raise_input_error(enc, prompts):
+    items = [prompts] if isinstance(prompts, str) else prompts
+    ok = isinstance(items, (list, tuple)) and len(items) > 0 and all(_valid(p) for p in items)
+    try:
+        out = enc.encode(prompts, target="pixart-alpha")
+    except InputError:
+        assert not ok
+        return
+    assert ok and out.embeds.shape == (len(items), 120, MICRO.output_dim) and torch.isfinite(out.embeds).all()
 
 
 def test_the_tokenizer_refuses_lone_surrogates_too(enc):
