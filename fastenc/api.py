@@ -358,7 +358,8 @@ def _find_tokenizer(tokenizer, checkpoint_dir: Path | None):
     return tokenizer
 
 
-def _check_load_args(checkpoint, *, size, random_init, backend, device, subfolder, cache, seed, cuda_graphs) -> None:
+def _check_load_args(checkpoint, *, size, random_init, backend, device, tokenizer, subfolder, cache, seed,
+                     cuda_graphs) -> None:
     """Type checks of :func:`load`'s arguments, so a wrong one is one :class:`ConfigError` naming it."""
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise ConfigError(f"checkpoint must be a path or hub id (str), got {type(checkpoint).__name__}")
@@ -376,6 +377,9 @@ def _check_load_args(checkpoint, *, size, random_init, backend, device, subfolde
             raise ConfigError(f"{arg} must be True or False, got {value!r:.60}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r:.60}")
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) and not callable(tokenizer):
+        raise ConfigError(f"tokenizer must be a folder, file or hub id, or a tokenizer object, got "
+                          f"{type(tokenizer).__name__}")
     if not isinstance(cache, (bool, EmbeddingCache)):
         raise ConfigError(f"cache must be True, False or an EmbeddingCache, got {type(cache).__name__}")
     if device is not None:
@@ -407,7 +411,7 @@ def load(
     (see ``fastenc export``); ``dtype`` then picks the artifact (``"int8"`` included for ONNX Runtime).
     """
     _check_load_args(checkpoint, size=size, random_init=random_init, backend=backend, device=device,
-                     subfolder=subfolder, cache=cache, seed=seed, cuda_graphs=cuda_graphs)
+                     tokenizer=tokenizer, subfolder=subfolder, cache=cache, seed=seed, cuda_graphs=cuda_graphs)
     if backend in GRAPH_BACKENDS:
         return _load_artifact(checkpoint, backend, device, dtype, tokenizer, random_init, cache)
     dev = default_device(device)
