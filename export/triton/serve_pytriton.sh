@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serve a Triton model repository with the `tritonserver` bundled in the nvidia-pytriton wheel,
 # on loopback only. That server has the python backend and no other: serve repositories written
-# with `fastenc triton-repo --encoder-backend python` (a full Triton install serves the others).
+# with `fastenc triton-repo --encoder-backend python` or `fastenc-cpu` (a full Triton install serves the others).
 #
 #   export/triton/serve_pytriton.sh REPO [HTTP_PORT [GRPC_PORT [METRICS_PORT]]] [-- EXTRA TRITONSERVER FLAGS]
 #
