@@ -16,6 +16,7 @@ long-format rows to ``bench/results/latency.csv`` and draws ``bench/results/late
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import gc
 import logging
 import sys
@@ -309,32 +310,72 @@ def baseline_bytes(device: torch.device, allocator: bool = True) -> int:
     return common.rss_bytes()
 
 
+def _run_unit(builder: "Builder", args, device: torch.device, name: str, backend: str,
+              say: Callable[[str], None]) -> list[Result]:
+    """Build one (model, backend), time it at every point, free it."""
+    cfg = builder.config(name)
+    t0 = time.perf_counter()
+    builder.preload(backend)
+    base_alloc = baseline_bytes(device, allocator=True)
+    base_used = common.gpu_used_bytes(device) if device.type == "cuda" else base_alloc
+    try:
+        runner = builder.build(name, backend)
+    except Skip as exc:
+        say(f"  skip {name:>8} {backend:<16} {exc}")
+        return []
+    base = base_alloc if (device.type != "cuda" or runner.allocator) else base_used
+    try:
+        rows = measure(runner, name, backend, cfg, args, device, base)
+    except (RuntimeError, FastencError) as exc:  # e.g. out of memory at the largest shape
+        say(f"  skip {name:>8} {backend:<16} failed: {str(exc).splitlines()[0][:160]}")
+        rows = []
+    note = f" ({runner.note})" if runner.note else ""
+    say(f"  done {name:>8} {backend:<16} {len(rows)} points in {time.perf_counter() - t0:.1f} s{note}")
+    del runner
+    common.release_memory()
+    return rows
+
+
+def _unit_in_worker(args, name: str, backend: str) -> tuple[list[Result], list[str]]:
+    """A CPU (model, backend) in a fresh process: no other runtime's threads or memory in it."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lines: list[str] = []
+    rows = _run_unit(Builder(args, torch.device("cpu")), args, torch.device("cpu"), name, backend, lines.append)
+    return rows, lines
+
+
 def run_grid(args, device: torch.device, say: Callable[[str], None]) -> list[Result]:
-    builder = Builder(args, device)
+    """Every (model, backend): on the CPU each in its own fresh worker process (another runtime's
+    spinning threads or heap would change its numbers), on a GPU in this process."""
     results: list[Result] = []
+    if device.type == "cpu":
+        import multiprocessing as mp
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        if args.threads:
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[var] = str(args.threads)  # read by each worker's OpenMP runtime at start
+        from bench import latency as this  # pickled by module name, also when run as __main__
+
+        for name in args.models:
+            for backend in args.backends:
+                with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+                    try:
+                        rows, lines = pool.submit(this._unit_in_worker, args, name, backend).result()
+                    except BrokenProcessPool:
+                        rows, lines = [], [f"  skip {name:>8} {backend:<16} the worker process died (out of memory?)"]
+                for line in lines:
+                    say(line)
+                results.extend(rows)
+        return results
+    builder = Builder(args, device)
     for name in args.models:
-        cfg = builder.config(name)
         for backend in args.backends:
-            t0 = time.perf_counter()
-            builder.preload(backend)
-            base_alloc = baseline_bytes(device, allocator=True)
-            base_used = common.gpu_used_bytes(device) if device.type == "cuda" else base_alloc
-            try:
-                runner = builder.build(name, backend)
-            except Skip as exc:
-                say(f"  skip {name:>8} {backend:<16} {exc}")
-                continue
-            base = base_alloc if (device.type != "cuda" or runner.allocator) else base_used
-            try:
-                rows = measure(runner, name, backend, cfg, args, device, base)
-            except (RuntimeError, FastencError) as exc:  # e.g. out of memory at the largest shape
-                say(f"  skip {name:>8} {backend:<16} failed: {str(exc).splitlines()[0][:160]}")
-                rows = []
-            results.extend(rows)
-            note = f" ({runner.note})" if runner.note else ""
-            say(f"  done {name:>8} {backend:<16} {len(rows)} points in {time.perf_counter() - t0:.1f} s{note}")
-            del runner
-            common.release_memory()
+            results.extend(_run_unit(builder, args, device, name, backend, say))
     return results
 
 
@@ -414,8 +455,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=20.0, help="cap on timing one point (>= 3 calls)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--csv", default=str(common.RESULTS_DIR / "latency.csv"), help="'' to write none")
-    p.add_argument("--plot", default=str(common.RESULTS_DIR / "latency.png"), help="'' to draw none")
+    p.add_argument("--csv", default=None, help="where the rows go (default: a new run folder under the bench cache; "
+                                               "'' for none)")
+    p.add_argument("--plot", default=None, help="where the plot goes (default: beside the CSV; '' for none)")
+    p.add_argument("--save", action="store_true",
+                   help="also append the rows to bench/results/latency.csv and redraw bench/results/latency.png")
     args = p.parse_args(argv)
     if args.tiny:
         args.models = args.models or "tiny,tiny-xxl"
@@ -461,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = "RANDOM weights (T5 initialisation): speed and memory only" if random_models else "checkpoints"
     if random_models and args.checkpoints:
         weights = f"checkpoints for {','.join(args.checkpoints)}, RANDOM weights for {','.join(random_models)}"
+    load_start = common.load_average()
     say(f"bench.latency on {common.device_name(device)}, {torch.get_num_threads()} CPU threads; {weights}")
     say(f"models {','.join(args.models)}; backends {','.join(args.backends)}; batch {args.batch}; seq {args.seq}")
     results = run_grid(args, device, say)
@@ -473,18 +518,41 @@ def main(argv: list[str] | None = None) -> int:
     if not any(r.model == teacher for r in results):
         say(f"(no {teacher} rows: the vs-xxl columns need the teacher in --models and runnable here)")
     ctx = common.run_context(device, "random" if random_models else "checkpoint")
-    if args.csv:
-        path = common.append_csv(Path(args.csv), csv_rows(results), ctx)
+    if device.type == "cpu":
+        ctx["device"] = common.machine_description(load_start)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_csv = exports.cache_root() / "runs" / f"latency-{stamp}" / "latency.csv"
+    targets = []
+    if args.csv != "":
+        csv_path = Path(args.csv) if args.csv else run_csv
+        targets.append((csv_path, Path(args.plot) if args.plot else csv_path.with_suffix(".png")))
+    if args.save:
+        targets.append((common.RESULTS_DIR / "latency.csv", common.RESULTS_DIR / "latency.png"))
+    for csv_path, png in targets:
+        path = common.append_csv(csv_path, csv_rows(results), ctx)
         say(f"\nrows appended to {path}")
-    if args.plot:
+        if args.plot == "":
+            continue
         from .plot import plot_rows
 
         try:
-            path = plot_rows([r.as_dict(ctx) for r in csv_rows(results)], Path(args.plot))
-            say(f"plot written to {path}")
+            rows = [r for r in common.read_csv(path) if r["timestamp"] == ctx["timestamp"]] if path == \
+                common.RESULTS_DIR / "latency.csv" else [r.as_dict(ctx) for r in csv_rows(results)]
+            say(f"plot written to {plot_rows(rows, png)}")
         except ImportError as exc:
             say(f"no plot: matplotlib is not installed ({exc})")
+    say(cache_note())
     return 0
+
+
+def cache_note() -> str:
+    """Where the exported artifacts of the benchmarks are kept and how much they take."""
+    root = exports.cache_root()
+    if not root.is_dir():
+        return f"bench cache: {root} (empty)"
+    total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    return (f"bench cache: {root} holds {total / 1e9:.2f} GB of exported models and run folders "
+            f"(FASTENC_BENCH_CACHE moves it; delete it to reclaim the space)")
 
 
 if __name__ == "__main__":
