@@ -190,7 +190,6 @@ def export(req: ExportRequest) -> ExportResult:
         for dt in onnx_dtypes:
             path, meta = _onnx_step(steps, src, dt, profile)
             onnx_meta[dt] = meta
-            fault_point("after-onnx")
             _ort_step(steps, path, meta)
         if req.int8:
             _int8_step(steps, onnx_meta["fp32"])
