@@ -431,8 +431,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="perf_analyzer measurement time per level: three windows of a third each (default 6)")
     p.add_argument("--max-batch-size", type=int, default=16, help="Triton max_batch_size (default 16)")
     p.add_argument("--instance-counts", type=_ints, default=[1], help="encoder instance counts to try (default 1)")
-    p.add_argument("--max-queue-delays-us", type=_ints, default=[2000],
-                   help="dynamic batching queue delays to try, microseconds (default 2000)")
+    p.add_argument("--max-queue-delays-us", type=_ints, default=[100],
+                   help="dynamic batching queue delays to try, microseconds (default 100, what triton-repo writes)")
     p.add_argument("--preferred-batch-sizes", type=_ints, default=[], help="dynamic batching preferred sizes")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per encoder instance (0: default)")
     p.add_argument("-o", "--out", type=Path, help="folder for serving.csv and serving.png")
@@ -449,6 +449,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:  # the server or perf_analyzer failed: say so, no traceback
+        sys.stderr.write(f"bench.serving: error: {exc}\n")
+        return 1
+
+
+def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("fastenc")
