@@ -258,11 +258,12 @@ def run_level(server: Server, ensemble: str, encoder: str, concurrency: int, sec
     window_ms = max(300, int(seconds * 1000 / 3))
     before_enc, before_ens = model_stats(server, encoder), model_stats(server, ensemble)
     start = time.monotonic()
-    for _ in range(4):  # a window in which no request completes (slow model, busy machine): retry, twice as long
-        out_csv.unlink(missing_ok=True)
+    for _ in range(4):  # windows too short for the load (no request completed in one, or too few to agree):
+        out_csv.unlink(missing_ok=True)  # retry with windows twice as long; request errors are not retried
         cmd = perf_analyzer_command(server, ensemble, concurrency, window_ms, input_data, out_csv, venv=venv)
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or (6 * window_ms / 1000 + 120))
-        if run.returncode == 0 or "No valid requests recorded" not in run.stdout + run.stderr:
+        text = run.stdout + run.stderr
+        if run.returncode == 0 or not any(m in text for m in ("No valid requests recorded", "stable measurement")):
             break
         window_ms *= 2
     elapsed = time.monotonic() - start
