@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from .config import MAX_PROJECTION_DIM, EncoderConfig, read_json_object
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, content_identity
+from .inputs import all_finite
 
 log = logging.getLogger("fastenc")
 
@@ -416,7 +417,7 @@ def load_state_dict(
                 tensor = headers.handle(f).get_tensor(key)
             except Exception as exc:
                 raise CheckpointError(f"{f}: cannot read {key!r} ({str(exc)[:200]})") from None
-            if not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise CheckpointError(f"{f}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf) of "
                                       f"{tensor.numel()}; the checkpoint is corrupt")
@@ -427,7 +428,7 @@ def load_state_dict(
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
             target = param_dtype(name, dtype)
             state[name] = tensor.to(device=device, dtype=target)
-            if target == torch.float16 and not bool(torch.isfinite(state[name]).all()):
+            if target == torch.float16 and not all_finite(state[name]):
                 raise CheckpointError(f"{source.files[keys[0]]}: {'+'.join(keys)} overflows float16 "
                                       "(values beyond 65504); load it in bf16 or fp32")
             del parts, tensor
