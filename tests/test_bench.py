@@ -12,11 +12,9 @@ import torch.nn.functional as F
 from bench import common
 from fastenc.backends import cpu as fcpu
 from fastenc.errors import ConfigError
-from fastenc.ops import TORCH_OPS
 
 from reference import TINY
 
-needs_fast_path = pytest.mark.skipif(not fcpu.fast_path_supported()[0], reason=fcpu.fast_path_supported()[1])
 
 
 @pytest.fixture(autouse=True)
@@ -192,7 +190,6 @@ MID = TINY.replace(d_model=256, d_ff=704, num_layers=8, num_heads=4, d_kv=64, vo
                    max_distance=128, projection_dim=1024, name="mid")
 
 
-@needs_fast_path
 def test_cpu_fast_path_accuracy_vs_fp32():
     model = common.build_model(MID)
     ids = common.sample_ids(MID, 2, 96, seed=5)
@@ -212,7 +209,6 @@ def test_cpu_fast_path_accuracy_vs_fp32():
     assert worst < float(cos.mean())
 
 
-@needs_fast_path
 def test_plan_orders_quantisation_from_the_last_layers():
     cfg = TINY.replace(num_layers=6)
     model = common.build_model(cfg)

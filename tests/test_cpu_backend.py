@@ -179,3 +179,30 @@ def test_plan_and_attention_choice_are_cached_and_reused(tmp_path, monkeypatch):
         files[0].write_text(broken)  # unreadable, naming weights the model lacks, unknown kernel: planned again
         c = fcpu.prepare(copy.deepcopy(model), source="test:tiny")
         assert c.int8_plan.weights == a.int8_plan.weights and c.int8_plan.attention in fcpu.ATTENTION_KINDS
+
+
+# ----------------------------------------------------------------------------- smoothing (SmoothQuant)
+
+
+def test_smoothing_moves_activation_outliers_into_the_weights():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 96, generator=gen)  # [M, K]
+    x[:, [5, 40]] *= 30.0  # two outlier channels
+    w = torch.randn(48, 96, generator=gen) * 96**-0.5  # [N, K]
+    ref = F.linear(x, w)
+    plain = fcpu.int8_linear(x, fcpu.quantize_weight(w))
+    smoothed_w = fcpu.quantize_weight(w, x.abs().amax(dim=0))
+    assert smoothed_w.inv_smooth is not None and smoothed_w.inv_smooth.shape == (96,)
+    smoothed = fcpu.int8_linear(x, smoothed_w)
+    err = lambda y: float((y - ref).norm() / ref.norm())  # noqa: E731
+    assert err(smoothed) < 0.5 * err(plain)
+    # no outlier channels: no smoothing, the plain int8 weight bit for bit
+    calm = fcpu.quantize_weight(w, torch.ones(96))
+    assert calm.inv_smooth is None and torch.equal(calm.qweight_t, fcpu.quantize_weight(w).qweight_t)
+
+
+def test_plan_smooths_only_where_activations_have_outliers():
+    outl = fcpu.prepare(outlier_model(), attention="matmul")
+    plain = fcpu.prepare(common.build_model(OUTLIER_CFG, seed=7), attention="matmul")
+    assert sum(e.inv_smooth is not None for e in outl.ops._int8.values()) > 0
+    assert all(e.inv_smooth is None for e in plain.ops._int8.values())

@@ -42,12 +42,16 @@ from ..ops import TORCH_OPS, TorchOps, activation
 log = logging.getLogger("fastenc")
 
 #: Bump when the plan search or the int8 scheme changes (invalidates cached plans).
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 #: Calibration cosine similarity (mean over tokens, to fp32) a plan must keep.
 DEFAULT_MIN_COS = 0.9995
 #: ... and its worst token (a margin above 0.999, since unseen inputs have more tokens to be worst).
 DEFAULT_MIN_WORST = 0.9994
 CALIB_LEN = 128
+#: SmoothQuant: an int8 GEMM's activations are smoothed when their largest channel maximum exceeds
+#: SMOOTH_RATIO x the median one (trained T5 v1.1 has a few residual channels tens of times larger).
+SMOOTH_RATIO = 3.0
+SMOOTH_ALPHA = 0.5
 CALIB_ROWS = 2  # two different rows: the worst token of 256 tokens estimates the tail better
 INT8_MODES = ("auto", "none", "all")
 ATTENTION_KINDS = ("matmul", "sdpa")
@@ -56,9 +60,11 @@ ATTENTION_KINDS = ("matmul", "sdpa")
 # ----------------------------------------------------------------------------- int8 GEMM
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantisation per row: ``x [M, K] ~= q [M, K] * scale [M, 1]``."""
+def quantize_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation per row: ``x [M, K] * col_scale [K] ~= q [M, K] * scale [M, 1]``."""
     xf = x.to(torch.float32, copy=True)  # [M, K], a private copy scaled in place
+    if col_scale is not None:
+        xf.mul_(col_scale)
     scale = xf.abs().amax(dim=-1, keepdim=True).div_(127.0).clamp_(min=1e-12)  # [M, 1]
     q = xf.div_(scale).round_().to(torch.int8)  # [M, K]; |q| <= 127
     return q, scale
@@ -70,11 +76,29 @@ class Int8Weight(NamedTuple):
     data_ptr: int  # the float weight this was made from, to detect a replaced/changed tensor
     version: int
     shape: tuple[int, ...]
+    inv_smooth: torch.Tensor | None = None  # [K] fp32: activations are multiplied by it before quantising
 
 
-def quantize_weight(weight: torch.Tensor) -> Int8Weight:
-    q, scale = quantize_rows(weight.detach())  # [N, K], [N, 1]
-    return Int8Weight(q.t(), scale.view(-1), weight.data_ptr(), weight._version, tuple(weight.shape))
+def smoothing(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor | None:
+    """Per-input-channel factors ``s [K]`` that move activation outliers into the weights (SmoothQuant):
+    ``x W^T = (x / s)(W s)^T`` with ``s = amax(x)^alpha / amax(W)^(1 - alpha)``, or None when the
+    activations have no outlier channels (channel maximum below ``SMOOTH_RATIO`` x the median)."""
+    a = act_amax.float().clamp(min=1e-5)  # [K]
+    if float(a.max()) < SMOOTH_RATIO * float(a.median()):
+        return None
+    w = weight.detach().float().abs().amax(dim=0).clamp(min=1e-5)  # [K]
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    return s / s.median()  # scale-free: typical channels keep their size
+
+
+def quantize_weight(weight: torch.Tensor, act_amax: torch.Tensor | None = None) -> Int8Weight:
+    """Per-output-channel int8 weights; with the activations' per-channel maxima ``act_amax [K]``,
+    smoothed first when those show outlier channels (see :func:`smoothing`)."""
+    s = smoothing(act_amax, weight) if act_amax is not None else None
+    w = weight.detach() if s is None else weight.detach().float() * s  # [N, K]
+    q, scale = quantize_rows(w)  # [N, K], [N, 1]
+    inv = None if s is None else (1.0 / s).contiguous()
+    return Int8Weight(q.t(), scale.view(-1), weight.data_ptr(), weight._version, tuple(weight.shape), inv)
 
 
 def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None,
@@ -82,7 +106,7 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None
     """``x [..., K] @ W.T`` with per-token int8 activations and per-channel int8 weights; the result
     in ``out_dtype`` (default: ``x``'s)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    xq, xs = quantize_rows(x.reshape(-1, k))  # [M, K] int8, [M, 1]
+    xq, xs = quantize_rows(x.reshape(-1, k), w.inv_smooth)  # [M, K] int8, [M, 1]
     acc = torch._int_mm(xq, w.qweight_t)  # [M, N] int32
     y = acc.float().mul_(xs).mul_(w.scale).to(out_dtype or x.dtype)  # [M, N]; int32 -> fp32: the fast cast
     if bias is not None:
@@ -107,11 +131,24 @@ class CpuOps(TorchOps):
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
         self.attention_kind = attention
         self._int8: dict[int, Int8Weight] = {}
+        self._record: dict[int, torch.Tensor] | None = None
 
-    def quantize(self, weight: torch.Tensor) -> None:
+    def quantize(self, weight: torch.Tensor, act_amax: torch.Tensor | None = None) -> None:
+        """Run ``weight`` as an int8 GEMM from now on (smoothed when ``act_amax [K]``, its inputs'
+        per-channel maxima, shows outlier channels)."""
         if weight.dim() != 2 or weight.device.type != "cpu":
             raise ConfigError(f"int8 weights must be 2-D CPU tensors, got {tuple(weight.shape)} on {weight.device}")
-        self._int8[weight.data_ptr()] = quantize_weight(weight)
+        self._int8[weight.data_ptr()] = quantize_weight(weight, act_amax)
+
+    def record_inputs(self, on: bool = True) -> dict[int, torch.Tensor]:
+        """Start (or stop) recording each float GEMM's input maxima per channel, keyed by weight storage."""
+        self._record = {} if on else None
+        return self._record
+
+    def _note(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # [K]
+        prev = self._record.get(weight.data_ptr())
+        self._record[weight.data_ptr()] = amax if prev is None else torch.maximum(prev, amax)
 
     def clear(self) -> None:
         self._int8.clear()
@@ -136,6 +173,8 @@ class CpuOps(TorchOps):
         return entry
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self._record is not None:
+            self._note(x, weight)
         entry = self._lookup(weight) if self._int8 else None
         if entry is None:
             return F.linear(x, weight, bias)
@@ -305,6 +344,20 @@ def linear_weight_names(model: T5Encoder) -> list[str]:
     return [n for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("embed.", "rel_bias."))]
 
 
+def input_maxima(model: T5Encoder, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-channel maxima of every linear weight's input on ``ids`` (float GEMMs; ``model`` has CpuOps)."""
+    ops = model.ops
+    saved, ops._int8 = ops._int8, {}
+    record = ops.record_inputs()
+    try:
+        with torch.inference_mode():
+            model(ids)
+    finally:
+        ops.record_inputs(False)
+        ops._int8 = saved
+    return {name: record[p.data_ptr()] for name, p in model.named_parameters() if p.data_ptr() in record}
+
+
 def calibration_ids(cfg, length: int = CALIB_LEN, seed: int = 0, rows: int = CALIB_ROWS) -> torch.Tensor:
     """A fixed pseudo-random batch of token ids [rows, length] (ids 0-1 are pad/EOS, so skipped)."""
     gen = torch.Generator().manual_seed(seed)
@@ -324,6 +377,7 @@ def plan_int8(
     *,
     min_cos: float = DEFAULT_MIN_COS,
     min_worst: float = DEFAULT_MIN_WORST,
+    smooth: bool = True,
 ) -> Int8Plan:
     """Search the int8 weight set for ``model`` (already bf16 with a :class:`CpuOps` table).
 
@@ -333,18 +387,20 @@ def plan_int8(
     projector weights (else the projector alone, else nothing); then the FFN input projection
     ``wi`` of layers ``k..n-1`` for the smallest ``k`` that passes (binary search: error grows as
     ``k`` falls); then ``wo`` the same way. About ten forward passes at the calibration length.
+    ``smooth``: GEMMs whose inputs have outlier channels are smoothed (see :func:`smoothing`).
     """
     ops = model.ops
     if not isinstance(ops, CpuOps):
         raise ConfigError("plan_int8 needs a model with the CpuOps table installed")
     params = dict(model.named_parameters())
     n = model.config.num_layers
+    amax = input_maxima(model, ids) if smooth else {}
 
     @torch.inference_mode()
     def score(names: Sequence[str]) -> tuple[float, float]:
         ops.clear()
         for name in names:
-            ops.quantize(params[name])
+            ops.quantize(params[name], amax.get(name))
         return _cos(model(ids), ref)
 
     def passes(c: tuple[float, float]) -> bool:
@@ -519,8 +575,9 @@ def prepare(
     if key is not None and (cached is None or (attention == "auto" and cached.attention is None)):
         _write_plan(key, plan)
     ops.clear()
+    amax = input_maxima(model, calibration_ids(model.config, calib_len)) if plan.weights else {}
     for name in plan.weights:
-        ops.quantize(params[name])
+        ops.quantize(params[name], amax.get(name))
     model.int8_plan = plan
     del ref
     release_freed_memory()  # the fp32 weights the cast replaced
