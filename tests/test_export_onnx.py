@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import fastenc
-from fastenc.config import SIZES
 from fastenc.errors import CheckpointError, ConfigError, InputError
 from fastenc.exporters.artifacts import build_step, is_current, read_sidecar, sidecar_path, write_sidecar
 from fastenc.exporters.contract import make_profile

@@ -29,7 +29,7 @@ from ..model import T5Encoder
 from .artifacts import (EXPORT_VERSION, KIND_DIRS, MANIFEST_NAME, VERIFIED_NAME, build_step, check_export,
                         checkpoint_fingerprint, write_json, write_manifest, write_sidecar)
 from .contract import Profile, dtype_name, make_profile
-from .transaction import Transaction, check_target, fault_point
+from .transaction import Transaction, check_target
 
 log = logging.getLogger("fastenc")
 
