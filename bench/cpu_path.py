@@ -258,12 +258,13 @@ def run(args, say) -> tuple[list[Point], dict]:
     from bench import cpu_path as this  # pickled by module name, also when run as __main__
 
     builder = this.build_candidate
+    env = {"OMP_WAIT_POLICY": args.omp_wait_policy.upper()} if args.omp_wait_policy != "default" else {}
     pool: list[workers.Worker] = []
     try:
         for name in names:
             t0 = time.perf_counter()
             try:
-                w = workers.start(name, builder, options, args.threads)
+                w = workers.start(name, builder, options, args.threads, env=env)
             except workers.WorkerError as exc:
                 say(f"  skip {name}: {exc}")
                 continue
@@ -307,6 +308,7 @@ def run(args, say) -> tuple[list[Point], dict]:
         for w in pool:
             w.stop()
     meta = {"machine": common.machine_description(load_start), "threads": args.threads, "native_bf16": why,
+            "omp_wait_policy": args.omp_wait_policy,
             "builds": builds, "size": args.size, "params": common.param_count(cfg),
             "weights": f"checkpoint {args.checkpoint}" if args.checkpoint else f"random T5-init (seed {args.seed})"}
     return points, meta
@@ -331,7 +333,8 @@ def table(points: list[Point], meta: dict) -> str:
             cells += [f"{p.busy_p50:.1f}", f"{p.busy_p50 / p.p50:.2f}x" if p.busy else "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{meta['size']} ({meta['params'] / 1e6:.0f} M parameters), {meta['weights']}, {meta['threads']} threads "
-             f"per runtime, each candidate in its own process, round-robin; machine: {meta['machine']}; "
+             f"per runtime, each candidate in its own process, round-robin, OMP_WAIT_POLICY "
+             f"{meta.get('omp_wait_policy', 'default')}; machine: {meta['machine']}; "
              f"cpu backend fast path: {meta['native_bf16']}."]
     notes += [f"- `{name}` built in {s:.1f} s" + (f": {note}" if note else "") for name, (s, note) in
               meta["builds"].items()]
@@ -420,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", help=f"comma-separated subset of {','.join(CANDIDATES)} (default "
                                         f"{','.join(DEFAULT)})")
     p.add_argument("--contention", action="store_true", help="repeat the rounds with one core kept busy")
+    p.add_argument("--omp-wait-policy", choices=["default", "passive", "active"], default="default",
+                   help="OMP_WAIT_POLICY for the workers: passive keeps torch's idle OpenMP threads from "
+                        "spinning (on a shared machine a spinning thread takes the core its peer needs)")
     p.add_argument("--emulated-bf16", action="store_true",
                    help="run the bf16 candidates even where the CPU emulates bf16 (accuracy only: slow)")
     p.add_argument("--out", help="results: a .csv file (table .md and plot .png beside it) or a folder "

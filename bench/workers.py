@@ -112,13 +112,15 @@ class Worker:
 
 
 def start(name: str, builder: Callable[..., Any], options: dict, threads: int, *,
-          timeout: float = 1800.0) -> Worker:
-    """Spawn a worker for ``name``, wait until it has built its candidate (or raise :class:`WorkerError`)."""
+          timeout: float = 1800.0, env: dict[str, str] | None = None) -> Worker:
+    """Spawn a worker for ``name``, wait until it has built its candidate (or raise :class:`WorkerError`).
+    ``env``: extra environment for the worker (e.g. ``OMP_WAIT_POLICY``), read when its libraries load."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    saved = {var: os.environ.get(var) for var in THREAD_ENV}
-    for var in THREAD_ENV:  # the child reads these when its OpenMP runtime starts
-        os.environ[var] = str(threads)
+    extra = {var: str(threads) for var in THREAD_ENV} | dict(env or {})
+    saved = {var: os.environ.get(var) for var in extra}
+    for var, value in extra.items():  # the child reads these when its OpenMP runtime starts
+        os.environ[var] = value
     try:
         proc = ctx.Process(target=_worker_main, args=(child, builder, name, options, threads), daemon=True,
                            name=f"bench-{name}")

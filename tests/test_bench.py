@@ -131,7 +131,8 @@ def _probe_builder(name, options, threads):
 
     if name == "broken":
         raise ValueError("no such runtime\nsecond line")
-    info = torch.tensor([float(os.getpid()), float(torch.get_num_threads()), float(os.environ["OMP_NUM_THREADS"])])
+    info = torch.tensor([float(os.getpid()), float(torch.get_num_threads()), float(os.environ["OMP_NUM_THREADS"]),
+                         float(os.environ.get("OMP_WAIT_POLICY") == "PASSIVE")])
     return (lambda ids: info), "probe", ""
 
 
@@ -140,12 +141,16 @@ def test_worker_processes_are_isolated_and_report_errors_in_one_line():
 
     from bench import workers
 
-    pool = [workers.start(f"probe{i}", _probe_builder, {}, threads=1) for i in range(2)]
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    pool = [workers.start(f"probe{i}", _probe_builder, {}, threads=1, env={"OMP_WAIT_POLICY": "PASSIVE"} if i else None)
+            for i in range(2)]
     try:
         infos = [w.request("first", torch.zeros(1, 2, dtype=torch.long).numpy())["out"] for w in pool]
         pids = {int(i[0]) for i in infos}
         assert len(pids) == 2 and os.getpid() not in pids  # one process per candidate
         assert all(int(i[1]) == 1 and int(i[2]) == 1 for i in infos)  # threads set for torch and OpenMP
+        assert [int(i[3]) for i in infos] == [0, 1]  # extra environment per worker
+        assert os.environ.get("OMP_WAIT_POLICY") == policy  # ... and the parent's left as it was
         samples = pool[0].request("time", torch.zeros(1, 2, dtype=torch.long).numpy(), 3)
         assert len(samples) == 3 and all(wall >= 0 and cpu >= 0 for wall, cpu in samples)
     finally:
