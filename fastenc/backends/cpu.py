@@ -12,7 +12,9 @@ table (the model code is unchanged):
   choice is cached with the int8 plan;
 * selected weights run as W8A8 GEMMs: weights quantised symmetrically per output channel, the
   activations per token at run time, int32 accumulation, one fp32 rescale
-  ``y[m, n] = acc[m, n] * s_x[m] * s_w[n]``.
+  ``y[m, n] = acc[m, n] * s_x[m] * s_w[n]``. Where a GEMM's inputs have outlier channels (trained
+  T5 v1.1 has a few residual channels tens of times larger) the outliers are first moved into the
+  weights per input channel (SmoothQuant, :func:`smoothing`), measured on the calibration batch.
 
 Which weights go int8 is decided per model by :func:`plan_int8` on a calibration batch against
 the fp32 model: quantisation error grows with the number of layers it passes through, so the
