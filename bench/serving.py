@@ -328,6 +328,20 @@ def prepare_export(work: Path, *, size: str, checkpoint: str | None, target: str
 # ---------------------------------------------------------------------------- results
 
 
+def level_row(level: Level, setup: dict) -> dict:
+    """One CSV row: the run's ``setup`` (encoder, model, target, batching configuration, machine, command)
+    and what perf_analyzer and the server's statistics said about ``level``."""
+    return {
+        **setup, "label": ENCODER_LABELS.get(setup["encoder"], setup["encoder"]), "seq": _seq(setup["target"]),
+        "concurrency": level.concurrency, "seconds": level.seconds, "requests": level.requests,
+        "prompts_per_s": f"{level.prompts_per_s:.2f}", "p50_ms": f"{level.p50_ms:.1f}",
+        "p95_ms": f"{level.p95_ms:.1f}", "p99_ms": f"{level.p99_ms:.1f}", "failed": level.failed,
+        "encoder_executions": level.encoder["executions"], "encoder_inferences": level.encoder["inferences"],
+        "mean_batch": f"{level.mean_batch:.2f}",
+        "batch_sizes": " ".join(f"{b}x{n}" for b, n in level.encoder["batches"].items()),
+    }
+
+
 def machine_name() -> str:
     from bench.common import device_name
 
@@ -496,22 +510,13 @@ def run(argv: list[str] | None = None) -> int:
                         for c in args.concurrency:
                             load = os.getloadavg()[0]  # the machine may be shared: say how busy it was
                             level = run_level(server, "fastenc", "fastenc_encoder", c, args.seconds, input_data, work)
-                            row = {
-                                "timestamp": stamp, "encoder": encoder, "label": ENCODER_LABELS[encoder],
-                                "model": model, "target": args.target, "seq": _seq(args.target),
-                                "instances": instances, "max_queue_delay_us": delay,
-                                "preferred_batch_sizes": " ".join(map(str, args.preferred_batch_sizes)),
-                                "max_batch_size": args.max_batch_size, "threads": args.threads,
-                                "concurrency": c, "seconds": level.seconds, "requests": level.requests,
-                                "prompts_per_s": f"{level.prompts_per_s:.2f}", "p50_ms": f"{level.p50_ms:.1f}",
-                                "p95_ms": f"{level.p95_ms:.1f}", "p99_ms": f"{level.p99_ms:.1f}",
-                                "failed": level.failed, "encoder_executions": level.encoder["executions"],
-                                "encoder_inferences": level.encoder["inferences"],
-                                "mean_batch": f"{level.mean_batch:.2f}",
-                                "batch_sizes": " ".join(f"{b}x{n}" for b, n in level.encoder["batches"].items()),
-                                "loadavg_1min": f"{load:.2f}", "machine": machine, "git_commit": commit,
-                                "command": command,
-                            }
+                            setup = {"timestamp": stamp, "encoder": encoder, "model": model, "target": args.target,
+                                     "instances": instances, "max_queue_delay_us": delay,
+                                     "preferred_batch_sizes": " ".join(map(str, args.preferred_batch_sizes)),
+                                     "max_batch_size": args.max_batch_size, "threads": args.threads,
+                                     "loadavg_1min": f"{load:.2f}", "machine": machine, "git_commit": commit,
+                                     "command": command}
+                            row = level_row(level, setup)
                             rows.append(row)
                             log.info("c=%d: %s prompts/s, p50 %s ms, p99 %s ms, mean batch %s, failed %d", c,
                                      row["prompts_per_s"], row["p50_ms"], row["p99_ms"], row["mean_batch"],

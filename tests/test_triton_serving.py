@@ -18,6 +18,7 @@ scripts/triton_env.sh.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -33,7 +34,8 @@ import numpy as np
 import pytest
 
 import fastenc
-from bench.serving import PROMPTS, Server, free_ports, perf_analyzer_path, run_level, start_server, write_input_data
+from bench.serving import (PROMPTS, Server, free_ports, level_row, perf_analyzer_path, plot, run_level, start_server,
+                           table, write_csv, write_input_data)
 from fastenc.exporters import ExportRequest, export
 from fastenc.exporters.triton_repo import TritonRepoRequest, write_triton_repo
 from helpers import make_t5_tokenizer_json
@@ -126,6 +128,17 @@ def test_perf_analyzer_load_batches_without_failures(server, tmp_path):
     assert c1.encoder["batches"] and set(c1.encoder["batches"]) == {1}, c1.encoder  # one request in flight
     assert max(c8.encoder["batches"]) > 1, c8.encoder  # dynamic batching formed batches
     assert c8.encoder["inferences"] >= 1.5 * c8.encoder["executions"], c8.encoder
+
+    # what bench.serving writes from these levels: the CSV round-trips, the plot is a PNG, the table has both rows
+    setup = {"timestamp": "t", "encoder": "python", "model": "tiny", "target": TARGET, "instances": 1,
+             "max_queue_delay_us": 5000, "preferred_batch_sizes": "", "max_batch_size": 8, "threads": 1,
+             "loadavg_1min": "0", "machine": "m", "git_commit": "c", "command": "python -m bench.serving ..."}
+    rows = [level_row(level, setup) for level in (c1, c8)]
+    back = list(csv.DictReader(open(write_csv(tmp_path / "s.csv", rows), newline="")))
+    assert [r["concurrency"] for r in back] == ["1", "8"] and back[1]["seq"] == "120"
+    assert float(back[1]["mean_batch"]) == pytest.approx(c8.mean_batch, abs=0.01) and back[0]["batch_sizes"].startswith("1x")
+    assert plot(rows, tmp_path / "s.png", "t").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(table(rows).splitlines()) == 4
 
 
 # ---------------------------------------------------------------------------- malformed requests
