@@ -34,6 +34,7 @@ from typing import Any
 
 from ..config import TARGET_MAX_LENGTH, max_length_for
 from ..errors import CheckpointError, ConfigError
+from ..fileio import umask_mode
 from .artifacts import artifact_files, check_export, find_artifacts, read_config, read_manifest, staged
 from .contract import ATTENTION_MASK, INPUT_IDS, OUTPUT_NAME, Profile
 
@@ -389,7 +390,7 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
         try:
             write_models(work)
-            work.chmod(0o755)
+            work.chmod(umask_mode(0o777))  # mkdtemp makes 0700; a repository is read by the server's account too
             os.rename(work, out)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
