@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..info import cpu_flags
 from ..model import T5Encoder
 from ..ops import TORCH_OPS, TorchOps, activation
 
@@ -263,18 +264,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cpu_model() -> str:
