@@ -53,8 +53,17 @@ if [ "$(uname -m)" = "x86_64" ]; then
     if [ ! -x "$lib/ld-linux-x86-64.so.2" ]; then
       apt_dir="$(mktemp -d)"
       mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/debs"
-      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
-        > "$apt_dir/sources.list"
+      # the Debian archive this system's apt already uses (its first non-security URI), suite trixie
+      mirror="$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | sed -n 's/^URIs:[[:space:]]*//p' | tr ' ' '\n' \
+                | grep -v security | head -n1)"
+      if [ -z "$mirror" ]; then
+        mirror="$(grep -hs '^deb ' /etc/apt/sources.list | grep -v security | sed -E 's/^deb (\[[^]]*\] )?([^ ]+).*/\2/' | head -n1)"
+      fi
+      if [ -z "$mirror" ]; then
+        echo "triton_env.sh: no Debian archive in this system's apt sources; perf_analyzer needs glibc >= 2.38" >&2
+        exit 1
+      fi
+      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" > "$apt_dir/sources.list"
       apt_opts=(-q -o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
                 -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o Debug::NoLocking=1
                 -o APT::Sandbox::User="$(id -un)")
