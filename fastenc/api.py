@@ -19,7 +19,7 @@ from .backends.graph import GRAPH_BACKENDS, GraphRunner
 from .backends.placement import FollowsWeights
 from .cache import CacheKey, EmbeddingCache, key as cache_key
 from .config import TARGET_MAX_LENGTH, EncoderConfig, get_size, max_length_for
-from .errors import ConfigError, InputError, NumericsError
+from .errors import CheckpointError, ConfigError, InputError, NumericsError
 from .fileio import content_identity
 from .inputs import check_finite, check_prompt, check_token_inputs, prompt_list
 from .model import T5Encoder
@@ -36,6 +36,23 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 ACTIVATION_BUDGET = 1 << 30
 #: Largest result :meth:`Encoder.encode` returns in one tensor (beyond it: :meth:`Encoder.encode_batches`).
 MAX_OUTPUT_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class WeightsOrigin:
+    """Where a loaded encoder's weights came from, so :func:`save` can write them as they were loaded
+    after a backend cast them (the ``cpu`` backend computes in bf16 on weights loaded in fp32).
+
+    ``dtypes``: each parameter's dtype as loaded (before any backend cast); for a checkpoint, ``path``,
+    ``identity`` (:func:`fastenc.weights.checkpoint_identity` at load) and ``stats`` (its files' size and
+    mtime); for a random init, the ``seed`` it was drawn with."""
+
+    kind: str  # "checkpoint" | "random-init"
+    dtypes: dict[str, torch.dtype]
+    path: Path | None = None
+    identity: str | None = None
+    stats: tuple[tuple[Path, int, int], ...] = ()
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +93,8 @@ class Encoder(FollowsWeights, nn.Module):
 
     def __init__(self, model: T5Encoder, *, backend: str = "torch", tokenizer=None, source: str = "random-init",
                  random_init: bool = False, cache: EmbeddingCache | None = None, graphs: nn.Module | None = None,
-                 requested_backend: str | None = None, cuda_graphs: bool = True, plan_source: str | None = None):
+                 requested_backend: str | None = None, cuda_graphs: bool = True, plan_source: str | None = None,
+                 origin: WeightsOrigin | None = None):
         super().__init__()
         self.model = model
         self._setup_following(backend, requested_backend or backend, cuda_graphs=cuda_graphs, graphs=graphs,
@@ -85,6 +103,12 @@ class Encoder(FollowsWeights, nn.Module):
         self.source = source
         self.random_init = random_init
         self.cache = cache
+        self.origin = origin  # set by fastenc.load: lets save() write the weights as loaded
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of a random-init encoder from :func:`load` (None otherwise)."""
+        return self.origin.seed if self.origin is not None else None
 
     @property
     def config(self) -> EncoderConfig:
@@ -323,7 +347,12 @@ def _build_random(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype, 
     return model.cast(dtype)
 
 
-def _load_weights(path: Path, size: str | None, device: torch.device, dtype: torch.dtype) -> T5Encoder:
+def _param_dtypes(model: T5Encoder) -> dict[str, torch.dtype]:
+    return {n: p.dtype for n, p in model.named_parameters()}
+
+
+def _load_weights(path: Path, size: str | None, device: torch.device,
+                  dtype: torch.dtype) -> tuple[T5Encoder, WeightsOrigin]:
     source = weights.open_source(path)
     layout, prefix = weights.detect_layout(source.keys)
     cfg = weights.read_config(path, source, layout, prefix)
@@ -331,6 +360,7 @@ def _load_weights(path: Path, size: str | None, device: torch.device, dtype: tor
         weights.check_config_matches(cfg, get_size(size), path)
         cfg = cfg.replace(name=size)
     identity = weights.checkpoint_identity(path, source)  # before any tensor is read
+    stats = weights.file_stats(weights.checkpoint_files(path, source))
     with torch.device("meta"):  # cfg was checked against the tensors' shapes: nothing large is built here
         model = T5Encoder(cfg)
     expected = {n: p.shape for n, p in model.named_parameters()}
@@ -338,7 +368,7 @@ def _load_weights(path: Path, size: str | None, device: torch.device, dtype: tor
     model.load_state_dict(state, strict=True, assign=True)
     model.weights_identity = identity  # content identity for the embedding cache key
     log.info("loaded %s checkpoint (%s layout) from %s", cfg.name, layout, path)
-    return model
+    return model, WeightsOrigin("checkpoint", _param_dtypes(model), path=path.resolve(), identity=identity, stats=stats)
 
 
 def _find_tokenizer(tokenizer, checkpoint_dir: Path | None):
@@ -434,11 +464,12 @@ def load(
     if random_init:
         cfg = get_size(size or "base")
         model = _build_random(cfg, dev, dt, seed)
+        origin = WeightsOrigin("random-init", _param_dtypes(model), seed=seed)
         source, ckpt_dir = f"random-init:{cfg.name}:seed{seed}", None
         log.warning("fastenc: %s encoder with RANDOM weights (benchmarking only, not a trained model)", cfg.name)
     else:
         path = weights.resolve_checkpoint(checkpoint, subfolder=subfolder)
-        model = _load_weights(path, size, dev, dt)
+        model, origin = _load_weights(path, size, dev, dt)
         source, ckpt_dir = str(path.resolve()), (path if path.is_dir() else path.parent)
     plan_source = None
     if name == "cpu":
@@ -453,7 +484,7 @@ def load(
     # the encoder owns the CUDA-graph runner and re-selects op table and graphs when its weights move
     return Encoder(model, backend=name, tokenizer=_find_tokenizer(tokenizer, ckpt_dir), source=source,
                    random_init=random_init, cache=emb_cache, requested_backend=backend, cuda_graphs=cuda_graphs,
-                   plan_source=plan_source)
+                   plan_source=plan_source, origin=origin)
 
 
 def _load_artifact(directory, backend: str, device, dtype, tokenizer, random_init: bool, cache) -> Encoder:
@@ -469,10 +500,76 @@ def _load_artifact(directory, backend: str, device, dtype, tokenizer, random_ini
 
 
 def save(encoder: Encoder | T5Encoder, directory: str | os.PathLike) -> Path:
-    """Save in fastenc's format (config.json + model.safetensors [+ tokenizer.json]); atomic per file."""
+    """Save in fastenc's format (config.json + model.safetensors [+ tokenizer.json]); atomic per file.
+
+    The weights written are the encoder's own, as loaded: when a backend changed their dtype (the ``cpu``
+    backend computes in bf16 on weights loaded in fp32; a pipeline cast them), the checkpoint's tensors are
+    read again (a random init is drawn again from its seed) and written in the dtype they were loaded in,
+    so nothing is rounded. That refuses with one error when the checkpoint changed on disk since, or when
+    the weights were edited after load (they are not a cast of the loaded ones): ``save(encoder.model, ...)``
+    writes the weights exactly as they are now. Encoders running an exported graph (``onnxruntime``,
+    ``tensorrt``, ``aoti``) hold no weights and are refused."""
     model = encoder.model if isinstance(encoder, Encoder) else encoder
+    if isinstance(model, GraphRunner):
+        backend = getattr(encoder, "backend", model.backend)
+        raise ConfigError(
+            f"fastenc.save: this encoder runs the exported {backend} artifact {model.artifact}, which holds no "
+            "weights fastenc can save; save the encoder it was exported from (fastenc.load(CHECKPOINT, "
+            "backend='torch')), or copy the export folder itself")
+    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "config", None), EncoderConfig):
+        raise ConfigError(f"fastenc.save takes a fastenc.Encoder or T5Encoder, got {type(encoder).__name__}")
+    on_meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if on_meta is not None:
+        raise ConfigError(f"fastenc.save: the encoder's weights are on the meta device ({on_meta}; accelerate's "
+                          "sequential offload leaves them there), so there is nothing to save; move it to a device first")
+    state = _loaded_state(encoder) if isinstance(encoder, Encoder) else None
     extra = {}
     tok = getattr(encoder, "tokenizer", None)
     if tok is not None:
         extra["tokenizer.json"] = lambda p: tok.backend.save(str(p))
-    return weights.save_checkpoint(model, directory, extra_files=extra)
+    return weights.save_checkpoint(model, directory, extra_files=extra, state=state)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _loaded_state(encoder: Encoder) -> dict[str, torch.Tensor] | None:
+    """The tensors to save for ``encoder``: None for its live parameters (their dtypes are still the ones
+    loaded, or nothing is known of the load), else its weights as loaded, read again from the checkpoint
+    (drawn again from the seed) after checking the live weights are exactly their cast."""
+    origin, model = encoder.origin, encoder.model
+    if origin is None:
+        return None
+    live = dict(model.named_parameters())
+    if set(live) != set(origin.dtypes):
+        raise ConfigError("fastenc.save: the encoder's parameters are not the ones it was loaded with (modules "
+                          "were replaced); save the module as it is with fastenc.save(encoder.model, directory)")
+    if all(p.dtype == origin.dtypes[n] for n, p in live.items()):
+        return None  # today's behaviour: the live weights are in the dtype they were loaded in
+    was, now = _dtype_name(origin.dtypes["embed.weight"]), _dtype_name(live["embed.weight"].dtype)
+    why = (f"the encoder's weights were loaded as {was} and are {now} now"
+           + (" (the cpu backend computes in bf16)" if encoder.backend == "cpu" else ""))
+    load_dtype = origin.dtypes["embed.weight"]
+    if origin.kind == "random-init":
+        with torch.no_grad():
+            rebuilt = _build_random(model.config, torch.device("cpu"), load_dtype, origin.seed)
+        original = {n: p.detach() for n, p in rebuilt.named_parameters()}
+        what = f"the random init's (seed {origin.seed})"
+    else:
+        expected = {n: p.shape for n, p in live.items()}
+        original = weights.reread_state(origin.path, model.config, expected, dtype=load_dtype,
+                                        identity=origin.identity, stats=origin.stats, why=why)
+        what = f"the checkpoint's ({origin.path})"
+    for name, p in live.items():
+        kept = original.get(name)
+        if kept is None or kept.dtype != origin.dtypes[name] or kept.shape != p.shape:
+            raise CheckpointError(f"fastenc.save: {name} read again is not the tensor loaded ({what})")
+        if not torch.equal(kept.to(p.dtype), p.detach().to("cpu")):
+            raise ConfigError(
+                f"fastenc.save: the encoder's weights changed after load ({name} is not {what} cast to "
+                f"{_dtype_name(p.dtype)}: edited, or rounded through another dtype); {why}, so saving them "
+                "losslessly would write the weights as loaded, not these. Write the weights as they are with "
+                "fastenc.save(encoder.model, directory), or load with backend='torch' (weights kept as loaded) to "
+                "edit and save them")
+    return original

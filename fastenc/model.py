@@ -128,9 +128,12 @@ class T5Encoder(nn.Module):
         return self.projector(h, self.ops)  # [B, L, P]
 
     def cast(self, dtype: torch.dtype) -> "T5Encoder":
-        """Cast parameters; in fp16 the FFN output projections stay fp32 (T5 overflows fp16 there)."""
-        self.to(dtype)
-        if dtype == torch.float16:
-            for block in self.blocks:
-                block.ffn.wo.float()
+        """Cast parameters; in fp16 the FFN output projections stay fp32 (T5 overflows fp16 there), cast
+        straight from their current dtype (never rounded through fp16 on the way)."""
+        if dtype != torch.float16:
+            return self.to(dtype)
+        kept = {id(block.ffn.wo) for block in self.blocks}
+        for module in self.modules():
+            target = torch.float32 if id(module) in kept else dtype
+            module._apply(lambda t, target=target: t.to(target) if t.is_floating_point() else t, recurse=False)
         return self

@@ -435,25 +435,90 @@ def load_state_dict(
     return state
 
 
+def checkpoint_files(path: Path, source: TensorSource) -> list[Path]:
+    """The files a checkpoint's content is read from: every weight file, then config.json and the index."""
+    directory = path if path.is_dir() else path.parent
+    files = sorted(set(source.files.values()))
+    return files + [directory / n for n in (CONFIG_NAME, INDEX_NAME) if (directory / n).is_file()]
+
+
 def checkpoint_identity(path: Path, source: TensorSource) -> str:
     """A cheap identity of a checkpoint's content: config/index files and every weight file's size, mtime
     and first/last MiB (the safetensors header included). New weights at the same path give a new value."""
-    directory = path if path.is_dir() else path.parent
-    files = sorted(set(source.files.values()))
-    files += [directory / n for n in (CONFIG_NAME, INDEX_NAME) if (directory / n).is_file()]
-    return content_identity(files)
+    return content_identity(checkpoint_files(path, source))
 
 
-def save_checkpoint(model, directory: str | os.PathLike, *, extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
-    """Write fastenc's format: config.json + model.safetensors, each to a temporary name, then renamed."""
+def file_stats(files: Iterable[Path]) -> tuple[tuple[Path, int, int], ...]:
+    """``((file, size, mtime_ns), ...)``: enough to name the file that changed when an identity differs."""
+    out = []
+    for f in files:
+        st = Path(f).stat()
+        out.append((Path(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def reread_state(path: Path, cfg: EncoderConfig, expected: dict[str, torch.Size], *, dtype: torch.dtype,
+                 identity: str, stats: tuple[tuple[Path, int, int], ...], why: str) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint gave at load, read again (on the CPU, in ``dtype``, same layout mapping).
+
+    ``identity`` is :func:`checkpoint_identity` as recorded at load (``stats``: :func:`file_stats` of the
+    same files); a checkpoint whose content changed since (checked before and after reading) raises one
+    :class:`CheckpointError` naming the file, with ``why`` (the reason the tensors are read again)."""
+
+    def check(source: TensorSource | None) -> None:
+        now = checkpoint_identity(path, source) if source is not None else None
+        if now == identity:
+            return
+        culprit, how = Path(path), "changed"
+        for file, size, mtime in stats:
+            try:
+                st = file.stat()
+            except OSError:
+                culprit, how = file, "was removed"
+                break
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                culprit = file
+                break
+        else:
+            listed = {f for f, _, _ in stats}
+            extra = [f for f in (checkpoint_files(path, source) if source is not None else []) if f not in listed]
+            if extra:
+                culprit = extra[0]
+        raise CheckpointError(
+            f"fastenc.save: {culprit} {how} since the encoder was loaded from {path}; {why}, so saving them "
+            "losslessly reads the checkpoint's tensors again and they are not the ones loaded any more. Load "
+            "the checkpoint again and save that encoder, or write the weights as they are now with "
+            "fastenc.save(encoder.model, directory)")
+
+    try:
+        source = open_source(Path(path))
+    except CheckpointError:
+        check(None)  # names the file that is gone or changed
+        raise
+    check(source)
+    layout, prefix = detect_layout(source.keys)
+    state = load_state_dict(source, cfg, layout, prefix, expected, dtype=dtype, device="cpu")
+    check(source)  # nothing changed while it was read
+    return state
+
+
+def save_checkpoint(model, directory: str | os.PathLike, *, extra_files: dict[str, Callable[[Path], None]] | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write fastenc's format: config.json + model.safetensors, each to a temporary name, then renamed.
+
+    ``state`` (parameter name -> tensor): the tensors to write instead of ``model``'s own (fastenc.save
+    passes the checkpoint's tensors read again when a backend cast the model's); its dtype is recorded."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    state = {n: p.detach().to("cpu").contiguous() for n, p in model.state_dict().items()}
+    if state is None:
+        state = model.state_dict()
+    state = {n: p.detach().to("cpu").contiguous() for n, p in state.items()}
     config = model.config.to_hf_dict()
     config["fastenc"]["layout"] = "fastenc"
-    config["torch_dtype"] = str(model.compute_dtype).removeprefix("torch.")
+    config["torch_dtype"] = str(state["embed.weight"].dtype if "embed.weight" in state
+                                else model.compute_dtype).removeprefix("torch.")
 
     def write(name: str, writer: Callable[[Path], None]) -> None:
         atomic_write(directory / name, writer)

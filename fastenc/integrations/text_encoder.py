@@ -205,7 +205,9 @@ class T5Replacement(PreTrainedModel):
     # ---- save / load, so pipe.save_pretrained and DiffusionPipeline.from_pretrained round-trip ----
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write the encoder in fastenc's format (config.json + model.safetensors [+ tokenizer.json])."""
+        """Write the encoder in fastenc's format (config.json + model.safetensors [+ tokenizer.json]) through
+        :func:`fastenc.save`: its weights as loaded, bit for bit, even after the pipeline's dtype or the ``cpu``
+        backend cast them (and one error, not a stale or rounded copy, when that cannot be done)."""
         if kwargs:
             log.debug("T5Replacement.save_pretrained ignores %s", ", ".join(sorted(kwargs)))
         save(self.encoder, save_directory)
