@@ -1,4 +1,7 @@
-"""Encoder.encode, the embedding cache in use, and the CLI."""
+"""Encoder.encode, the embedding cache in use, and the CLI.
+
+Every load names its backend (``auto`` picks ``cpu`` on CPUs with native bf16 and ``torch`` elsewhere);
+what must hold for both runs for both: the ``cpu`` backend runs on any x86 CPU when asked for."""
 
 import pytest
 import torch
@@ -20,9 +23,19 @@ def ckpt(tmp_path_factory):
     return d
 
 
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FASTENC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fastenc-cache"))  # cpu int8 plans
+
+
+@pytest.fixture(params=["torch", "cpu"])
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture()
-def enc(ckpt):
-    return fastenc.load(ckpt)
+def enc(ckpt, backend):
+    return fastenc.load(ckpt, backend=backend)
 
 
 def test_encode_matches_forward(enc):
@@ -56,10 +69,10 @@ def test_repeated_prompts_come_from_cache(enc):
     assert enc.cache.stats.hits == after.hits
 
 
-def test_disk_cache_survives_a_new_encoder(ckpt, tmp_path):
-    a = fastenc.load(ckpt, cache=EmbeddingCache(disk_dir=tmp_path / "cache"))
+def test_disk_cache_survives_a_new_encoder(ckpt, backend, tmp_path):
+    a = fastenc.load(ckpt, backend=backend, cache=EmbeddingCache(disk_dir=tmp_path / "cache"))
     want = a.encode(["a lighthouse at dusk"], target="sd3").embeds
-    b = fastenc.load(ckpt, cache=EmbeddingCache(disk_dir=tmp_path / "cache"))
+    b = fastenc.load(ckpt, backend=backend, cache=EmbeddingCache(disk_dir=tmp_path / "cache"))
     got = b.encode(["a lighthouse at dusk"], target="sd3").embeds
     assert b.cache.stats.disk_hits == 1
     torch.testing.assert_close(got, want)
@@ -86,7 +99,7 @@ def test_bad_tensors(enc):
 
 
 def test_no_tokenizer_message(ckpt, tmp_path):
-    enc = fastenc.load(size="small", random_init=True)
+    enc = fastenc.load(size="small", random_init=True, backend="torch")
     with pytest.raises(ConfigError, match="no tokenizer: pass tokenizer="):
         enc.encode("a prompt")
 
@@ -98,19 +111,23 @@ def test_unknown_backend_and_dtype(ckpt):
         fastenc.load(ckpt, dtype="int4")
 
 
-def test_save_keeps_tokenizer(enc, tmp_path):
+def test_save_keeps_tokenizer(enc, ckpt, backend, tmp_path):
     d = fastenc.save(enc, tmp_path / "saved")
-    again = fastenc.load(d)
+    again = fastenc.load(d, backend=backend)
     assert isinstance(again.tokenizer, Tokenizer)
     torch.testing.assert_close(again.encode(["a cat"]).embeds, enc.encode(["a cat"]).embeds)
+    # the weights written are the checkpoint's (fp32), whichever backend ran: the reference reproduces exactly
+    want = fastenc.load(ckpt, backend="torch").encode(["a cat"]).embeds
+    assert torch.equal(fastenc.load(d, backend="torch").encode(["a cat"]).embeds, want)
 
 
-def test_cli_encode(ckpt, tmp_path):
+def test_cli_encode(ckpt, backend, tmp_path):
     out = tmp_path / "out.safetensors"
-    assert main(["encode", "--checkpoint", str(ckpt), "a red fox", "a blue bird", "--target", "sd3", "-o", str(out)]) == 0
+    assert main(["encode", "--checkpoint", str(ckpt), "--backend", backend, "a red fox", "a blue bird", "--target",
+                 "sd3", "-o", str(out)]) == 0
     tensors = load_file(out)
     assert tensors["text_embeddings"].shape == (2, 256, TINY.projection_dim)
-    want = fastenc.load(ckpt).encode(["a red fox", "a blue bird"], target="sd3").embeds
+    want = fastenc.load(ckpt, backend=backend).encode(["a red fox", "a blue bird"], target="sd3").embeds
     torch.testing.assert_close(tensors["text_embeddings"], want.float())
 
 

@@ -22,6 +22,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from safetensors.torch import load_file
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -267,6 +268,32 @@ def test_from_pretrained_with_component_and_save_round_trip(dirs, encoder, t5_to
     with torch.no_grad():
         torch.testing.assert_close(bare.encode_prompt("a cat", None, max_sequence_length=SEQ)[0], expected,
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_save_pretrained_writes_the_checkpoints_weights(dirs, backend, t5_tokenizer, tmp_path, monkeypatch):
+    """pipe.save_pretrained goes through fastenc.save: the encoder's weights as loaded, bit for bit, whether the
+    cpu backend computes in bf16 or a bf16 pipeline cast a torch encoder to bf16."""
+    monkeypatch.setenv("FASTENC_CACHE_DIR", str(dirs["root"] / "cache"))
+    enc = fastenc.load(dirs["encoder"], device="cpu", cache=False, backend=backend)
+    pipe = make_flux(dirs).to(torch.bfloat16)
+    use_in_pipeline(pipe, enc)
+    assert enc.dtype == torch.bfloat16 and enc.backend == backend  # rounded, one way or the other
+    pipe.save_pretrained(tmp_path / "fast")
+    saved = load_file(tmp_path / "fast" / "text_encoder_2" / "model.safetensors")
+    original = load_file(dirs["encoder"] / "model.safetensors")
+    assert set(saved) == set(original)
+    for name, tensor in original.items():
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], tensor), name
+    reference = fastenc.load(dirs["encoder"], device="cpu", cache=False, backend="torch")
+    again = FluxPipeline.from_pretrained(tmp_path / "fast")  # fp32: the torch reference, as loaded before
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_prompt("a cat", None, max_sequence_length=SEQ)[0],
+                                   direct(reference, t5_tokenizer, "a cat"), rtol=0, atol=0)
+    with torch.no_grad():
+        enc.model.embed.weight[5] += 1  # edited after load: refused, not saved stale
+    with pytest.raises(ConfigError, match=r"^fastenc.save: the encoder's weights changed after load \(embed.weight "):
+        pipe.save_pretrained(tmp_path / "edited")
 
 
 def test_dtype_follows_the_pipeline(dirs, encoder, t5_tokenizer):
