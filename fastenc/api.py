@@ -129,6 +129,9 @@ class Encoder(FollowsWeights, nn.Module):
         tokenizer, config, dtype, backend, device type and the CPU backend's int8 plan. The embedding
         cache keys on it, so new weights at the same path or another tokenizer never get old entries."""
         plan = getattr(getattr(self.model, "int8_plan", None), "weights", None)
+        cpu_plan = getattr(self.model, "cpu_plan", None)
+        if cpu_plan is not None:
+            plan = (plan, cpu_plan.chosen)
         text = "|".join(map(str, (self._weights_identity(), tokenizer_identity(self.tokenizer), self.config,
                                   self.dtype, self.backend, self.device.type, plan)))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
@@ -473,10 +476,11 @@ def load(
         source, ckpt_dir = str(path.resolve()), (path if path.is_dir() else path.parent)
     plan_source = None
     if name == "cpu":
-        from .backends.cpu import prepare, source_fingerprint
+        from .backends.cpu import source_fingerprint
+        from .backends.cpu_plan import prepare_planned
 
         plan_source = source if random_init else source_fingerprint(path)
-        prepare(model, source=plan_source)
+        prepare_planned(model, source=plan_source)
     else:
         model.ops = op_table(name, dev)
     model.eval()

@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("check exported artifacts against the torch model", "fastenc.exporters.cli:add_verify_command"),
     "triton-repo": ("write a Triton Inference Server model repository from an export directory",
                     "fastenc.exporters.triton_repo:add_triton_command"),
+    "tune": ("measure which engine runs the cpu backend fastest here (under the fidelity floor) and cache the plan",
+             "fastenc.cli:add_tune_command"),
     "cache": ("show (info) or delete (clear) the files fastenc keeps between runs",
               "fastenc.cli:add_cache_command"),
 }
@@ -64,6 +66,18 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
 
 
@@ -328,6 +342,61 @@ def cmd_info(args) -> int:
 
     for key, value in collect(probe=args.probe).items():
         sys.stdout.write(f"{key:<22} {value}\n")
+    return 0
+
+
+def add_tune_command(sub) -> None:
+    from .backends.cpu_plan import DEFAULT_BUDGET_S, MIN_COS, MIN_WORST, TUNE_SHAPES
+
+    shapes = ", ".join(f"{b}x{s}" for b, s in TUNE_SHAPES)
+    p = sub.add_parser(
+        "tune", help=COMMANDS["tune"][0],
+        description="Search the cpu backend's plan for a checkpoint on this machine ahead of time (fastenc.load "
+                    "otherwise does it at the first load): every installed engine and op-table variant is checked "
+                    f"against the fp32 model on held-out inputs (mean cos-sim >= {MIN_COS}, worst token >= "
+                    f"{MIN_WORST}) and timed at {shapes}; the fastest that meets the floor is cached per CPU, "
+                    "thread count, library versions and checkpoint. Prints the measured table.")
+    add_model_args(p, backends=False)
+    p.add_argument("--budget", type=positive_float, default=DEFAULT_BUDGET_S, metavar="SECONDS",
+                   help=f"time the search may spend (default {DEFAULT_BUDGET_S:.0f}); candidates not started by then "
+                        "are skipped and listed")
+    p.add_argument("--force", action="store_true", help="search again even where a plan is cached")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    import time
+
+    from .backends import cpu_fast_path
+    from .backends.cpu import source_fingerprint
+    from .backends.cpu_plan import plan_key, prepare_planned, read_plan, MIN_COS, MIN_WORST, TUNE_SHAPES
+
+    if args.dtype not in (None, "bf16"):
+        raise ConfigError(f"--dtype {args.dtype}: the cpu backend computes in bf16 (with int8 GEMMs where planned)")
+    if args.device not in (None, "cpu"):
+        raise ConfigError(f"--device {args.device}: tune plans the cpu backend; use --device cpu or leave it out")
+    native, why = cpu_fast_path()
+    if not native:
+        raise BackendUnavailable(f"the cpu backend needs native bf16 ({why}); fastenc runs the torch backend in "
+                                 "fp32 on this CPU")
+    args.device, args.dtype = "cpu", "fp32"
+    args.backend = "torch"  # loaded as is: the plan is searched against these fp32 weights
+    enc = load_from_args(args, cache=False)
+    source = enc.source if enc.random_init else source_fingerprint(enc.source)
+    key = plan_key(source, enc.model.config, TUNE_SHAPES, MIN_COS, MIN_WORST)
+    cached = None if args.force else read_plan(key)
+    out = sys.stdout
+    t0 = time.perf_counter()
+    prepare_planned(enc.model, source=source, budget_s=args.budget, retune=args.force,
+                    say=lambda text: out.write(f"  {text}\n") or out.flush())
+    plan = enc.model.cpu_plan
+    if cached is not None:
+        out.write(f"cached plan (searched earlier in {plan.tune_s:.1f} s; --force to search again), loaded in "
+                  f"{time.perf_counter() - t0:.1f} s:\n")
+    out.write(plan.table() + "\n")
+    from .backends.cpu import plan_cache_dir
+
+    out.write(f"plan: {plan_cache_dir() / (key + '.json')}\n")
     return 0
 
 

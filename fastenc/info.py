@@ -37,6 +37,9 @@ def describe_backend(encoder) -> str:
         kind = " (dynamic)" if dtype == "int8" and backend == "onnxruntime" else ""
         return f"{_GRAPH_NAMES[backend]} {dtype}{kind}{where}"
     if backend == "cpu":
+        engine = getattr(model, "cpu_engine", None)
+        if engine is not None:
+            return f"fastenc cpu ({engine.label})"
         plan = getattr(model, "int8_plan", None)
         return "fastenc cpu (bf16 + int8 W8A8)" if plan is not None and plan.weights else "fastenc cpu (bf16)"
     label = f"fastenc {backend} {dtype_label(encoder.dtype)}"
@@ -145,5 +148,18 @@ def collect(*, probe: bool = False) -> dict[str, str]:
         backends["cpu"] = f"yes (default on this CPU: {why})" if ok else f"no ({why})"
     for name, status in backends.items():
         info[f"backend {name}"] = status
+    if probe and _version("torch"):  # the cpu backend's plans measured on this machine (fastenc tune)
+        from .backends.cpu_plan import cached_plans, machine
+
+        here = machine()
+        plans = [plan for _, plan in cached_plans() if plan.machine == here]
+        info["cpu plans"] = f"{len(plans)} cached for {here}" if plans else \
+            f"none cached for {here} (`fastenc tune` or the first load searches one)"
+        for i, plan in enumerate(plans):
+            times = ", ".join(f"{m.ms[k]:.1f} ms at {k}" for m in plan.measured if m.candidate == plan.chosen
+                              for k in m.ms)
+            best = next((m for m in plan.measured if m.candidate == plan.chosen), None)
+            fid = f"; cos {best.cos:.5f} / worst {best.worst:.5f}" if best is not None else ""
+            info[f"cpu plan {i + 1}"] = f"{plan.chosen.name} ({times}{fid}; searched in {plan.tune_s:.0f} s)"
     info["cache"] = f"{cache_root()} (fastenc cache info)"
     return info

@@ -22,7 +22,7 @@ from fastenc.info import describe_backend
 from helpers import make_t5_tokenizer_json
 from reference import TINY, Reference, write_distillt5
 
-COMMANDS = ("encode", "info", "demo", "export", "verify", "triton-repo", "cache")
+COMMANDS = ("encode", "info", "demo", "export", "verify", "triton-repo", "tune", "cache")
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def test_auto_encoder_reselects_its_op_table_when_its_dtype_changes(checkpoint, 
     assert enc.backend == "cpu"  # reported at once; installed by the next forward
     with torch.no_grad():
         bf16 = enc(ids)
-    assert enc.model.ops.name == "cpu" and enc.model.ops.num_int8 > 0 and enc.graphs is None
+    assert enc.model.ops.name == "cpu" and enc.model.cpu_plan.measured and enc.graphs is None  # planned here
     assert bf16.dtype == torch.bfloat16
     assert torch.nn.functional.cosine_similarity(bf16.float(), fp32, dim=-1).min() > 0.99
     enc.to("meta")  # no kernels on meta: the reference op table, no graphs
@@ -148,13 +148,13 @@ def test_explicit_torch_backend_stays_and_graph_artifacts_do_not_follow(checkpoi
 
 def test_threads_install_the_op_table_once(checkpoint, bf16_cpu, monkeypatch):
     """Many threads calling an encoder right after a move: one of them prepares the cpu path, all agree."""
-    import fastenc.backends.cpu as fcpu
+    import fastenc.backends.cpu_plan as cpu_plan
 
     enc = fastenc.load(checkpoint, dtype="fp32", cache=False)
     enc.to(torch.bfloat16)
     calls = []
-    real = fcpu.prepare
-    monkeypatch.setattr(fcpu, "prepare", lambda model, **kw: (calls.append(1), real(model, **kw))[1])
+    real = cpu_plan.prepare_planned
+    monkeypatch.setattr(cpu_plan, "prepare_planned", lambda model, **kw: (calls.append(1), real(model, **kw))[1])
     ids = _ids(3, 11)
     results, errors = [None] * 6, []
 

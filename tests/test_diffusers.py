@@ -419,13 +419,24 @@ def test_adapter_contract(encoder):
 
 
 @pytest.fixture
-def fast_path_encoder(dirs, monkeypatch) -> fastenc.Encoder:
-    """What ``fastenc.load(path)`` gives on a CPU with native bf16: the ``cpu`` backend (bf16 + int8).
-    The CPU feature check is forced on so the default is taken on any x86 CPU (the backend itself runs)."""
+def fast_path_encoder(dirs, monkeypatch, tmp_path) -> fastenc.Encoder:
+    """What ``fastenc.load(path)`` gives on a CPU with native bf16: the ``cpu`` backend, here with the
+    op-table plan that runs int8 GEMMs (the planner's timing is replaced so that one wins: the pipeline
+    must see the op table). The CPU feature check is forced on so the default is taken on any x86 CPU."""
     import fastenc.backends as backends
+    from fastenc.backends import cpu_plan
 
     monkeypatch.setattr(backends, "cpu_fast_path", lambda: (True, "forced for this test"))
-    monkeypatch.setenv("FASTENC_CACHE_DIR", str(dirs["root"] / "cache"))
+    monkeypatch.setenv("FASTENC_CACHE_DIR", str(tmp_path / "cache"))  # no plan another test cached
+    real = cpu_plan.time_round_robin
+
+    def int8_first(runners, shapes, cfg, *args, **kwargs):
+        times = real(runners, shapes, cfg, 1)
+        return {c: {k: (0.001 if c.int8 and c.engine == "eager" else 1e3 + v) for k, v in t.items()}
+                for c, t in times.items()}
+
+    monkeypatch.setattr(cpu_plan, "time_round_robin", int8_first)
+    monkeypatch.setattr(cpu_plan, "fidelity", lambda outs, refs, inputs: (0.99999, 0.9999))  # all pass the floor
     enc = fastenc.load(dirs["encoder"], cache=False)
     assert enc.backend == "cpu" and enc.dtype == torch.bfloat16 and enc.model.ops.num_int8 > 0
     return enc

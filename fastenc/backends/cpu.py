@@ -58,6 +58,10 @@ SMOOTH_ALPHA = 0.5
 CALIB_ROWS = 2  # two different rows: the worst token of 256 tokens estimates the tail better
 INT8_MODES = ("auto", "none", "all")
 ATTENTION_KINDS = ("matmul", "sdpa")
+#: "exact": the config's activation; "erf": tanh-approximated GELU (T5 v1.1's gelu_new) computed as the
+#: erf GELU it approximates (|difference| < 1e-3, below bf16's rounding; several times faster on the CPU).
+#: The planner uses "erf" only where the fidelity floor holds.
+GELU_KINDS = ("exact", "erf")
 
 
 # ----------------------------------------------------------------------------- int8 GEMM
@@ -129,10 +133,13 @@ class CpuOps(TorchOps):
 
     name = "cpu"
 
-    def __init__(self, attention: str = "matmul") -> None:
+    def __init__(self, attention: str = "matmul", gelu: str = "exact") -> None:
         if attention not in ATTENTION_KINDS:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
+        if gelu not in GELU_KINDS:
+            raise ConfigError(f"gelu must be one of {', '.join(GELU_KINDS)}, got {gelu!r}")
         self.attention_kind = attention
+        self.gelu_kind = gelu
         self._int8: dict[int, Int8Weight] = {}
         self._record: dict[int, torch.Tensor] | None = None
 
@@ -183,7 +190,11 @@ class CpuOps(TorchOps):
             return F.linear(x, weight, bias)
         return int8_linear(x, entry, bias)
 
+    def _act(self, name: str) -> str:
+        return "gelu" if self.gelu_kind == "erf" and name == "gelu_new" else name
+
     def gated_act_linear(self, x: torch.Tensor, wi: torch.Tensor, act: str, out_dtype: torch.dtype) -> torch.Tensor:
+        act = self._act(act)
         entry = self._lookup(wi) if self._int8 else None
         if entry is not None:  # gate in fp32 straight from the int32 accumulator (one rounding less)
             h0, h1 = int8_linear(x, entry, out_dtype=torch.float32).chunk(2, dim=-1)  # [B, L, F] each
@@ -197,7 +208,7 @@ class CpuOps(TorchOps):
     def act_linear(
         self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str, out_dtype: torch.dtype
     ) -> torch.Tensor:
-        return activation(self.linear(x, w, b).to(out_dtype), act)
+        return activation(self.linear(x, w, b).to(out_dtype), self._act(act))
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """One fused kernel (fp32 statistics) when input and weight share a half dtype."""
@@ -504,6 +515,7 @@ def prepare(
     source: str | None = None,
     tune_malloc: bool = True,
     attention: str = "auto",
+    gelu: str = "exact",
 ) -> T5Encoder:
     """Turn ``model`` (any float dtype, on the CPU) into the CPU fast path, in place.
 
@@ -512,7 +524,7 @@ def prepare(
     / an :class:`Int8Plan`. The plan is kept as ``model.int8_plan``. ``tune_malloc`` calls
     :func:`keep_temporaries_on_heap` (process-wide; pass False to leave glibc's malloc alone).
     ``attention``: ``"auto"`` (the plan's choice, else timed once by :func:`choose_attention` and
-    kept in the plan), ``"matmul"`` or ``"sdpa"``. The first call with a new ``source`` pays the
+    kept in the plan), ``"matmul"`` or ``"sdpa"``; ``gelu``: one of :data:`GELU_KINDS`. The first call with a new ``source`` pays the
     planning (about ten calibration forwards) and the attention timing; later ones read the plan.
     """
     if model.embed.weight.device.type != "cpu":
@@ -521,6 +533,8 @@ def prepare(
         raise ConfigError(f"int8 must be one of {', '.join(INT8_MODES)} or a list of weight names, got {int8!r}")
     if attention != "auto" and attention not in ATTENTION_KINDS:
         raise ConfigError(f"attention must be auto, {' or '.join(ATTENTION_KINDS)}, got {attention!r}")
+    if gelu not in GELU_KINDS:
+        raise ConfigError(f"gelu must be one of {', '.join(GELU_KINDS)}, got {gelu!r}")
     model.eval()
     if tune_malloc:
         keep_temporaries_on_heap()
@@ -544,7 +558,7 @@ def prepare(
     kind = attention if attention != "auto" else (plan.attention if plan is not None else None)
     if kind is None:
         kind = choose_attention(model.config)
-    ops = CpuOps(kind)
+    ops = CpuOps(kind, gelu)
     model.ops = ops
     if plan is None:
         if int8 == "none":

@@ -178,12 +178,11 @@ class FollowsWeights:
             name = follow_backend(self.requested_backend, *placed)
             model = self.model
             if name == "cpu":
-                from .cpu import prepare
+                from .cpu_plan import prepare_planned
 
-                plan = getattr(model, "int8_plan", None)
                 # the plan made at load (or by an earlier move) is reused; else one is searched and cached on disk
                 source = self._plan_source or getattr(self, "source", None)
-                prepare(model, int8=plan if plan is not None else "auto", source=source)
+                prepare_planned(model, source=source, plan=getattr(model, "cpu_plan", None))
                 self.__dict__["_cpu_signature"] = param_signature(model)
             else:
                 model.ops = op_table(name, placed[0])
@@ -218,4 +217,12 @@ class FollowsWeights:
         runner = self._graph_runner
         if runner is not None and not torch.is_grad_enabled():
             return runner(input_ids, attention_mask)
+        engine = getattr(self.model, "cpu_engine", None) if self._backend == "cpu" else None
+        if engine is not None and not torch.is_grad_enabled():  # the plan's engine (OpenVINO): inference only
+            out = engine(input_ids, attention_mask)  # None once the weights changed in place
+            if out is not None:
+                return out.to(self._placement()[1])
+            log.warning("fastenc: the encoder's weights changed since the cpu plan's OpenVINO engine was built; "
+                        "running the op-table path")
+            self.model.cpu_engine = None
         return self.model(input_ids, attention_mask)

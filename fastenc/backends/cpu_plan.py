@@ -1,0 +1,415 @@
+"""The ``cpu`` backend's plan: what runs this model fastest on this CPU, chosen by measurement under a
+fidelity floor.
+
+A plan covers everything that decides speed on the CPU: the engine (the op-table path of
+:mod:`.cpu`, or OpenVINO on the same model, :mod:`.cpu_openvino`), and for the op-table path the
+attention kernel, the int8 weight set (:func:`.cpu.plan_int8`) and the GELU form. :func:`tune`
+
+1. computes the fp32 model's output on held-out inputs (ids and lengths the int8 calibration never
+   saw: a full-length row without mask and a padded two-row batch with one),
+2. builds every candidate that is installed and fits the time budget, checks its output against
+   that reference (mean cos-sim >= ``min_cos`` and worst token >= ``min_worst``; padding excluded),
+3. times the candidates round-robin at the plan's shapes (median of ``rounds`` calls each), and
+4. keeps the fastest candidate that meets the floor (sum of the medians over the shapes), so the plan
+   is never slower than the best single candidate it measured.
+
+The plan is cached as JSON per (CPU model and ISA flags, thread count, torch / OpenVINO versions,
+checkpoint fingerprint, floor, shapes) under ``<cache>/cpu-plans/``; a cached plan costs no timing,
+only building the chosen engine. ``fastenc tune`` runs the search ahead of time and prints the table;
+``fastenc info --probe`` lists the plans in force on this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BackendUnavailable, ConfigError
+from ..info import cpu_flags
+from ..model import T5Encoder
+from ..ops import TORCH_OPS
+from . import cpu as fcpu
+
+log = logging.getLogger("fastenc")
+
+#: Bump when the search, the candidates or the plan format change (cached plans are then ignored).
+PLAN_VERSION = 1
+#: The fidelity floor: mean cos-sim over tokens and the worst token, to the fp32 model, on held-out inputs.
+MIN_COS = 0.9995
+MIN_WORST = 0.999
+#: (batch, length) the plan is timed at: Flux/SD3's 512 tokens and PixArt's 120.
+TUNE_SHAPES: tuple[tuple[int, int], ...] = ((1, 512), (1, 120))
+#: Seconds the search may spend building and timing candidates (a candidate not started by then is skipped).
+DEFAULT_BUDGET_S = 120.0
+ROUNDS = 3
+#: CPU flags that change which kernels the libraries pick (part of the cache key).
+ISA_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2", "fma")
+ENGINES = ("eager", "openvino")
+HELD_OUT_SEED = 20261202  # never the calibration seed of cpu.calibration_ids
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run the model: ``eager`` (the op table of :mod:`.cpu`) or ``openvino``."""
+
+    engine: str = "eager"
+    attention: str = "sdpa"  # eager only
+    int8: bool = False  # eager only: the planned int8 weights
+    gelu: str = "exact"  # eager only
+
+    @property
+    def name(self) -> str:
+        if self.engine == "openvino":
+            return "openvino bf16"
+        parts = ["eager bf16" + (" + int8" if self.int8 else ""), f"{self.attention} attention"]
+        if self.gelu != "exact":
+            parts.append(f"{self.gelu} GELU")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Measured:
+    candidate: Candidate
+    ms: dict[str, float] = field(default_factory=dict)  # "BxL" -> median ms
+    cos: float = float("nan")
+    worst: float = float("nan")
+    passes: bool = False
+    note: str = ""  # why it was skipped or failed
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.ms.values()) if self.ms else float("inf")
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    chosen: Candidate
+    int8_weights: tuple[str, ...] = ()
+    measured: tuple[Measured, ...] = ()
+    shapes: tuple[tuple[int, int], ...] = TUNE_SHAPES
+    min_cos: float = MIN_COS
+    min_worst: float = MIN_WORST
+    tune_s: float = 0.0
+    machine: str = ""
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["version"] = PLAN_VERSION
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CpuPlan":
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.pop("version", None) != PLAN_VERSION:
+            raise ValueError("stale or foreign plan")
+        chosen = _candidate(data["chosen"])
+        measured = tuple(Measured(_candidate(m["candidate"]), {str(k): float(v) for k, v in m["ms"].items()},
+                                  float(m["cos"]), float(m["worst"]), bool(m["passes"]), str(m["note"]))
+                         for m in data["measured"])
+        weights = tuple(str(w) for w in data["int8_weights"])
+        shapes = tuple((int(b), int(s)) for b, s in data["shapes"])
+        return cls(chosen, weights, measured, shapes, float(data["min_cos"]), float(data["min_worst"]),
+                   float(data["tune_s"]), str(data["machine"]))
+
+    def table(self) -> str:
+        """The measured candidates, fastest first, the chosen one marked and the floor named."""
+        heads = [f"{b}x{s} ms" for b, s in self.shapes]
+        lines = [f"{'candidate':44} " + " ".join(f"{h:>11}" for h in heads) + "   cos mean / worst",
+                 "-" * (64 + 12 * len(heads))]
+        for m in sorted(self.measured, key=lambda m: (not m.passes, m.total_ms)):
+            mark = "*" if m.candidate == self.chosen else " "
+            cells = " ".join(f"{m.ms.get(_shape_key(sh), float('nan')):>11.1f}" for sh in self.shapes)
+            verdict = "  below the floor" if m.ms and not m.passes else ""
+            extra = f"  ({m.note})" if m.note else ""
+            lines.append(f"{mark} {m.candidate.name:42} {cells}   {m.cos:.5f} / {m.worst:.5f}{verdict}{extra}")
+        lines.append(f"floor: mean cos >= {self.min_cos} and worst token >= {self.min_worst} to fp32 on held-out "
+                     f"inputs; * = in force ({self.chosen.name}); searched in {self.tune_s:.1f} s on {self.machine}")
+        return "\n".join(lines)
+
+
+def _candidate(data: dict) -> Candidate:
+    c = Candidate(str(data["engine"]), str(data["attention"]), bool(data["int8"]), str(data["gelu"]))
+    if c.engine not in ENGINES or c.attention not in fcpu.ATTENTION_KINDS or c.gelu not in fcpu.GELU_KINDS:
+        raise ValueError(f"unknown candidate {data!r}")
+    return c
+
+
+def _shape_key(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def machine() -> str:
+    """CPU model, its ISA class and the thread count: what a plan was measured on."""
+    flags = cpu_flags()
+    isa = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else \
+        "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{fcpu.cpu_model()} ({isa}, {torch.get_num_threads()} threads)"
+
+
+def library_versions() -> str:
+    from . import cpu_openvino
+
+    ok, version = cpu_openvino.available()
+    return f"torch {torch.__version__}; openvino {version if ok else 'absent'}"
+
+
+def plan_key(source: str, cfg, shapes: Sequence[tuple[int, int]], min_cos: float, min_worst: float) -> str:
+    flags = cpu_flags()
+    isa = ",".join(f for f in ISA_FLAGS if f in flags)
+    text = "|".join(map(str, (PLAN_VERSION, source, cfg, tuple(shapes), min_cos, min_worst, fcpu.cpu_model(), isa,
+                              torch.get_num_threads(), library_versions())))
+    return "engine-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def read_plan(key: str) -> CpuPlan | None:
+    try:
+        return CpuPlan.from_json((fcpu.plan_cache_dir() / f"{key}.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or stale: search again
+        return None
+
+
+def write_plan(key: str, plan: CpuPlan) -> None:
+    from ..fileio import atomic_write
+
+    path = fcpu.plan_cache_dir() / f"{key}.json"
+    try:
+        atomic_write(path, lambda p: p.write_text(plan.to_json()))
+    except OSError as exc:  # read-only home: the plan is simply not reused
+        log.info("fastenc: could not cache the CPU plan at %s (%s)", path, exc)
+
+
+def cached_plans() -> list[tuple[str, CpuPlan]]:
+    """Every readable plan in the cache (for ``fastenc info --probe``)."""
+    out = []
+    directory = fcpu.plan_cache_dir()
+    for path in sorted(directory.glob("engine-*.json")) if directory.is_dir() else []:
+        plan = read_plan(path.stem)
+        if plan is not None:
+            out.append((path.stem, plan))
+    return out
+
+
+# ----------------------------------------------------------------------------- fidelity and timing
+
+
+def held_out_inputs(cfg, shapes: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Inputs no plan sees while it is made: one full-length row per longest shape, no mask; and two
+    shorter rows with a mask, the first half padded (``[B, L]`` ids, ``[B, L]`` mask or None)."""
+    gen = torch.Generator().manual_seed(HELD_OUT_SEED)
+    longest = max(s for _, s in shapes)
+    short = max(4, min(longest, 96) - 7)  # a length no tune shape uses
+    ids_long = torch.randint(2, cfg.vocab_size, (1, longest), generator=gen)
+    ids_short = torch.randint(2, cfg.vocab_size, (2, short), generator=gen)
+    mask = torch.ones(2, short, dtype=torch.long)
+    mask[0, short // 2:] = 0
+    return [(ids_long, None), (ids_short, mask)]
+
+
+def fidelity(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
+             inputs: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[float, float]:
+    """(mean, worst) cos-sim over every real token (padding excluded) of ``outs`` against ``refs``."""
+    sims = []
+    for out, ref, (_, mask) in zip(outs, refs, inputs):
+        cos = F.cosine_similarity(out.float(), ref.float(), dim=-1)  # [B, L]
+        sims.append(cos[mask.bool()] if mask is not None else cos.flatten())
+    allc = torch.cat(sims)
+    if not torch.isfinite(allc).all():
+        return float("nan"), float("nan")
+    return float(allc.mean()), float(allc.min())
+
+
+def time_round_robin(runners: dict[Candidate, Callable[[torch.Tensor], object]],
+                     shapes: Sequence[tuple[int, int]], cfg, rounds: int = ROUNDS,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[Candidate, dict[str, float]]:
+    """Median ms per candidate and shape. Candidates of one engine are timed round-robin (each round
+    calls every one once in turn, after an untimed call each, so a change in machine load hits them
+    alike); engines take turns in blocks, since one runtime's idle worker threads (OpenMP's for torch,
+    TBB's for OpenVINO) keep spinning for a while after a call and would slow the other's next call."""
+    out: dict[Candidate, dict[str, float]] = {c: {} for c in runners}
+    groups: dict[str, list[Candidate]] = {}
+    for c in runners:
+        groups.setdefault(c.engine, []).append(c)
+    for shape in shapes:
+        ids = torch.randint(2, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(7))
+        samples: dict[Candidate, list[float]] = {c: [] for c in runners}
+        with torch.inference_mode():
+            for group in groups.values():
+                for rep in range(rounds + 1):
+                    for c in group:
+                        t0 = clock()
+                        runners[c](ids)
+                        if rep:
+                            samples[c].append((clock() - t0) * 1e3)
+        for c, s in samples.items():
+            out[c][_shape_key(shape)] = statistics.median(s)
+    return out
+
+
+def choose(measured: Sequence[Measured]) -> Measured | None:
+    """The fastest candidate (sum of its medians over the shapes) that meets the floor, else None."""
+    ok = [m for m in measured if m.passes and m.ms]
+    return min(ok, key=lambda m: m.total_ms) if ok else None
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def eager_candidates(has_int8: bool) -> list[Candidate]:
+    out = []
+    for attention in ("sdpa", "matmul"):
+        for int8 in ((False, True) if has_int8 else (False,)):
+            for gelu in fcpu.GELU_KINDS:
+                out.append(Candidate("eager", attention, int8, gelu))
+    return out
+
+
+def _eager_ops(c: Candidate, shared_int8: fcpu.CpuOps) -> fcpu.CpuOps:
+    """The candidate's op table; int8 candidates share one set of quantised weights."""
+    ops = fcpu.CpuOps(c.attention, c.gelu)
+    if c.int8:
+        ops._int8 = shared_int8._int8
+    return ops
+
+
+def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[int, int]] = TUNE_SHAPES,
+         budget_s: float = DEFAULT_BUDGET_S, min_cos: float = MIN_COS, min_worst: float = MIN_WORST,
+         rounds: int = ROUNDS, engines: Sequence[str] = ENGINES, say: Callable[[str], None] | None = None,
+         ) -> tuple[CpuPlan, object | None]:
+    """Search the plan for ``model`` (float weights on the CPU; cast to bf16 in place on return, with the
+    chosen op table installed). Returns ``(plan, engine)``: the OpenVINO engine when it won, else None."""
+    from . import cpu_openvino
+
+    say = say or (lambda text: log.info("fastenc: %s", text))
+    t_start = time.perf_counter()
+    cfg = model.config
+    model.eval()
+    model.ops = TORCH_OPS
+    inputs = held_out_inputs(cfg, shapes)
+    with torch.inference_mode():  # the fp32 reference, before anything is cast
+        if model.compute_dtype == torch.float32:
+            refs = [model(i, m) for i, m in inputs]
+        else:
+            import copy
+
+            ref_model = copy.deepcopy(model).float()
+            refs = [ref_model(i, m) for i, m in inputs]
+            del ref_model
+    measured: list[Measured] = []
+    runners: dict[Candidate, Callable] = {}
+    fid: dict[Candidate, tuple[float, float]] = {}
+    engine = None
+    ov_c = Candidate("openvino")
+    if "openvino" in engines:
+        ok, why = cpu_openvino.available()
+        if not ok:
+            measured.append(Measured(ov_c, note=why))
+        else:
+            try:
+                engine = cpu_openvino.OpenVinoEngine(model, precision="bf16")
+                runners[ov_c] = lambda ids: engine(ids)
+                with torch.inference_mode():
+                    fid[ov_c] = fidelity([engine(i, m) for i, m in inputs], refs, inputs)
+                say(f"built {ov_c.name} in {engine.build_s:.1f} s")
+            except Exception as exc:  # a runtime that fails to convert or compile is one note, not the load
+                engine = None
+                measured.append(Measured(ov_c, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+    # the op-table path: the int8 search (its own calibration batch against fp32) and the cast to bf16
+    fcpu.prepare(model, int8="auto" if "eager" in engines else "none", source=source, attention="sdpa")
+    int8_weights = model.int8_plan.weights
+    shared_int8 = model.ops  # prepare quantised the planned weights into this table
+    if engine is not None:
+        engine.bind(model)
+    if "eager" in engines:
+        for i, c in enumerate(eager_candidates(bool(int8_weights))):
+            if i and time.perf_counter() - t_start > budget_s:  # the first (plain bf16) is always measured
+                measured.append(Measured(c, note=f"skipped: past the {budget_s:.0f} s tuning budget"))
+                continue
+            ops = _eager_ops(c, shared_int8)
+
+            def run(ids, mask=None, ops=ops):
+                model.ops = ops
+                return model(ids, mask)
+
+            runners[c] = run
+            with torch.inference_mode():
+                fid[c] = fidelity([run(i, m) for i, m in inputs], refs, inputs)
+    times = time_round_robin(runners, shapes, cfg, rounds) if runners else {}
+    for c in runners:
+        cos, worst = fid[c]
+        measured.append(Measured(c, times[c], round(cos, 6), round(worst, 6),
+                                 bool(cos >= min_cos and worst >= min_worst)))
+    best = choose(measured)
+    if best is None:  # nothing meets the floor: the most faithful candidate, said loudly
+        scored = [m for m in measured if m.ms and m.cos == m.cos]
+        if not scored:
+            raise BackendUnavailable("the cpu backend could not run any candidate: "
+                                     + "; ".join(f"{m.candidate.name}: {m.note}" for m in measured))
+        best = max(scored, key=lambda m: (m.worst, m.cos))
+        log.warning("fastenc: no cpu candidate keeps cos-sim %.4f / worst token %.4f to fp32 on held-out inputs; "
+                    "running the most faithful one (%s: %.5f / %.5f); backend='torch' computes in fp32",
+                    min_cos, min_worst, best.candidate.name, best.cos, best.worst)
+    chosen = best.candidate
+    plan = CpuPlan(chosen, tuple(int8_weights) if chosen.int8 else (), tuple(measured), tuple(shapes), min_cos,
+                   min_worst, round(time.perf_counter() - t_start, 2), machine())
+    _install(model, plan)
+    if chosen.engine != "openvino":
+        engine = None
+    return plan, engine
+
+
+def _install(model: T5Encoder, plan: CpuPlan) -> None:
+    """The plan's op table on the (bf16) model; the int8 set re-quantised (smoothing from calibration)."""
+    c = plan.chosen
+    attention = c.attention if c.engine == "eager" else "sdpa"
+    gelu = c.gelu if c.engine == "eager" else "exact"
+    fcpu.prepare(model, int8=fcpu.Int8Plan(plan.int8_weights, attention=attention), attention=attention, gelu=gelu)
+    model.cpu_plan = plan
+
+
+def prepare_planned(model: T5Encoder, *, source: str | None = None, plan: CpuPlan | None = None,
+                    shapes: Sequence[tuple[int, int]] = TUNE_SHAPES, budget_s: float = DEFAULT_BUDGET_S,
+                    retune: bool = False, say: Callable[[str], None] | None = None) -> T5Encoder:
+    """The cpu backend for ``model``, in place: the cached plan for (this machine, ``source``), else one
+    searched by :func:`tune` (and cached when ``source`` is given). Sets ``model.cpu_plan`` and
+    ``model.cpu_engine`` (the OpenVINO engine when the plan runs it, else None)."""
+    if model.embed.weight.device.type != "cpu":
+        raise ConfigError(f"the cpu backend runs on the CPU; the model is on {model.embed.weight.device}")
+    key = plan_key(source, model.config, shapes, MIN_COS, MIN_WORST) if source else None
+    if plan is None and key is not None and not retune:
+        plan = read_plan(key)
+        if plan is not None and not set(plan.int8_weights) <= set(fcpu.linear_weight_names(model)):
+            plan = None  # a plan for another layout: search again
+    engine = None
+    if plan is None:
+        t0 = time.perf_counter()
+        log.info("fastenc: planning the cpu backend for this machine (one time per checkpoint%s; "
+                 "`fastenc tune` runs it ahead)", "" if key else ", not cached: no source")
+        plan, engine = tune(model, source=source, shapes=shapes, budget_s=budget_s, say=say)
+        log.info("fastenc: cpu plan in %.1f s: %s", time.perf_counter() - t0, plan.chosen.name)
+        if key is not None:
+            write_plan(key, plan)
+    else:
+        if plan.chosen.engine == "openvino":
+            from . import cpu_openvino
+
+            try:
+                engine = cpu_openvino.OpenVinoEngine(model, precision="bf16")
+            except Exception as exc:  # the plan's engine is gone (uninstalled, broken): the op-table path runs
+                log.warning("fastenc: the cpu plan runs OpenVINO, which failed here (%s: %s); using the op table",
+                            type(exc).__name__, str(exc).splitlines()[0][:160])
+        _install(model, plan)
+        if engine is not None:
+            engine.bind(model)
+    model.cpu_engine = engine
+    return model
