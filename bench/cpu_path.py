@@ -109,16 +109,14 @@ def build_candidate(name: str, o: dict, threads: int):
         from fastenc.backends import cpu_fast_path
         from fastenc.backends.cpu_plan import prepare_planned
 
-        if not cpu_fast_path()[0] and not o.get("emulated"):
-            enc = fastenc.Encoder(model32, backend="torch", source=source, requested_backend="auto")
-            return (lambda ids: enc(ids)), _label("torch", enc.model, torch.float32), "the default here: no native bf16"
+        precision = "bf16" if cpu_fast_path()[0] or o.get("emulated") else "fp32"  # as fastenc.load picks it
         t0 = time.perf_counter()
-        prepare_planned(model32, source=source)
+        prepare_planned(model32, source=source, precision=precision)
         enc = fastenc.Encoder(model32, backend="cpu", source=source, requested_backend="auto", plan_source=source)
         plan = model32.cpu_plan
         note = (f"plan ready in {time.perf_counter() - t0:.1f} s (searched in {plan.tune_s:.1f} s when not cached): "
                 f"{plan.chosen.name}")
-        return (lambda ids: enc(ids)), _label("cpu", enc.model, torch.bfloat16), note
+        return (lambda ids: enc(ids)), _label("cpu", enc.model, enc.dtype), note
     if name == "cpu-bf16":
         from fastenc.backends import cpu as fcpu
 

@@ -476,11 +476,14 @@ def load(
         source, ckpt_dir = str(path.resolve()), (path if path.is_dir() else path.parent)
     plan_source = None
     if name == "cpu":
+        from .backends import cpu_fast_path
         from .backends.cpu import source_fingerprint
         from .backends.cpu_plan import prepare_planned
 
         plan_source = source if random_init else source_fingerprint(path)
-        prepare_planned(model, source=plan_source)
+        # bf16 where native; backend='cpu' asked for explicitly keeps bf16 (emulated) on other CPUs, auto does not
+        precision = "bf16" if cpu_fast_path()[0] or backend == "cpu" else "fp32"
+        prepare_planned(model, source=plan_source, precision=precision)
     else:
         model.ops = op_table(name, dev)
     model.eval()

@@ -372,22 +372,22 @@ def cmd_tune(args) -> int:
     from .backends.cpu_plan import plan_key, prepare_planned, read_plan, MIN_COS, MIN_WORST, TUNE_SHAPES
 
     if args.dtype not in (None, "bf16"):
-        raise ConfigError(f"--dtype {args.dtype}: the cpu backend computes in bf16 (with int8 GEMMs where planned)")
+        raise ConfigError(f"--dtype {args.dtype}: tune plans the cpu backend's own precision (bf16 where the CPU "
+                          "has it natively, else fp32); leave --dtype out")
     if args.device not in (None, "cpu"):
         raise ConfigError(f"--device {args.device}: tune plans the cpu backend; use --device cpu or leave it out")
-    native, why = cpu_fast_path()
-    if not native:
-        raise BackendUnavailable(f"the cpu backend needs native bf16 ({why}); fastenc runs the torch backend in "
-                                 "fp32 on this CPU")
+    precision = "bf16" if cpu_fast_path()[0] else "fp32"  # never emulated bf16
+    if args.dtype == "bf16" and precision == "fp32":
+        raise ConfigError(f"--dtype bf16: this CPU has no native bf16 ({cpu_fast_path()[1]}); its plan is fp32")
     args.device, args.dtype = "cpu", "fp32"
     args.backend = "torch"  # loaded as is: the plan is searched against these fp32 weights
     enc = load_from_args(args, cache=False)
     source = enc.source if enc.random_init else source_fingerprint(enc.source)
-    key = plan_key(source, enc.model.config, TUNE_SHAPES, MIN_COS, MIN_WORST)
+    key = plan_key(source, enc.model.config, TUNE_SHAPES, MIN_COS, MIN_WORST, precision)
     cached = None if args.force else read_plan(key)
     out = sys.stdout
     t0 = time.perf_counter()
-    prepare_planned(enc.model, source=source, budget_s=args.budget, retune=args.force,
+    prepare_planned(enc.model, source=source, budget_s=args.budget, retune=args.force, precision=precision,
                     say=lambda text: out.write(f"  {text}\n") or out.flush())
     plan = enc.model.cpu_plan
     if cached is not None:

@@ -41,7 +41,9 @@ def describe_backend(encoder) -> str:
         if engine is not None:
             return f"fastenc cpu ({engine.label})"
         plan = getattr(model, "int8_plan", None)
-        return "fastenc cpu (bf16 + int8 W8A8)" if plan is not None and plan.weights else "fastenc cpu (bf16)"
+        precision = dtype_label(getattr(encoder, "dtype", "bf16"))
+        return f"fastenc cpu ({precision} + int8 W8A8)" if plan is not None and plan.weights else \
+            f"fastenc cpu ({precision})"
     label = f"fastenc {backend} {dtype_label(encoder.dtype)}"
     if getattr(encoder, "graphs", None) is not None:
         label += " + CUDA graphs"
@@ -113,7 +115,7 @@ def usable_backends(*, cuda: bool | None = None) -> dict[str, str]:
     if "amx_bf16" in flags or "avx512_bf16" in flags:
         out["cpu"] = f"yes (default on this CPU: {'AMX-BF16' if 'amx_bf16' in flags else 'AVX512-BF16'})"
     else:
-        out["cpu"] = "no (the CPU has neither AVX512-BF16 nor AMX; the torch backend runs fp32 instead)"
+        out["cpu"] = "yes (default on this CPU: fp32 plan, no native bf16)"
     out["triton"] = ("yes" if cuda else no_gpu) if _version("triton") else "no (triton not installed)"
     out["onnxruntime"] = "yes" if _version("onnxruntime") or _version("onnxruntime-gpu") \
         else "no (onnxruntime not installed)"
@@ -145,7 +147,7 @@ def collect(*, probe: bool = False) -> dict[str, str]:
         from .backends.cpu import fast_path_supported
 
         ok, why = fast_path_supported()
-        backends["cpu"] = f"yes (default on this CPU: {why})" if ok else f"no ({why})"
+        backends["cpu"] = f"yes (default on this CPU: {why})" if ok else f"yes (default on this CPU: fp32 plan; {why})"
     for name, status in backends.items():
         info[f"backend {name}"] = status
     if probe and _version("torch"):  # the cpu backend's plans measured on this machine (fastenc tune)

@@ -220,22 +220,44 @@ def test_an_encoder_whose_weights_change_leaves_the_openvino_engine(monkeypatch)
 def test_fastenc_tune_prints_the_table_and_info_probe_shows_the_plan(monkeypatch, capsys, tmp_path):
     from fastenc import cli
 
-    if not fcpu.fast_path_supported()[0]:
-        assert cli.main(["tune", "--random-init", "--size", "base"]) == 2
-        assert "needs native bf16" in capsys.readouterr().err
-        return
-    monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({"eager bf16, sdpa attention": 3.0}))
+    precision = plan_mod.default_precision()  # bf16 where native, else fp32: tune plans what load would run
+    fastest = f"eager {precision}, sdpa attention"
+    monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({fastest: 3.0}))
     model = common.build_model(TINY, seed=8)
     fastenc.save(model, tmp_path / "ckpt")
     assert cli.main(["tune", "--checkpoint", str(tmp_path / "ckpt")]) == 0
     out = capsys.readouterr().out
-    assert "* eager bf16, sdpa attention" in out and "floor: mean cos >= 0.9995 and worst token >= 0.999" in out
+    assert f"* {fastest}" in out and "floor: mean cos >= 0.9995 and worst token >= 0.999" in out
     assert cli.main(["tune", "--checkpoint", str(tmp_path / "ckpt")]) == 0
     assert "cached plan" in capsys.readouterr().out
+    enc = fastenc.load(tmp_path / "ckpt", cache=False)  # the default load finds the plan tune cached
+    assert enc.backend == "cpu" and enc.model.cpu_plan.chosen.name == fastest
     with pytest.raises(SystemExit) as exit_:
         cli.main(["tune", "--checkpoint", str(tmp_path / "ckpt"), "--budget", "nan"])
     assert exit_.value.code == 2
     assert "argument --budget: expected a positive finite number, got nan" in capsys.readouterr().err
+    assert cli.main(["tune", "--checkpoint", str(tmp_path / "ckpt"), "--dtype", "fp16"]) == 2
+    assert "--dtype fp16: tune plans the cpu backend's own precision" in capsys.readouterr().err
     assert cli.main(["info", "--probe"]) == 0
     out = capsys.readouterr().out
-    assert "cpu plans" in out and "eager bf16, sdpa attention" in out
+    assert "cpu plans" in out and fastest in out
+
+
+def test_a_cpu_without_native_bf16_gets_an_fp32_plan_never_emulated_bf16(monkeypatch, tmp_path):
+    import fastenc.backends as backends
+
+    monkeypatch.setattr(backends, "cpu_fast_path", lambda: (False, "forced: no AVX512-BF16 or AMX"))
+    monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({"openvino fp32": 1.0}))
+    model = common.build_model(TINY, seed=9)
+    fastenc.save(model, tmp_path / "ckpt")
+    enc = fastenc.load(tmp_path / "ckpt", cache=False)
+    plan = enc.model.cpu_plan
+    assert (enc.backend, enc.dtype) == ("cpu", torch.float32)
+    assert {mm.candidate.precision for mm in plan.measured} == {"fp32"} and plan.chosen.name == "openvino fp32"
+    assert enc.model.cpu_engine.precision == "f32" and enc.model.embed.weight.dtype == torch.float32
+    assert fastenc.info.describe_backend(enc).endswith("fp32)")
+    ids = torch.randint(2, TINY.vocab_size, (2, 13))
+    with torch.inference_mode():
+        torch.testing.assert_close(enc(ids), model(ids), rtol=1e-4, atol=1e-4)
+    # fp32 asked for explicitly is the torch reference, as before
+    assert fastenc.load(tmp_path / "ckpt", dtype="fp32", cache=False).backend == "torch"

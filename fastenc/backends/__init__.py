@@ -94,12 +94,15 @@ def follow_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Validate a backend name; ``auto`` picks the fastest one usable on ``device``.
 
-    On the CPU that is ``cpu`` (bf16 with planned int8 GEMMs, :mod:`fastenc.backends.cpu`) when the CPU
-    has native bf16 and no dtype other than bf16 was asked for; else ``torch``."""
+    On the CPU that is ``cpu``, the planned CPU path (:mod:`fastenc.backends.cpu_plan`): in bf16 when the
+    CPU has native bf16 and no dtype other than bf16 was asked for, in fp32 on other CPUs when no dtype
+    was asked for (never emulated bf16); ``torch`` when fp32 or fp16 was asked for explicitly."""
     if name == "auto":
         if device.type == "cuda" and _triton_importable():
             return "triton"
-        if device.type == "cpu" and dtype in (None, torch.bfloat16) and cpu_fast_path()[0]:
+        if device.type == "cpu" and dtype is None:
+            return "cpu"
+        if device.type == "cpu" and dtype == torch.bfloat16 and cpu_fast_path()[0]:
             return "cpu"
         return "torch"
     if name not in BACKENDS:

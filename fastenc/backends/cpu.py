@@ -472,8 +472,10 @@ def plan_cache_dir() -> Path:
     return Path(root) / "cpu-plans"
 
 
-def _plan_key(source: str, cfg, min_cos: float, calib_len: int) -> str:
+def _plan_key(source: str, cfg, min_cos: float, calib_len: int, dtype: torch.dtype = torch.bfloat16) -> str:
     text = f"{PLAN_VERSION}|{source}|{cfg}|{min_cos}|{DEFAULT_MIN_WORST}|{calib_len}|{torch.__version__}|{cpu_model()}"
+    if dtype != torch.bfloat16:  # an int8 plan around fp32 compute is another plan
+        text += f"|{dtype}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -516,6 +518,7 @@ def prepare(
     tune_malloc: bool = True,
     attention: str = "auto",
     gelu: str = "exact",
+    dtype: torch.dtype = torch.bfloat16,
 ) -> T5Encoder:
     """Turn ``model`` (any float dtype, on the CPU) into the CPU fast path, in place.
 
@@ -524,7 +527,8 @@ def prepare(
     / an :class:`Int8Plan`. The plan is kept as ``model.int8_plan``. ``tune_malloc`` calls
     :func:`keep_temporaries_on_heap` (process-wide; pass False to leave glibc's malloc alone).
     ``attention``: ``"auto"`` (the plan's choice, else timed once by :func:`choose_attention` and
-    kept in the plan), ``"matmul"`` or ``"sdpa"``; ``gelu``: one of :data:`GELU_KINDS`. The first call with a new ``source`` pays the
+    kept in the plan), ``"matmul"`` or ``"sdpa"``; ``gelu``: one of :data:`GELU_KINDS`; ``dtype``: what the op table computes
+    in, bf16 (CPUs with native bf16) or fp32 (the others: int8 GEMMs around fp32). The first call with a new ``source`` pays the
     planning (about ten calibration forwards) and the attention timing; later ones read the plan.
     """
     if model.embed.weight.device.type != "cpu":
@@ -535,10 +539,12 @@ def prepare(
         raise ConfigError(f"attention must be auto, {' or '.join(ATTENTION_KINDS)}, got {attention!r}")
     if gelu not in GELU_KINDS:
         raise ConfigError(f"gelu must be one of {', '.join(GELU_KINDS)}, got {gelu!r}")
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ConfigError(f"the cpu backend computes in bf16 or fp32, not {dtype}")
     model.eval()
     if tune_malloc:
         keep_temporaries_on_heap()
-    key = _plan_key(source, model.config, min_cos, calib_len) if source and int8 == "auto" else None
+    key = _plan_key(source, model.config, min_cos, calib_len, dtype) if source and int8 == "auto" else None
     plan = int8 if isinstance(int8, Int8Plan) else _read_plan(key)
     if plan is not None and key is not None and not set(plan.weights) <= set(linear_weight_names(model)):
         plan = None  # a cached plan for another layout: search again
@@ -553,7 +559,7 @@ def prepare(
                 import copy
 
                 ref = copy.deepcopy(model).float()(ids)
-    model.cast(torch.bfloat16)
+    model.cast(dtype)
     cached = plan
     kind = attention if attention != "auto" else (plan.attention if plan is not None else None)
     if kind is None:
@@ -586,5 +592,6 @@ def prepare(
     model.int8_plan = plan
     del ref
     release_freed_memory()  # the fp32 weights the cast replaced
-    log.info("fastenc: cpu backend (%s, bf16) %s", model.config.name, plan.summary(model.config))
+    log.info("fastenc: cpu backend (%s, %s) %s", model.config.name, str(dtype).removeprefix("torch."),
+             plan.summary(model.config))
     return model

@@ -53,6 +53,7 @@ ROUNDS = 3
 #: CPU flags that change which kernels the libraries pick (part of the cache key).
 ISA_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2", "fma")
 ENGINES = ("eager", "openvino")
+PRECISIONS = ("bf16", "fp32")
 HELD_OUT_SEED = 20261202  # never the calibration seed of cpu.calibration_ids
 
 
@@ -64,12 +65,17 @@ class Candidate:
     attention: str = "sdpa"  # eager only
     int8: bool = False  # eager only: the planned int8 weights
     gelu: str = "exact"  # eager only
+    precision: str = "bf16"  # "bf16" (CPUs with native bf16) or "fp32" (the others)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     @property
     def name(self) -> str:
         if self.engine == "openvino":
-            return "openvino bf16"
-        parts = ["eager bf16" + (" + int8" if self.int8 else ""), f"{self.attention} attention"]
+            return f"openvino {self.precision}"
+        parts = [f"eager {self.precision}" + (" + int8" if self.int8 else ""), f"{self.attention} attention"]
         if self.gelu != "exact":
             parts.append(f"{self.gelu} GELU")
         return ", ".join(parts)
@@ -136,8 +142,10 @@ class CpuPlan:
 
 
 def _candidate(data: dict) -> Candidate:
-    c = Candidate(str(data["engine"]), str(data["attention"]), bool(data["int8"]), str(data["gelu"]))
-    if c.engine not in ENGINES or c.attention not in fcpu.ATTENTION_KINDS or c.gelu not in fcpu.GELU_KINDS:
+    c = Candidate(str(data["engine"]), str(data["attention"]), bool(data["int8"]), str(data["gelu"]),
+                  str(data.get("precision", "bf16")))
+    if c.engine not in ENGINES or c.attention not in fcpu.ATTENTION_KINDS or c.gelu not in fcpu.GELU_KINDS \
+            or c.precision not in PRECISIONS:
         raise ValueError(f"unknown candidate {data!r}")
     return c
 
@@ -164,11 +172,19 @@ def library_versions() -> str:
     return f"torch {torch.__version__}; openvino {version if ok else 'absent'}"
 
 
-def plan_key(source: str, cfg, shapes: Sequence[tuple[int, int]], min_cos: float, min_worst: float) -> str:
+def default_precision() -> str:
+    """bf16 where the CPU has it natively (AMX, AVX512-BF16), else fp32: never emulated bf16."""
+    from . import cpu_fast_path
+
+    return "bf16" if cpu_fast_path()[0] else "fp32"
+
+
+def plan_key(source: str, cfg, shapes: Sequence[tuple[int, int]], min_cos: float, min_worst: float,
+             precision: str = "bf16") -> str:
     flags = cpu_flags()
     isa = ",".join(f for f in ISA_FLAGS if f in flags)
     text = "|".join(map(str, (PLAN_VERSION, source, cfg, tuple(shapes), min_cos, min_worst, fcpu.cpu_model(), isa,
-                              torch.get_num_threads(), library_versions())))
+                              torch.get_num_threads(), library_versions(), precision)))
     return "engine-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -265,12 +281,12 @@ def choose(measured: Sequence[Measured]) -> Measured | None:
 # ----------------------------------------------------------------------------- the search
 
 
-def eager_candidates(has_int8: bool) -> list[Candidate]:
+def eager_candidates(has_int8: bool, precision: str = "bf16") -> list[Candidate]:
     out = []
     for attention in ("sdpa", "matmul"):
         for int8 in ((False, True) if has_int8 else (False,)):
             for gelu in fcpu.GELU_KINDS:
-                out.append(Candidate("eager", attention, int8, gelu))
+                out.append(Candidate("eager", attention, int8, gelu, precision))
     return out
 
 
@@ -285,9 +301,12 @@ def _eager_ops(c: Candidate, shared_int8: fcpu.CpuOps) -> fcpu.CpuOps:
 def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[int, int]] = TUNE_SHAPES,
          budget_s: float = DEFAULT_BUDGET_S, min_cos: float = MIN_COS, min_worst: float = MIN_WORST,
          rounds: int = ROUNDS, engines: Sequence[str] = ENGINES, say: Callable[[str], None] | None = None,
-         ) -> tuple[CpuPlan, object | None]:
-    """Search the plan for ``model`` (float weights on the CPU; cast to bf16 in place on return, with the
-    chosen op table installed). Returns ``(plan, engine)``: the OpenVINO engine when it won, else None."""
+         precision: str = "bf16") -> tuple[CpuPlan, object | None]:
+    """Search the plan for ``model`` (float weights on the CPU; cast to ``precision`` in place on return,
+    with the chosen op table installed). Returns ``(plan, engine)``: the OpenVINO engine when it won, else
+    None. ``precision``: bf16 on CPUs with native bf16; fp32 elsewhere (fp32 and int8 candidates only)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     from . import cpu_openvino
 
     say = say or (lambda text: log.info("fastenc: %s", text))
@@ -309,14 +328,14 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
     runners: dict[Candidate, Callable] = {}
     fid: dict[Candidate, tuple[float, float]] = {}
     engine = None
-    ov_c = Candidate("openvino")
+    ov_c = Candidate("openvino", precision=precision)
     if "openvino" in engines:
         ok, why = cpu_openvino.available()
         if not ok:
             measured.append(Measured(ov_c, note=why))
         else:
             try:
-                engine = cpu_openvino.OpenVinoEngine(model, precision="bf16")
+                engine = cpu_openvino.OpenVinoEngine(model, precision=_ov_precision(precision))
                 runners[ov_c] = lambda ids: engine(ids)
                 with torch.inference_mode():
                     fid[ov_c] = fidelity([engine(i, m) for i, m in inputs], refs, inputs)
@@ -325,13 +344,14 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
                 engine = None
                 measured.append(Measured(ov_c, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
     # the op-table path: the int8 search (its own calibration batch against fp32) and the cast to bf16
-    fcpu.prepare(model, int8="auto" if "eager" in engines else "none", source=source, attention="sdpa")
+    fcpu.prepare(model, int8="auto" if "eager" in engines else "none", source=source, attention="sdpa",
+                 dtype=ov_c.dtype)
     int8_weights = model.int8_plan.weights
     shared_int8 = model.ops  # prepare quantised the planned weights into this table
     if engine is not None:
         engine.bind(model)
     if "eager" in engines:
-        for i, c in enumerate(eager_candidates(bool(int8_weights))):
+        for i, c in enumerate(eager_candidates(bool(int8_weights), precision)):
             if i and time.perf_counter() - t_start > budget_s:  # the first (plain bf16) is always measured
                 measured.append(Measured(c, note=f"skipped: past the {budget_s:.0f} s tuning budget"))
                 continue
@@ -373,19 +393,28 @@ def _install(model: T5Encoder, plan: CpuPlan) -> None:
     c = plan.chosen
     attention = c.attention if c.engine == "eager" else "sdpa"
     gelu = c.gelu if c.engine == "eager" else "exact"
-    fcpu.prepare(model, int8=fcpu.Int8Plan(plan.int8_weights, attention=attention), attention=attention, gelu=gelu)
+    fcpu.prepare(model, int8=fcpu.Int8Plan(plan.int8_weights, attention=attention), attention=attention, gelu=gelu,
+                 dtype=c.dtype)
     model.cpu_plan = plan
+
+
+def _ov_precision(precision: str) -> str:
+    return "bf16" if precision == "bf16" else "f32"
 
 
 def prepare_planned(model: T5Encoder, *, source: str | None = None, plan: CpuPlan | None = None,
                     shapes: Sequence[tuple[int, int]] = TUNE_SHAPES, budget_s: float = DEFAULT_BUDGET_S,
-                    retune: bool = False, say: Callable[[str], None] | None = None) -> T5Encoder:
+                    retune: bool = False, say: Callable[[str], None] | None = None,
+                    precision: str | None = None) -> T5Encoder:
     """The cpu backend for ``model``, in place: the cached plan for (this machine, ``source``), else one
     searched by :func:`tune` (and cached when ``source`` is given). Sets ``model.cpu_plan`` and
-    ``model.cpu_engine`` (the OpenVINO engine when the plan runs it, else None)."""
+    ``model.cpu_engine`` (the OpenVINO engine when the plan runs it, else None). ``precision``: the
+    plan's, else :func:`default_precision` (bf16 only where the CPU has it natively)."""
     if model.embed.weight.device.type != "cpu":
         raise ConfigError(f"the cpu backend runs on the CPU; the model is on {model.embed.weight.device}")
-    key = plan_key(source, model.config, shapes, MIN_COS, MIN_WORST) if source else None
+    if precision is None:
+        precision = plan.chosen.precision if plan is not None else default_precision()
+    key = plan_key(source, model.config, shapes, MIN_COS, MIN_WORST, precision) if source else None
     if plan is None and key is not None and not retune:
         plan = read_plan(key)
         if plan is not None and not set(plan.int8_weights) <= set(fcpu.linear_weight_names(model)):
@@ -395,7 +424,7 @@ def prepare_planned(model: T5Encoder, *, source: str | None = None, plan: CpuPla
         t0 = time.perf_counter()
         log.info("fastenc: planning the cpu backend for this machine (one time per checkpoint%s; "
                  "`fastenc tune` runs it ahead)", "" if key else ", not cached: no source")
-        plan, engine = tune(model, source=source, shapes=shapes, budget_s=budget_s, say=say)
+        plan, engine = tune(model, source=source, shapes=shapes, budget_s=budget_s, say=say, precision=precision)
         log.info("fastenc: cpu plan in %.1f s: %s", time.perf_counter() - t0, plan.chosen.name)
         if key is not None:
             write_plan(key, plan)
@@ -404,7 +433,7 @@ def prepare_planned(model: T5Encoder, *, source: str | None = None, plan: CpuPla
             from . import cpu_openvino
 
             try:
-                engine = cpu_openvino.OpenVinoEngine(model, precision="bf16")
+                engine = cpu_openvino.OpenVinoEngine(model, precision=_ov_precision(plan.chosen.precision))
             except Exception as exc:  # the plan's engine is gone (uninstalled, broken): the op-table path runs
                 log.warning("fastenc: the cpu plan runs OpenVINO, which failed here (%s: %s); using the op table",
                             type(exc).__name__, str(exc).splitlines()[0][:160])

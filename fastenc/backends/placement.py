@@ -161,9 +161,14 @@ class FollowsWeights:
     def _log_kept_fast_path(self, dtype: torch.dtype) -> None:
         level = logging.INFO if self._kept_fast_path_logged else logging.WARNING
         self.__dict__["_kept_fast_path_logged"] = True
-        log.log(level, "fastenc: kept the cpu backend (bf16 compute, int8 GEMMs) instead of casting to %s: its "
-                "weights are bf16 already, so a cast could not restore %s numerics; the encoder's dtype stays "
-                "bfloat16 (load with dtype='fp32' or backend='torch' for fp32)", _name(dtype), _name(dtype))
+        now = self._placement()[1]
+        if now == torch.bfloat16:
+            log.log(level, "fastenc: kept the cpu backend (bf16 compute, int8 GEMMs) instead of casting to %s: its "
+                    "weights are bf16 already, so a cast could not restore %s numerics; the encoder's dtype stays "
+                    "bfloat16 (load with dtype='fp32' or backend='torch' for fp32)", _name(dtype), _name(dtype))
+        else:  # the fp32 plan of a CPU without native bf16: a half cast would be emulated or overflow
+            log.log(level, "fastenc: kept the cpu backend (its plan for this CPU computes in %s) instead of casting "
+                    "to %s; load with backend='torch' and dtype=... for another precision", _name(now), _name(dtype))
 
     # ---- the forward side -------------------------------------------------------------------
 
