@@ -284,7 +284,12 @@ def run(args, say) -> tuple[list[Point], dict]:
         for name in names:
             t0 = time.perf_counter()
             try:
-                w = workers.start(name, builder, options, args.threads, env=env)
+                here = env
+                if name == "cpu" and not env:  # what a user who imports fastenc before torch gets (fastenc/__init__)
+                    from fastenc import OMP_WAIT_POLICY_DEFAULT
+
+                    here = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT)}
+                w = workers.start(name, builder, options, args.threads, env=here)
             except workers.WorkerError as exc:
                 say(f"  skip {name}: {exc}")
                 continue
@@ -474,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                                         f"{','.join(DEFAULT)})")
     p.add_argument("--contention", action="store_true", help="repeat the rounds with one core kept busy")
     p.add_argument("--omp-wait-policy", choices=["default", "passive", "active"], default="default",
-                   help="OMP_WAIT_POLICY for the workers: passive keeps torch's idle OpenMP threads from "
+                   help="OMP_WAIT_POLICY for the workers (default: each runtime's own; fastenc's `cpu` gets the "
+                        "PASSIVE that importing fastenc sets): passive keeps torch's idle OpenMP threads from "
                         "spinning (on a shared machine a spinning thread takes the core its peer needs)")
     p.add_argument("--emulated-bf16", action="store_true",
                    help="run the bf16 candidates even where the CPU emulates bf16 (accuracy only: slow)")

@@ -6,8 +6,19 @@ torch is loaded only when something that needs it is touched.
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
 from importlib import import_module
 from typing import TYPE_CHECKING
+
+#: OpenMP's idle worker threads spin by default; on a machine whose other cores are busy they take the
+#: core a working thread needs (torch's op-table path ran 6-10x slower with one of two cores busy, 1.2-1.6x
+#: with PASSIVE). The setting is read once, when torch's OpenMP runtime loads, so it can be given only
+#: when fastenc is imported before torch; a value the user set is kept (OMP_WAIT_POLICY=ACTIVE restores
+#: spinning).
+OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT)
 
 from .errors import BackendUnavailable, CheckpointError, ConfigError, FastencError, InputError
 

@@ -261,3 +261,21 @@ def test_a_cpu_without_native_bf16_gets_an_fp32_plan_never_emulated_bf16(monkeyp
         torch.testing.assert_close(enc(ids), model(ids), rtol=1e-4, atol=1e-4)
     # fp32 asked for explicitly is the torch reference, as before
     assert fastenc.load(tmp_path / "ckpt", dtype="fp32", cache=False).backend == "torch"
+
+
+@pytest.mark.parametrize("given, code, want", [
+    (None, "import fastenc", "PASSIVE"),  # set for the user: torch's OpenMP reads it when it loads
+    ("ACTIVE", "import fastenc", "ACTIVE"),  # the user's own value is kept
+    (None, "import torch, fastenc", "unset"),  # too late once torch is loaded: left alone
+])
+def test_importing_fastenc_first_keeps_openmp_threads_from_spinning(given, code, want):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    out = subprocess.run([sys.executable, "-c", f"{code}; import os; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == want
