@@ -57,8 +57,8 @@ class _IdsMask(_Ids):
 
 
 class OpenVinoEngine:
-    """``engine(ids [B, L], mask [B, L] | None) -> [B, L, P]`` float32, or None when it cannot serve
-    (the weights changed since conversion)."""
+    """``engine(ids [B, L], mask [B, L] | None) -> [B, L, P]`` in the compute precision (bf16 or fp32), or
+    None when it cannot serve (the weights changed since conversion)."""
 
     kind = "openvino"
 
@@ -71,6 +71,8 @@ class OpenVinoEngine:
         import openvino as ov
 
         self.precision = precision
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.output_dim = model.config.output_dim
         self.threads = int(threads or torch.get_num_threads())
         self.version = ov.__version__.split("-")[0]
         self._core = ov.Core()
@@ -108,6 +110,11 @@ class OpenVinoEngine:
             warnings.simplefilter("ignore")  # the converter's tracing warns about its own deprecations
             graph = ov.convert_model(wrapper, example_input=example, input=shapes, share_weights=False)
         del m, wrapper
+        from openvino.preprocess import PrePostProcessor
+
+        ppp = PrePostProcessor(graph)  # the output in the compute precision, converted inside the graph
+        ppp.output(0).tensor().set_element_type(ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32)
+        graph = ppp.build()
         config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": self.precision}
         compiled = self._core.compile_model(graph, "CPU", config)
@@ -134,9 +141,18 @@ class OpenVinoEngine:
             return None
         masked = mask is not None
         with self._lock:  # one infer request per graph: calls from several threads take turns
+            import openvino as ov
+
             request = self._requests.get(masked) or self._compile(masked)
             feed = [ids.to(torch.int64).numpy()]
             if masked:
                 feed.append(mask.to(torch.int64).numpy())
+            shape = (*ids.shape, self.output_dim)
+            out = torch.empty(shape, dtype=self.dtype)  # [B, L, P]: OpenVINO writes it in place (no copy)
+            if self.dtype == torch.bfloat16:  # numpy has no bf16: the bytes, typed on the OpenVINO side
+                target = ov.Tensor(out.view(torch.uint8).numpy(), ov.Shape(list(shape)), ov.Type.bf16)
+            else:
+                target = ov.Tensor(out.numpy(), shared_memory=True)
+            request.set_output_tensor(0, target)
             request.infer(feed)
-            return torch.from_numpy(request.get_output_tensor(0).data.copy())  # [B, L, P] float32
+            return out
