@@ -381,7 +381,8 @@ def table(points: list[Point], meta: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"ISA class: {meta.get('isa', 'unknown')}. {meta['size']} ({meta['params'] / 1e6:.0f} M parameters), "
              f"{meta['weights']}, {meta['threads']} threads per runtime, each candidate in its own process, "
-             f"round-robin, OMP_WAIT_POLICY {meta.get('omp_wait_policy', 'default')}; machine: {meta['machine']}; "
+             f"round-robin, OMP_WAIT_POLICY {meta.get('omp_wait_policy', 'default')} (fastenc's `cpu`: PASSIVE unless "
+             f"given, as importing fastenc sets it); machine: {meta['machine']}; "
              f"cpu backend fast path: {meta['native_bf16']}.",
              f"Fidelity floor: mean cos-sim >= {FLOOR[0]} and worst token >= {FLOOR[1]} to the fp32 model on these "
              "ids; peers below it do not count as the fastest peer."]
