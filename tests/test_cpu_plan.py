@@ -120,7 +120,8 @@ def test_tune_skips_what_is_past_the_budget_and_what_fails_to_build(monkeypatch)
 
 
 def test_plan_round_trips_and_a_cached_plan_costs_no_search(monkeypatch):
-    monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({"eager bf16, matmul attention": 5.0}))
+    precision = plan_mod.default_precision()  # what prepare_planned plans in on this CPU
+    monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({f"eager {precision}, matmul attention": 5.0}))
     a = plan_mod.prepare_planned(common.build_model(TINY, seed=3), source="test:tiny", shapes=SHAPES)
     assert CpuPlan.from_json(a.cpu_plan.to_json()) == a.cpu_plan
 
@@ -130,7 +131,7 @@ def test_plan_round_trips_and_a_cached_plan_costs_no_search(monkeypatch):
     monkeypatch.setattr(plan_mod, "tune", no_search)
     b = plan_mod.prepare_planned(common.build_model(TINY, seed=3), source="test:tiny", shapes=SHAPES)
     assert b.cpu_plan == a.cpu_plan and b.ops.attention_kind == "matmul" and b.cpu_engine is None
-    key = plan_mod.plan_key("test:tiny", TINY, SHAPES, plan_mod.MIN_COS, plan_mod.MIN_WORST)
+    key = plan_mod.plan_key("test:tiny", TINY, SHAPES, plan_mod.MIN_COS, plan_mod.MIN_WORST, precision)
     path = fcpu.plan_cache_dir() / f"{key}.json"
     for broken in ("not json", json.dumps({"version": plan_mod.PLAN_VERSION - 1}),
                    a.cpu_plan.to_json().replace('"matmul"', '"flash"')):
