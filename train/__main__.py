@@ -11,9 +11,10 @@ import argparse
 import json
 import sys
 
-from fastenc.errors import FastencError
+from fastenc.cli import check_output
+from fastenc.errors import ConfigError, FastencError
 
-from .config import TrainConfig, apply_override, read_config_file
+from .config import TrainConfig, apply_override, origin_of, read_config_file
 from .distributed import setup_logging
 
 #: Shortcut flags -> config keys (typed by argparse, so "--output-dir 123" stays a string).
@@ -24,8 +25,15 @@ FLAGS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line and exit status 2 (as the ``fastenc`` CLI)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(2, _one_line(f"{self.prog}: error: {message} (see `{self.prog} --help`)") + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p = Parser(prog="python -m train", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--config", help="config file (.toml, .json or .yaml); flags override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set dit.kind=pixart --set optim.ema_decay=0.999")
@@ -40,35 +48,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["bf16", "no"])
     p.add_argument("--teacher-cache", help="teacher cache folder (python -m train.cache_teacher)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks of unexpected errors")
     return p
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
+    """The config file, then ``--set``, then the shortcut flags; every value checked, each error naming
+    the file (or the flag) and the key."""
+    source = args.config
     data = read_config_file(args.config) if args.config else {}
+    origins: dict[str, str] = {}
     for assignment in args.overrides:
         apply_override(data, assignment)
+        origins[assignment.split("=", 1)[0].strip()] = "--set"
     for flag, key in FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             section, name = key.split(".")
-            data.setdefault(section, {})[name] = value
-    return TrainConfig.from_dict(data, source=args.config or "flags").validate()
+            if not isinstance(data.setdefault(section, {}), dict):
+                raise ConfigError(f"{source}: {section} must be a table/object, got {type(data[section]).__name__}")
+            data[section][name] = value
+            origins[key] = "--" + flag.replace("_", "-")
+    cfg = TrainConfig.from_dict(data, source=source or "flags", origins=origins).validate(source, origins)
+    args.origin_of_output = origin_of("run.output_dir", origins, source)
+    return cfg
+
+
+def check_output_dir(cfg: TrainConfig, where: str | None) -> None:
+    """The output folder can be made and written (not a file, not under one, not read-only), before any work."""
+    check_output(f"{where}: run.output_dir" if where else "run.output_dir", cfg.run.output_dir, folder=True)
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(str(text).split())
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _os_error(exc: OSError) -> str:
+    if exc.filename is not None and exc.strerror:
+        other = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{exc.filename}{other}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when done (or stopped with a checkpoint), 2 for bad input (config, data, checkpoint, a busy
+    output folder), 1 for a failed write or an unexpected error; every error is one line on stderr."""
     args = build_parser().parse_args(argv)
     setup_logging()
+    prog = "train"
     try:
         cfg = resolve(args)
         if args.print_config:
             sys.stdout.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
             return 0
+        check_output_dir(cfg, args.origin_of_output)
         from .loop import train
 
         result = train(cfg)
     except FastencError as exc:
-        sys.stderr.write(f"train: error: {exc}\n")
+        sys.stderr.write(_one_line(f"{prog}: error: {exc}") + "\n")
         return 2
+    except OSError as exc:
+        sys.stderr.write(_one_line(f"{prog}: error: {_os_error(exc)}") + "\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted (resume with --resume auto)\n")
+        return 130
+    except MemoryError:
+        sys.stderr.write(f"{prog}: error: out of memory (lower data.batch_size or dit.resolution)\n")
+        return 1
+    except Exception as exc:  # a bug: still one line, the traceback with -v
+        if args.verbose:
+            raise
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, on an accelerator
+            sys.stderr.write(_one_line(f"{prog}: error: out of memory on the accelerator ({exc}); lower "
+                                       "data.batch_size or dit.resolution") + "\n")
+            return 1
+        sys.stderr.write(_one_line(f"{prog}: internal error: {type(exc).__name__}: {exc} "
+                                   "(run with -v for the traceback)") + "\n")
+        return 1
     if result.student_dir is not None:
         sys.stdout.write(f"student: {result.student_dir}\n")
     else:

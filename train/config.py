@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -26,6 +27,7 @@ OVER_LENGTH = ("truncate", "drop")
 FORMATS = ("auto", "txt", "json", "jsonl")
 SCHEDULES = ("linear", "constant")
 DTYPES = ("fp32", "bf16", "fp16")
+CONFIG_FORMATS = {".toml": "TOML", ".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}
 #: Guidance values the paper samples from (step 0.5): Flux's embedded guidance, PixArt-α's CFG scale.
 DEFAULT_GUIDANCE = {
     "flux": [2.0 + 0.5 * i for i in range(7)],
@@ -33,6 +35,55 @@ DEFAULT_GUIDANCE = {
 }
 DEFAULT_TARGET = {"flux": "flux-dev", "pixart": "pixart-alpha"}
 PROBES = ["A rat", "A cat", "A man", "A monkey", "A woman"]
+#: Bounds on counts: a typo (an extra zero or three) is refused before anything is allocated.
+MAX_STEPS = 10**12
+MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds python, numpy and torch)
+MAX_INFERENCE_STEPS = 1000
+MAX_RESOLUTION = 8192
+MAX_BATCH = 65536
+MAX_LENGTH = 8192
+MAX_REPEATS = 10**6
+
+
+class Invalid(ConfigError):
+    """A config value out of range; ``key`` is the value's dotted key (to name where it was set)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def origin_of(key: str, origins: dict[str, str] | None, default: str | None) -> str | None:
+    """Where ``key`` was set: the flag that set it or a section above it (``--set data.components.x={...}``),
+    else ``default`` (the config file)."""
+    if origins:
+        parts = key.replace("[", ".[").split(".")
+        while parts:
+            found = origins.get(".".join(parts).replace(".[", "["))
+            if found is not None:
+                return found
+            parts.pop()
+    return default
+
+
+def _check_int(key: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise Invalid(key, f"{key}={value!r}: must be an integer in {lo}..{hi}")
+
+
+def _check_float(key: str, value: Any, interval: str, origin_key: str | None = None) -> None:
+    """``interval``: "(0, inf)", "[0, 1)", ...; NaN and inf are refused whatever the interval."""
+    lo_text, hi_text = interval[1:-1].split(", ")
+    lo, hi = float(lo_text), float(hi_text)
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (lo < value if interval[0] == "(" else lo <= value)
+          and (value < hi if interval[-1] == ")" else value <= hi))
+    if not ok:
+        if hi == math.inf:
+            rule = f"> {lo_text}" if interval[0] == "(" else f">= {lo_text}"
+        else:
+            rule = f"in {interval}"
+        raise Invalid(origin_key or key, f"{key}={value!r}: must be a finite number {rule}")
 
 
 @dataclass
@@ -170,7 +221,24 @@ class TrainConfig:
 
     # ---- validation / (de)serialisation -------------------------------------------------
 
-    def validate(self) -> "TrainConfig":
+    def validate(self, source: str | None = None, origins: dict[str, str] | None = None) -> "TrainConfig":
+        """Check every value (type, finiteness, range, consistency) before any work starts.
+
+        ``source`` (the config file) prefixes the message; ``origins`` maps keys set on the command line to
+        the flag that set them (``--lr``, ``--set``), which the message names instead of the file.
+        """
+        try:
+            self._validate()
+        except ConfigError as exc:
+            if source is None and not origins:
+                raise
+            where = origin_of(getattr(exc, "key", None) or "", origins, source)
+            if where is None:
+                raise
+            raise ConfigError(f"{where}: {exc}") from None
+        return self
+
+    def _validate(self) -> None:
         choices = [
             ("dit.kind", self.dit.kind, DIT_KINDS), ("run.loss", self.run.loss, LOSSES),
             ("dit.pooled", self.dit.pooled, POOLED), ("run.mixed_precision", self.run.mixed_precision, PRECISIONS),
@@ -183,62 +251,95 @@ class TrainConfig:
             choices.append((f"data.components.{name}.format", comp.format, FORMATS))
         for key, value, allowed in choices:
             if value not in allowed:
-                raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
-        positive = [
-            ("dit.num_inference_steps", self.dit.num_inference_steps), ("dit.resolution", self.dit.resolution),
-            ("data.batch_size", self.data.batch_size), ("run.save_every", self.run.save_every),
-            ("run.log_every", self.run.log_every), ("run.keep_checkpoints", self.run.keep_checkpoints),
-            ("dit.vae_scale_factor", self.dit.vae_scale_factor),
-        ]
-        for key, value in positive:
-            if value <= 0:
-                raise ConfigError(f"{key}={value!r}: must be positive")
-        for key, value in (("run.max_steps", self.run.max_steps), ("run.stop_after_steps", self.run.stop_after_steps),
-                           ("dit.max_length", self.dit.max_length)):
-            if value is not None and value <= 0:
-                raise ConfigError(f"{key}={value!r}: must be positive")
-        if not self.optim.lr > 0:
-            raise ConfigError(f"optim.lr={self.optim.lr!r}: must be positive")
-        if len(self.optim.betas) != 2:
-            raise ConfigError(f"optim.betas={self.optim.betas!r}: expected two numbers")
-        if self.optim.ema_decay is not None and not 0.0 < self.optim.ema_decay < 1.0:
-            raise ConfigError(f"optim.ema_decay={self.optim.ema_decay!r}: must lie in (0, 1)")
+                raise Invalid(key, f"{key}={value!r}: choose one of {', '.join(allowed)}")
+        d, o, r = self.dit, self.optim, self.run
+        for key, value, lo, hi in (
+            ("dit.num_inference_steps", d.num_inference_steps, 1, MAX_INFERENCE_STEPS),
+            ("dit.resolution", d.resolution, 1, MAX_RESOLUTION), ("dit.vae_scale_factor", d.vae_scale_factor, 1, 64),
+            ("data.batch_size", self.data.batch_size, 1, MAX_BATCH), ("run.save_every", r.save_every, 1, MAX_STEPS),
+            ("run.log_every", r.log_every, 1, MAX_STEPS), ("run.keep_checkpoints", r.keep_checkpoints, 1, 10**6),
+            ("run.diagnostic_every", r.diagnostic_every, 0, MAX_STEPS), ("run.image_every", r.image_every, 0, MAX_STEPS),
+            ("run.seed", r.seed, 0, MAX_SEED), ("run.image_seed", r.image_seed, 0, MAX_SEED),
+            ("optim.warmup_steps", o.warmup_steps, 0, MAX_STEPS),
+        ):
+            _check_int(key, value, lo, hi)
+        for key, value, lo, hi in (("run.max_steps", r.max_steps, 1, MAX_STEPS),
+                                   ("run.stop_after_steps", r.stop_after_steps, 1, MAX_STEPS),
+                                   ("dit.max_length", d.max_length, 1, MAX_LENGTH)):
+            if value is not None:
+                _check_int(key, value, lo, hi)
+        # the optimiser: torch.optim.AdamW's own rules, and finite
+        _check_float("optim.lr", o.lr, "(0, inf)")
+        if not isinstance(o.betas, (list, tuple)) or len(o.betas) != 2:
+            raise Invalid("optim.betas", f"optim.betas={o.betas!r}: expected two numbers")
+        for i, beta in enumerate(o.betas):
+            _check_float(f"optim.betas[{i}]", beta, "[0, 1)", origin_key="optim.betas")
+        _check_float("optim.eps", o.eps, "(0, inf)")
+        _check_float("optim.weight_decay", o.weight_decay, "[0, inf)")
+        _check_float("optim.max_grad_norm", o.max_grad_norm, "[0, inf)")
+        if o.ema_decay is not None:
+            _check_float("optim.ema_decay", o.ema_decay, "(0, 1)")
+        _check_float("run.collapse_threshold", r.collapse_threshold, "[-1, 1]")
+        if d.guidance is not None:
+            if not d.guidance:
+                raise Invalid("dit.guidance", "dit.guidance=[]: give at least one value, or leave it unset for the "
+                                              "default")
+            for i, g in enumerate(d.guidance):
+                _check_float(f"dit.guidance[{i}]", g, "[0, inf)", origin_key="dit.guidance")
+        if len(r.probes) < 2:
+            raise Invalid("run.probes", f"run.probes={r.probes!r}: give at least two prompts (collapse is measured "
+                                        "between pairs)")
+        if r.image_every and not r.image_prompts:
+            raise Invalid("run.image_prompts", "run.image_prompts is empty but run.image_every is set")
         if self.dit.kind == "pixart" and self.pooled != "none":
-            raise ConfigError(f"dit.pooled={self.dit.pooled!r}: PixArt-α has no pooled text input; use auto or none")
+            raise Invalid("dit.pooled", f"dit.pooled={self.dit.pooled!r}: PixArt-α has no pooled text input; use auto "
+                                        "or none")
         if self.dit.kind == "flux" and self.pooled == "none":
-            raise ConfigError("dit.pooled='none': Flux needs a pooled CLIP input; choose clip (as the pipeline) or "
-                              "zeros (explicitly zero it)")
+            raise Invalid("dit.pooled", "dit.pooled='none': Flux needs a pooled CLIP input; choose clip (as the "
+                                        "pipeline) or zeros (explicitly zero it)")
         if not self.student.init:
-            raise ConfigError("student.init is empty: pass a T5 checkpoint (e.g. flan-t5-base) or a fastenc checkpoint")
+            raise Invalid("student.init", "student.init is empty: pass a T5 checkpoint (e.g. flan-t5-base) or a "
+                                          "fastenc checkpoint")
         if self.run.loss == "vision" and not self.dit.path:
-            raise ConfigError("dit.path is empty: the vision loss needs a diffusers pipeline folder")
+            raise Invalid("dit.path", "dit.path is empty: the vision loss needs a diffusers pipeline folder")
         if self.run.image_every and not self.dit.path:
-            raise ConfigError("run.image_every is set but dit.path is empty: image grids sample through the DiT")
+            raise Invalid("run.image_every", "run.image_every is set but dit.path is empty: image grids sample "
+                                             "through the DiT")
+        if not self.run.output_dir:
+            raise Invalid("run.output_dir", "run.output_dir is empty")
         for name, comp in self.data.components.items():
+            key = f"data.components.{name}"
             if not comp.paths:
-                raise ConfigError(f"data.components.{name}.paths is empty")
-            if comp.repeats <= 0:
-                raise ConfigError(f"data.components.{name}.repeats={comp.repeats!r}: must be positive")
-            if comp.weight is not None and comp.weight < 0:
-                raise ConfigError(f"data.components.{name}.weight={comp.weight!r}: must be >= 0")
+                raise Invalid(f"{key}.paths", f"{key}.paths is empty")
+            _check_int(f"{key}.repeats", comp.repeats, 1, MAX_REPEATS)
+            if comp.weight is not None:
+                _check_float(f"{key}.weight", comp.weight, "[0, inf)")
         for i, stage in enumerate(self.data.stages):
+            key = f"data.stages[{i}]"
             for comp in stage.components + list(stage.weights or {}):
                 if comp not in self.data.components:
-                    raise ConfigError(f"data.stages[{i}] names unknown component {comp!r}; "
-                                      f"defined: {', '.join(self.data.components) or 'none'}")
-            if stage.batches is not None and stage.batches <= 0:
-                raise ConfigError(f"data.stages[{i}].batches={stage.batches!r}: must be positive")
+                    raise Invalid(f"{key}.components", f"{key} names unknown component {comp!r}; "
+                                                       f"defined: {', '.join(self.data.components) or 'none'}")
+            if stage.batches is not None:
+                _check_int(f"{key}.batches", stage.batches, 1, MAX_STEPS)
+            if stage.resolution is not None:
+                _check_int(f"{key}.resolution", stage.resolution, 1, MAX_RESOLUTION)
+            for comp, w in (stage.weights or {}).items():
+                _check_float(f"{key}.weights.{comp}", w, "[0, inf)")
         for item in self.run.log_with:
             if item not in ("tensorboard",):
-                raise ConfigError(f"run.log_with: unknown tracker {item!r}; supported: tensorboard")
-        return self
+                raise Invalid("run.log_with", f"run.log_with: unknown tracker {item!r}; supported: tensorboard")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        return _build(cls, data, source, "")
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config",
+                  origins: dict[str, str] | None = None) -> "TrainConfig":
+        """``origins``: dotted key -> the flag that set it (named in errors instead of ``source``)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a table/object at the top level, got {type(data).__name__}")
+        return _build(cls, data, source, "", origins)
 
 
 # ---------------------------------------------------------------------------- generic builder
@@ -248,34 +349,39 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
+def _convert(tp: Any, value: Any, source: str, key: str, origins: dict[str, str] | None = None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:
+            return _convert(real[0], value, source, key, origins)
+        for arg in real:
             try:
-                return _convert(arg, value, source, key)
+                return _convert(arg, value, source, key, origins)
             except ConfigError:
                 continue
         raise ConfigError(f"{source}: {key} = {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a table/object, got {type(value).__name__}")
-        return _build(tp, value, source, key + ".")
+        return _build(tp, value, source, key + ".", origins)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-        return [_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_convert(item, v, source, f"{key}[{i}]", origins) for i, v in enumerate(value)]
     if origin is dict:
         _, item = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a table/object, got {value!r}")
-        return {str(k): _convert(item, v, source, f"{key}.{k}") for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            sub = f"{key}.{k}"
+            out[str(k)] = _convert(item, v, (origins or {}).get(sub, source), sub, origins)
+        return out
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} = {value!r} is not a boolean")
@@ -287,21 +393,31 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} = {value!r} is not a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: {key} = {value!r} is not a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {key} = {value!r} is not a string")
+        if "\0" in value:
+            raise ConfigError(f"{source}: {key} = {value!r} holds a NUL character")
         return value
     raise ConfigError(f"{source}: {key}: unsupported type {tp}")  # pragma: no cover
 
 
-def _build(cls: type, data: dict[str, Any], source: str, prefix: str) -> Any:
+def _build(cls: type, data: dict[str, Any], source: str, prefix: str, origins: dict[str, str] | None = None) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'; known: {', '.join(sorted(names))}")
-    kwargs = {k: _convert(hints[k], v, source, f"{prefix}{k}") for k, v in data.items()}
+            where = (origins or {}).get(f"{prefix}{key}", source)
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'; known: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(hints[k], v, (origins or {}).get(f"{prefix}{k}", source), f"{prefix}{k}", origins)
+              for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -318,28 +434,31 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc})") from None
     suffix = path.suffix.lower()
+    fmt = CONFIG_FORMATS.get(suffix)
+    if fmt is None:
+        raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .json or .yaml")
     try:
-        if suffix == ".toml":
+        if fmt == "TOML":
             data = tomllib.loads(text)
-        elif suffix == ".json":
+        elif fmt == "JSON":
             data = json.loads(text)
-        elif suffix in (".yaml", ".yml"):
+        else:
             try:
                 import yaml
             except ImportError:
                 raise ConfigError(f"{path}: YAML configs need PyYAML (pip install pyyaml); "
                                   "or write the config as TOML/JSON") from None
             data = yaml.safe_load(text)
-        else:
-            raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .json or .yaml")
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid {fmt} (too deeply nested)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
     except ConfigError:
         raise
-    except Exception as exc:  # yaml.YAMLError
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except Exception as exc:  # yaml.YAMLError; ValueError for JSON integers past Python's digit limit
+        raise ConfigError(f"{path}: not valid {fmt} ({type(exc).__name__}: {exc})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -351,7 +470,9 @@ def parse_value(text: str) -> Any:
     """``--set`` values: JSON when they parse (numbers, true/false/null, lists), else the raw string."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except RecursionError:
+        raise ConfigError(f"--set value {text[:40]!r}...: too deeply nested") from None
+    except ValueError:  # not JSON (or an integer past Python's digit limit): the raw string
         return text
 
 
@@ -376,4 +497,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = read_config_file(path) if path is not None else {}
     for assignment in overrides or []:
         apply_override(data, assignment)
-    return TrainConfig.from_dict(data, source=str(path) if path is not None else "flags").validate()
+    source = str(path) if path is not None else None
+    return TrainConfig.from_dict(data, source=source or "flags").validate(source)

@@ -36,6 +36,8 @@ log = logging.getLogger("fastenc.train")
 
 PROMPT_KEYS = ("prompt", "caption", "text", "TEXT")
 SUFFIX_FORMATS = {".txt": "txt", ".json": "json", ".jsonl": "jsonl"}
+#: Samples in one component epoch (prompts x repeats): its shuffled order is held in memory (8 bytes each).
+MAX_EPOCH = 1 << 26
 
 
 class DataError(ConfigError):
@@ -137,12 +139,20 @@ def read_prompts(path: Path, fmt: str = "auto", key: str | None = None) -> list[
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: not valid JSON (too deeply nested)") from None
+            except ValueError as exc:  # e.g. an integer past Python's digit limit
+                raise DataError(f"{path}:{n}: not valid JSON ({exc})") from None
             out.append(_item_text(item, key, f"{path}:{n}"))
         return out
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (too deeply nested)") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
     if isinstance(doc, dict):
         items = list(doc.items())
     elif isinstance(doc, list):
@@ -254,6 +264,9 @@ def _resolve_stages(cfg: DataConfig, comps: dict[str, Component], global_batch: 
         total = sum(weights)
         if total <= 0:
             raise ConfigError(f"data.stages[{i}]: component weights sum to 0")
+        if not math.isfinite(total) or not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ConfigError(f"data.stages[{i}]: component weights {weights} do not form a distribution "
+                              "(each must be a finite number >= 0, their sum finite)")
         size = sum(len(comps[n].prompts) * cfg.components[n].repeats for n in names)
         batches = spec.batches or max(1, math.ceil(size / global_batch))
         stages.append(Stage(spec.name or f"stage{i + 1}", names, [w / total for w in weights], batches,
@@ -269,6 +282,11 @@ class PromptStream:
                  process_index: int = 0):
         self.components = components
         self.repeats = {n: cfg.components[n].repeats for n in components}
+        for n, r in self.repeats.items():
+            size = len(components[n].prompts) * r
+            if size > MAX_EPOCH:
+                raise ConfigError(f"data.components.{n}: {len(components[n].prompts)} prompts x repeats {r} = {size} "
+                                  f"samples per epoch; at most {MAX_EPOCH} (lower data.components.{n}.repeats)")
         self.batch_size = cfg.batch_size
         self.global_batch = cfg.batch_size * num_processes
         self.process_index = process_index
@@ -277,26 +295,29 @@ class PromptStream:
         self.stage_index = 0
         self.batch_in_stage = 0
         self.position = {n: [0, 0] for n in components}  # name -> [epoch, index in epoch]
-        self._orders: dict[str, tuple[int, list[int]]] = {}
+        self._orders: dict[str, tuple[int, torch.Tensor]] = {}
 
     @property
     def total_batches(self) -> int:
         return sum(s.batches for s in self.stages)
 
-    def _order(self, name: str, epoch: int) -> list[int]:
+    def _order(self, name: str, epoch: int) -> torch.Tensor:
         cached = self._orders.get(name)
         if cached is not None and cached[0] == epoch:
             return cached[1]
         n = len(self.components[name].prompts)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "component", name, epoch))
-        order = (torch.randperm(n * self.repeats[name], generator=gen) % n).tolist()
+        order = torch.randperm(n * self.repeats[name], generator=gen) % n  # a tensor: 8 bytes a sample
         self._orders[name] = (epoch, order)
         return order
 
     def _take(self, name: str) -> str:
         epoch, idx = self.position[name]
         order = self._order(name, epoch)
-        prompt = self.components[name].prompts[order[idx]]
+        if not 0 <= idx < len(order):
+            raise ConfigError(f"data position {idx} of component {name!r} lies outside its epoch of {len(order)} "
+                              "samples; the data changed since the checkpoint was written")
+        prompt = self.components[name].prompts[int(order[idx])]
         idx += 1
         if idx == len(order):
             epoch, idx = epoch + 1, 0
@@ -330,8 +351,12 @@ class PromptStream:
         if missing:
             raise ConfigError(f"checkpoint data position lacks component(s) {sorted(missing)}; "
                               "the data config changed since the checkpoint was written")
-        self.stage_index = int(state["stage_index"])
-        self.batch_in_stage = int(state["batch_in_stage"])
+        stage_index, batch_in_stage = int(state["stage_index"]), int(state["batch_in_stage"])
+        if not 0 <= stage_index < len(self.stages) or batch_in_stage < 0:
+            raise ConfigError(f"checkpoint data position (stage {stage_index}, batch {batch_in_stage}) does not fit "
+                              f"the {len(self.stages)} stage(s) configured; the data config changed since the "
+                              "checkpoint was written")
+        self.stage_index, self.batch_in_stage = stage_index, batch_in_stage
         self.position = {k: [int(e), int(i)] for k, (e, i) in state["position"].items() if k in self.position}
 
 
