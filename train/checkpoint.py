@@ -90,19 +90,130 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+def choose_checkpoint(output_dir: str | Path, resume: str | None) -> tuple[Path | None, list[Path]]:
+    """The checkpoint to resume from, and (for ``auto``) the newer ones skipped as damaged.
+
+    ``auto`` takes the newest checkpoint whose every file is complete and readable (:func:`verify`),
+    logging each newer one it skips and the file that disqualified it; a named folder must pass as is.
+    """
     if not resume:
-        return None
+        return None, []
     if resume == "auto":
         found = list_checkpoints(output_dir)
         if not found:
             log.info("resume=auto: no checkpoint under %s/checkpoints; starting fresh", output_dir)
-            return None
-        return found[-1]
+            return None, []
+        skipped: list[Path] = []
+        first_error = None
+        for path in reversed(found):
+            try:
+                verify(path)
+            except CheckpointError as exc:
+                first_error = first_error or exc
+                log.warning("resume=auto: skipping %s: %s", path, exc)
+                skipped.append(path)
+                continue
+            if skipped:
+                log.warning("resume=auto: resuming from %s, the newest complete and readable checkpoint", path)
+            return path, skipped
+        root = Path(output_dir) / "checkpoints"
+        raise CheckpointError(f"resume=auto: none of the {len(found)} checkpoint(s) under {root} is complete and "
+                              f"readable (newest: {first_error})")
     path = Path(resume)
     if not (path / SUMMARY).is_file():
         raise CheckpointError(f"{path}: not a complete training checkpoint (no {SUMMARY})")
-    return path
+    verify(path)
+    return path, []
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    return choose_checkpoint(output_dir, resume)[0]
+
+
+def set_aside(paths: list[Path]) -> None:
+    """Rename damaged checkpoints ``step-X`` to ``step-X.damaged`` so that rotation never keeps them in
+    place of good ones (and a later save of the same step writes afresh)."""
+    for path in paths:
+        target = path.with_name(path.name + ".damaged")
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(path, target)
+            log.warning("checkpoint: %s set aside as %s", path, target.name)
+        except OSError as exc:
+            log.warning("checkpoint: cannot set %s aside (%s)", path, exc.strerror or exc)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: unreadable (too deeply nested)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """The file's header parses and describes exactly the file's length (a truncated or padded file fails)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated ({size} bytes; not even a safetensors header)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CheckpointError(f"{path}: truncated ({size} bytes; its header alone claims {n})")
+            header = json.loads(f.read(n))
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({type(exc).__name__}: {exc})") from None
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(f"{path}: unreadable safetensors header (no data_offsets)") from None
+    if 8 + n + end != size:
+        what = "truncated" if 8 + n + end > size else "damaged"
+        raise CheckpointError(f"{path}: {what} ({size} bytes; its header describes {8 + n + end})")
+
+
+def verify(path: Path) -> dict:
+    """Every file a resume reads exists and is readable: each JSON file parses, each safetensors file is
+    whole. Returns the summary; raises one CheckpointError naming the first bad file."""
+    path = Path(path)
+    summary = _read_json(path / SUMMARY)
+    processes = summary.get("processes", 1) if isinstance(summary, dict) else None
+    if (not isinstance(summary, dict) or isinstance(summary.get("step"), bool)
+            or not isinstance(summary.get("step"), int) or isinstance(processes, bool)
+            or not isinstance(processes, int) or processes < 1):
+        raise CheckpointError(f"{path / SUMMARY}: not a training checkpoint summary (no step / processes)")
+    needed = [f"{STUDENT}/model.safetensors"] + [f"{name}.json" for name in (OPTIMIZER, SCHEDULER, TRAINER)]
+    needed += [f"rng-{i}.json" for i in range(processes)]
+    for name in needed:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing; the checkpoint is incomplete")
+    for file in sorted(path.rglob("*")):
+        if not file.is_file():
+            continue
+        if file.suffix == ".json":
+            _read_json(file)
+        elif file.suffix == ".safetensors":
+            check_safetensors(file)
+    return summary
+
+
+def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except Exception as exc:  # safetensors' SafetensorError, OSError
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def full_student(accelerator, student) -> T5Encoder | None:
@@ -184,15 +295,15 @@ def save_tree(folder: Path, name: str, obj: Any) -> None:
 def load_tree(folder: Path, name: str) -> Any:
     """What :func:`save_tree` wrote (safetensors and JSON only; no pickle is read)."""
     path = folder / f"{name}.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete or from an older version") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    data = _read_json(path)
     tensors_path = folder / f"{name}.safetensors"
-    tensors = load_file(str(tensors_path)) if tensors_path.is_file() else {}
-    return _decode(data, tensors, path)
+    tensors = _load_tensors(tensors_path) if tensors_path.is_file() else {}
+    try:
+        return _decode(data, tensors, path)
+    except RecursionError:
+        raise CheckpointError(f"{path}: unreadable (too deeply nested)") from None
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed ({type(exc).__name__}: {exc})") from None
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -298,7 +409,9 @@ def load(accelerator, parts: Resumable, path: Path) -> None:
     path = Path(path)
     fsdp = _is_fsdp(accelerator)
     main = accelerator.is_main_process
-    summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
+    summary = _read_json(path / SUMMARY)
+    if not isinstance(summary, dict):
+        raise CheckpointError(f"{path / SUMMARY}: not a training checkpoint summary")
     if summary.get("processes", accelerator.num_processes) != accelerator.num_processes:
         raise ConfigError(f"{path} was written by {summary['processes']} processes and this run has "
                           f"{accelerator.num_processes}; resume with the same number of processes")
@@ -307,16 +420,53 @@ def load(accelerator, parts: Resumable, path: Path) -> None:
         raise CheckpointError(f"{path}: no {STUDENT}/model.safetensors")
     model, optimizer = _model_and_optimizer(accelerator, parts)
     if fsdp:  # the main process reads, the others receive
-        state = load_file(str(weights)) if main else {}
-        set_model_state_dict(model, state, options=_options(broadcast=True))
+        state = _load_tensors(weights) if main else {}
+        _apply(weights, lambda: set_model_state_dict(model, state, options=_options(broadcast=True)))
     else:
         module = accelerator.unwrap_model(parts.student)
-        module.load_state_dict(load_file(str(weights), device=str(module.embed.weight.device)), strict=True)
+        state = _load_tensors(weights, device=str(module.embed.weight.device))
+        _same_shapes(path, weights, state, module.state_dict())
+        _apply(weights, lambda: module.load_state_dict(state, strict=True))
     optim_state = load_tree(path, OPTIMIZER) if (main or not fsdp) else {}
-    set_optimizer_state_dict(model, optimizer, optim_state, options=_options(broadcast=fsdp))
-    parts.scheduler.load_state_dict(load_tree(path, SCHEDULER))
-    parts.state.load_state_dict(load_tree(path, TRAINER))
+    _apply(path / f"{OPTIMIZER}.json",
+           lambda: set_optimizer_state_dict(model, optimizer, optim_state, options=_options(broadcast=fsdp)))
+    scheduler_state = load_tree(path, SCHEDULER)
+    _apply(path / f"{SCHEDULER}.json", lambda: parts.scheduler.load_state_dict(scheduler_state))
+    trainer_state = load_tree(path, TRAINER)
+    _apply(path / f"{TRAINER}.json", lambda: parts.state.load_state_dict(trainer_state))
     if getattr(accelerator, "scaler", None) is not None:
-        accelerator.scaler.load_state_dict(load_tree(path, SCALER))
+        scaler_state = load_tree(path, SCALER)
+        _apply(path / f"{SCALER}.json", lambda: accelerator.scaler.load_state_dict(scaler_state))
     set_rng_state(load_tree(path, f"rng-{accelerator.process_index}"), path)
     log.info("resumed from %s", path)
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+def _same_shapes(path: Path, weights: Path, saved: dict, own: dict) -> None:
+    """Refuse another run's checkpoint in one line, before anything is overwritten."""
+    where = f"{path}: written by another run ({weights.relative_to(path)}"
+    advice = "; resume it with the config that wrote it, or train without --resume / in another output folder"
+    for key, tensor in own.items():
+        if key not in saved:
+            raise CheckpointError(f"{where} lacks {key!r}, which this run's student has){advice}")
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{where}: {key!r} has shape {_shape(saved[key])}, this run's student "
+                                  f"{_shape(tensor)}){advice}")
+    extra = sorted(set(saved) - set(own))
+    if extra:
+        raise CheckpointError(f"{where} holds {len(extra)} tensor(s) this run's student lacks, e.g. {extra[0]!r})"
+                              f"{advice}")
+
+
+def _apply(source: Path, fn) -> None:
+    """Restore one piece; a state that does not fit this run is one CheckpointError naming its file."""
+    try:
+        fn()
+    except (ConfigError, CheckpointError):
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        text = " ".join(str(exc).split())
+        raise CheckpointError(f"{source}: does not fit this run ({type(exc).__name__}: {text[:300]})") from None

@@ -15,7 +15,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastenc.errors import ConfigError
+from fastenc.errors import ConfigError, NumericsError
 from fastenc.fileio import atomic_write
 
 from . import checkpoint
@@ -32,6 +34,7 @@ from .data import PromptStream, all_prompts, derive_seed, load_components, repor
 from .diagnostics import collapse_report, log_report, mean_pool, probe_embeddings
 from .distributed import make_accelerator
 from .dit import Cond, FrozenDiT, PooledCLIP, dit_widths, load_dit, load_vae
+from .lock import RunLock
 from .student import EMA, TORCH_DTYPES, load_student, load_tokenizer
 from .teacher import TeacherSource, tokenize
 from .teacher_cache import TeacherCache
@@ -79,6 +82,19 @@ class Trainer:
         acc = self.acc
         self.out = Path(cfg.run.output_dir)
         self.device = acc.device
+        # one trainer per output folder, taken before anything is loaded or written there
+        self._lock = RunLock(self.out)
+        if acc.is_main_process:
+            self._lock.acquire()
+            weakref.finalize(self, self._lock.release)
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _setup(self, cfg: TrainConfig) -> None:
+        acc = self.acc
         dist = acc.distributed_type.name
         if dist == "FSDP" and cfg.optim.ema_decay is not None:
             raise ConfigError("optim.ema_decay under FSDP is not supported (EMA keeps full weights per process)")
@@ -231,6 +247,10 @@ class Trainer:
 
     def _log_step(self, loss: torch.Tensor, grad_norm: float | None, batch, **extra) -> float:
         value = float(self.acc.reduce(loss.detach().float(), reduction="mean"))
+        if not math.isfinite(value):
+            raise NumericsError(f"step {self.step}: the loss is {value}; training stopped without saving this state "
+                                f"(the last checkpoint is kept). Lower optim.lr (it was {self._lr:.3g}) or check "
+                                "the data and dtypes")
         if self.acc.is_main_process:
             rec = {"kind": "train", "step": self.step, "loss": value, "lr": self._lr,
                    "grad_norm": grad_norm, "stage": batch.stage, "batch": self.state.batches, **extra}
@@ -381,11 +401,27 @@ class Trainer:
         if self.acc.is_main_process:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
 
+    def close(self) -> None:
+        """Release the output folder (done by :meth:`fit`; for a trainer that is built and not fitted)."""
+        self._lock.release()
+
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        path = checkpoint.resolve_resume(self.out, cfg.run.resume)
+        if self.acc.is_main_process:
+            self._lock.acquire()
+        path, damaged = checkpoint.choose_checkpoint(self.out, cfg.run.resume)
+        if damaged:
+            self.acc.wait_for_everyone()  # every process chose before the damaged ones are renamed
+            if self.acc.is_main_process:
+                checkpoint.set_aside(damaged)
         if path is not None:
             self.resume(path)  # restores every RNG as it was at the checkpoint
         else:
@@ -403,24 +439,26 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=start, disable=not self.acc.is_local_main_process, unit="step",
                    dynamic_ncols=True)
         t0, last_saved, last_image = time.time(), start, None
-        while self.step < limit:
-            prev = self.step
-            batch = self.stream.next_batch()
-            losses = self.train_batch(batch, limit)
-            self.state.batches += 1
-            result.losses.extend(losses)
-            bar.update(self.step - prev)
-            if losses:
-                bar.set_postfix(loss=f"{losses[-1]:.4g}", stage=batch.stage)
-            if _crossed(prev, self.step, cfg.run.save_every) and self.step < limit:
-                self.save()
-                last_saved = self.step
-            if cfg.run.diagnostic_every and _crossed(prev, self.step, cfg.run.diagnostic_every):
-                result.collapse = self.diagnose()
-            if cfg.run.image_every and _crossed(prev, self.step, cfg.run.image_every):
-                self.write_images()
-                last_image = self.step
-        bar.close()
+        try:
+            while self.step < limit:
+                prev = self.step
+                batch = self.stream.next_batch()
+                losses = self.train_batch(batch, limit)
+                self.state.batches += 1
+                result.losses.extend(losses)
+                bar.update(self.step - prev)
+                if losses:
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}", stage=batch.stage)
+                if _crossed(prev, self.step, cfg.run.save_every) and self.step < limit:
+                    self.save()
+                    last_saved = self.step
+                if cfg.run.diagnostic_every and _crossed(prev, self.step, cfg.run.diagnostic_every):
+                    result.collapse = self.diagnose()
+                if cfg.run.image_every and _crossed(prev, self.step, cfg.run.image_every):
+                    self.write_images()
+                    last_image = self.step
+        finally:
+            bar.close()  # before any error line
         if self.step != last_saved:
             self.save()
         result.step = self.step
@@ -465,11 +503,30 @@ def _crossed(prev: int, now: int, every: int) -> bool:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    """Drop metric lines past ``step`` (written after the checkpoint a resumed run restarts from), and any
+    line that does not parse (the torn last line of a killed run): each dropped one is said once."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    raw = path.read_bytes().split(b"\n")
+    keep, torn = [], []
+    for n, line in enumerate(raw, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            at = rec.get("step", 0) if isinstance(rec, dict) else None
+            if at is not None and not isinstance(at, (int, float)):
+                at = None
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            at = None
+        if at is None:
+            torn.append(n)
+        elif at <= step:
+            keep.append(line.decode("utf-8"))
+    for n in torn:
+        last = n == len(raw) or (n == len(raw) - 1 and not raw[-1].strip())
+        log.warning("%s: dropped line %d, which is not a JSON record (%s)", path, n,
+                    "the torn last line of an interrupted run" if last else "damaged")
     atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in keep), encoding="utf-8"))
 
 
