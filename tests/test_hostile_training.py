@@ -304,3 +304,95 @@ def test_a_dead_trainers_lock_is_taken_over(world, tmp_path, caplog):
         assert train_main(["--config", cfg, "--max-steps", "1"]) == 0
     assert f"{out / '.train.lock'}: lock left by pid {pid}, which is no longer running; taken over" in caplog.messages
     assert not (out / ".train.lock").exists()  # released when the run ended
+
+
+# ---------------------------------------------------------------------------- property-based
+
+PROPERTY_KEYS = ["optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
+                 "optim.max_grad_norm", "optim.ema_decay", "optim.schedule", "run.seed", "run.max_steps",
+                 "run.collapse_threshold", "data.batch_size", "data.components.x.weight", "data.components.x.repeats",
+                 "dit.guidance", "dit.num_inference_steps"]
+
+
+def _values():
+    from hypothesis import strategies as st
+
+    numbers = (st.integers(-2**70, 2**70) | st.integers(-3, 70) | st.floats(allow_nan=True, allow_infinity=True)
+               | st.sampled_from([0, 1, 0.5, 0.999, 1e-8, -0.0, 2**32, 10**9]))
+    return (numbers | st.none() | st.booleans() | st.text(max_size=4) | st.lists(numbers, max_size=3)
+            | st.dictionaries(st.text(max_size=3), numbers, max_size=2))
+
+
+def _plausible():
+    """Values a config could hold, edges included (half the draws: the other half are hostile)."""
+    from hypothesis import strategies as st
+
+    def unit(lo, hi):
+        return st.floats(lo, hi, allow_nan=False)
+
+    return {
+        "optim.lr": unit(1e-12, 10.0), "optim.betas": st.lists(unit(0.0, 0.9999), min_size=2, max_size=2),
+        "optim.eps": unit(1e-12, 1.0), "optim.weight_decay": unit(0.0, 10.0), "optim.warmup_steps": st.integers(0, 99),
+        "optim.max_grad_norm": unit(0.0, 10.0), "optim.ema_decay": unit(1e-3, 0.999) | st.none(),
+        "optim.schedule": st.sampled_from(["linear", "constant"]), "run.seed": st.integers(0, 2**32 - 1),
+        "run.max_steps": st.integers(1, 10**12), "run.collapse_threshold": unit(-1.0, 1.0),
+        "data.batch_size": st.integers(1, 64), "data.components.x.weight": unit(0.0, 1e300),
+        "data.components.x.repeats": st.integers(1, 10**6),
+        "dit.guidance": st.lists(unit(0.0, 100.0), min_size=1, max_size=3), "dit.num_inference_steps": st.integers(1, 1000),
+    }
+
+
+def test_random_values_end_in_a_run_or_one_named_error(tmp_path):
+    """Whatever the values, validation either refuses them in one ConfigError naming the file, or what it
+    accepts builds and steps torch's AdamW, seeds every RNG and draws batches without an error."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from fastenc.errors import ConfigError
+    from train.config import TrainConfig
+    from train.data import PromptStream, load_components
+    from train.loop import lr_factor
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na fox\n")
+    source = str(tmp_path / "train.json")
+
+    plausible = _plausible()
+    pairs = st.sampled_from(PROPERTY_KEYS).flatmap(lambda k: st.tuples(st.just(k), plausible[k] | _values()))
+
+    @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(changes=st.lists(pairs, min_size=1, max_size=3).map(dict))
+    def check(changes):
+        raw = {"student": {"init": "/m"}, "dit": {"path": "/d"},
+               "data": {"components": {"x": {"paths": [str(prompts)]}}}}
+        for key, value in changes.items():
+            *sections, name = key.split(".")
+            node = raw
+            for part in sections:
+                node = node.setdefault(part, {})
+            node[name] = value
+        try:
+            cfg = TrainConfig.from_dict(raw, source=source).validate(source)
+        except ConfigError as exc:
+            assert str(exc).startswith(f"{source}: ") and "\n" not in str(exc), exc
+            return
+        o = cfg.optim
+        param = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([param], lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        param.sum().backward()
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([param], o.max_grad_norm)
+        opt.step()
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.run.seed)
+        try:  # what depends on the prompts is checked once they are read: still one line
+            stream = PromptStream(cfg.data, load_components(cfg.data), seed=cfg.run.seed)
+        except ConfigError as exc:
+            assert str(exc) == "data.stages[0]: component weights sum to 0", exc
+            return
+        assert len(stream.next_batch().prompts) == cfg.data.batch_size
+        total = cfg.run.max_steps or stream.total_batches
+        assert 0.0 <= lr_factor(0, warmup=o.warmup_steps, total=total, schedule=o.schedule) <= 1.0
+
+    check()
