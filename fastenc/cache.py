@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 from collections import OrderedDict
@@ -37,6 +36,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+# ENTRY_NAME, TMP_NAME: the names the disk store writes (entries; temporaries of writes in progress or
+# killed), defined beside ``fastenc cache clear`` (:mod:`fastenc.caches`), which deletes exactly these.
+from .caches import ENTRY_NAME, TMP_NAME  # noqa: F401 (re-exported)
 from .errors import ConfigError, InputError
 from .fileio import umask_mode
 
@@ -44,9 +46,6 @@ logger = logging.getLogger("fastenc")
 
 #: Default bound of the in-memory LRU, in bytes of cached tensors.
 DEFAULT_MAX_BYTES = 1 << 30
-#: Names the disk store writes: entries and temporary files of writes in progress (or killed).
-ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
-TMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}\.safetensors")  # tempfile.mkstemp names
 FORMAT = "fastenc-embedding-cache/2"
 
 

@@ -3,33 +3,54 @@
 Everything lives under one root: ``$FASTENC_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastenc``, else
 ``~/.cache/fastenc``:
 
-* ``cpu-plans/``   the ``cpu`` backend's int8 plans, one small JSON per checkpoint (see
+* ``cpu-plans/``   the ``cpu`` backend's plans, one small JSON per checkpoint (see
   :func:`fastenc.backends.cpu.plan_cache_dir`);
+* ``gpu-probes/``  the triton kernels' first-contact verdicts, one small JSON per GPU kind (name, compute
+  capability, driver, torch and triton versions; see :mod:`fastenc.backends.probe`);
 * ``embeddings/``  the embedding cache's disk store, when it is turned on;
 * ``bench/``       models and exports the benchmarks build once and reuse (``$FASTENC_BENCH_CACHE``
   overrides this one).
 
-:func:`clear` deletes only entries whose names fastenc itself gives them, so pointing
-``$FASTENC_CACHE_DIR`` at a folder that holds other files cannot delete those. This module imports
-no torch: ``fastenc cache info`` answers at once.
+:func:`clear` deletes only regular files fastenc can tell it wrote itself, never a folder by its name,
+so pointing ``$FASTENC_CACHE_DIR`` at a folder that holds other files (``$HOME``, say) cannot delete
+those: in ``cpu-plans/`` and ``embeddings/`` the exact names the plan cache and the disk store give
+their files (and their temporaries); in ``bench/<model>/`` the files ``fastenc.save`` writes in
+``checkpoint/`` and, in ``export/``, the files its ``export.json`` manifest lists with their sizes. A
+path through a symbolic link is never followed. Folders are removed only when that left them empty.
+This module imports no torch: ``fastenc cache info`` answers at once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import shutil
+import stat
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-#: Names fastenc writes in each cache folder (anything else there is left alone).
-_OWNED = {
-    "cpu-plans": re.compile(r"\.?[0-9a-f]{24}\.json(\.[^/]+\.tmp)?"),  # plans and atomic_write leftovers
-    "embeddings": re.compile(r"[0-9a-f]{64}\.(safetensors|json)|\.tmp-[^/]*"),
-    "bench": re.compile(r"[a-z0-9]+-t5init-seed\d+|checkpoint-[0-9a-f]{12}"),
-}
+#: What the embedding cache's disk store writes (:mod:`fastenc.cache`): entries, and the temporary
+#: files of writes in progress or killed (``tempfile.mkstemp`` names).
+ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
+TMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}\.safetensors")
+#: What the cpu backend's plan cache writes: ``[engine-]<24 hex>.json`` and the temporaries of
+#: :func:`fastenc.fileio.atomic_write` (``.<name>.<8 chars>.tmp``).
+PLAN_NAME = re.compile(r"(engine-)?[0-9a-f]{24}\.json")
+PLAN_TMP_NAME = re.compile(r"\.(engine-)?[0-9a-f]{24}\.json\.[a-z0-9_]{8}\.tmp")
+#: What the GPU probe writes (:mod:`fastenc.backends.probe`): ``<24 hex>.json`` and atomic_write's temporaries.
+PROBE_NAME = re.compile(r"[0-9a-f]{24}\.json")
+PROBE_TMP_NAME = re.compile(r"\.[0-9a-f]{24}\.json\.[a-z0-9_]{8}\.tmp")
+#: A benchmark model's folder under bench/ (``bench.exports.model_key``), and what fastenc.save writes
+#: in its ``checkpoint/`` subfolder (with atomic_write's temporaries).
+BENCH_MODEL = re.compile(r"[a-z0-9]+-t5init-seed\d+|checkpoint-[0-9a-f]{12}")
+BENCH_CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+_BENCH_CHECKPOINT_TMP = re.compile(r"\.(model\.safetensors|config\.json|tokenizer\.json)\.[a-z0-9_]{8}\.tmp")
+_MANIFEST = "export.json"
+_VERIFIED = ".fastenc-verified.json"
+
 _WHAT = {
-    "cpu-plans": "cpu backend int8 plans (small JSON, one per checkpoint; rebuilt in seconds)",
+    "cpu-plans": "cpu backend plans (small JSON, one per checkpoint; rebuilt in seconds)",
+    "gpu-probes": "triton first-contact verdicts (small JSON, one per GPU kind; probed again in seconds)",
     "embeddings": "embedding cache disk store (when enabled; one safetensors file per prompt)",
     "bench": "benchmark models and exports (python -m bench.*; rebuilt on the next benchmark run)",
 }
@@ -43,6 +64,69 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastenc"
 
 
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except OSError:
+        return None
+
+
+def _is_plain_dir(path: Path) -> bool:
+    st = _lstat(path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+def _is_plain_file(path: Path) -> bool:
+    st = _lstat(path)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def _names(folder: Path) -> list[str]:
+    """Entries of ``folder`` when it is a real folder (not a link to one), else none."""
+    if not _is_plain_dir(folder):
+        return []
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:
+        return []
+
+
+def _files_named(folder: Path, *patterns: re.Pattern[str]) -> list[Path]:
+    return [folder / n for n in _names(folder)
+            if any(p.fullmatch(n) for p in patterns) and _is_plain_file(folder / n)]
+
+
+def _export_files(export: Path) -> list[Path]:
+    """Files of a bench export folder that its manifest lists (same size), the manifest and the digest record."""
+    manifest = export / _MANIFEST
+    if not _is_plain_dir(export) or not _is_plain_file(manifest):
+        return []
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(listed, dict):
+        return []
+    found = []
+    for name, entry in listed.items():
+        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+        if (not parts or name.startswith("/") or any(p in (".", "..") or "\\" in p or "\0" in p for p in parts)
+                or not isinstance(entry, dict)):
+            continue
+        path, folder_ok = export, True
+        for part in parts[:-1]:  # every folder on the way is a real folder, never a link
+            path = path / part
+            folder_ok = folder_ok and _is_plain_dir(path)
+        path = path / parts[-1]
+        st = _lstat(path)
+        if folder_ok and st is not None and stat.S_ISREG(st.st_mode) and st.st_size == entry.get("size"):
+            found.append(path)
+    found.append(manifest)
+    if _is_plain_file(export / _VERIFIED):
+        found.append(export / _VERIFIED)
+    return found
+
+
 @dataclass(frozen=True)
 class CacheDir:
     name: str
@@ -50,31 +134,47 @@ class CacheDir:
     what: str
 
     def owned(self) -> list[Path]:
-        """Entries of this folder that fastenc wrote (by name)."""
-        try:
-            entries = sorted(self.path.iterdir())
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        pattern = _OWNED[self.name]
-        return [p for p in entries if pattern.fullmatch(p.name) and not p.is_symlink()]
+        """Regular files in this cache that fastenc wrote (see the module docstring); never a folder."""
+        if self.name == "cpu-plans":
+            return _files_named(self.path, PLAN_NAME, PLAN_TMP_NAME)
+        if self.name == "gpu-probes":
+            return _files_named(self.path, PROBE_NAME, PROBE_TMP_NAME)
+        if self.name == "embeddings":
+            return _files_named(self.path, ENTRY_NAME, TMP_NAME)
+        files = []
+        for model in _names(self.path):
+            base = self.path / model
+            if not BENCH_MODEL.fullmatch(model) or not _is_plain_dir(base):
+                continue
+            checkpoint = base / "checkpoint"
+            files += [checkpoint / n for n in BENCH_CHECKPOINT_FILES if _is_plain_dir(checkpoint)
+                      and _is_plain_file(checkpoint / n)]
+            files += _files_named(checkpoint, _BENCH_CHECKPOINT_TMP)
+            files += _export_files(base / "export")
+        return files
 
     def usage(self) -> tuple[int, int]:
         """(files, bytes) of what fastenc wrote here."""
-        files = size = 0
-        for entry in self.owned():
-            for f in ([entry] if entry.is_file() else entry.rglob("*")):
-                if f.is_file() and not f.is_symlink():
-                    files += 1
-                    size += f.stat().st_size
-        return files, size
+        files = self.owned()
+        return len(files), sum(st.st_size for f in files if (st := _lstat(f)) is not None)
 
 
 def cache_dirs() -> list[CacheDir]:
     root = cache_root()
     bench = os.environ.get("FASTENC_BENCH_CACHE")
-    paths = {"cpu-plans": root / "cpu-plans", "embeddings": root / "embeddings",
+    paths = {"cpu-plans": root / "cpu-plans", "gpu-probes": root / "gpu-probes", "embeddings": root / "embeddings",
              "bench": Path(bench).expanduser() if bench else root / "bench"}
     return [CacheDir(name, path, _WHAT[name]) for name, path in paths.items()]
+
+
+def _remove_empty(folder: Path, stop: Path) -> None:
+    """rmdir ``folder`` and its parents up to (not including) ``stop`` while they are empty."""
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()  # fails (and stops) when not empty, or a link
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def clear(names: list[str] | None = None) -> list[tuple[CacheDir, int, int]]:
@@ -83,14 +183,22 @@ def clear(names: list[str] | None = None) -> list[tuple[CacheDir, int, int]]:
     for cache in cache_dirs():
         if names and cache.name not in names:
             continue
-        files, size = cache.usage()
-        for entry in cache.owned():
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink(missing_ok=True)
+        owned = cache.owned()
+        files = size = 0
+        for f in owned:
+            st = _lstat(f)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                continue
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                continue
+            files, size = files + 1, size + st.st_size
+        for folder in sorted({f.parent for f in owned}, key=lambda p: len(p.parts), reverse=True):
+            _remove_empty(folder, cache.path)
         try:
-            cache.path.rmdir()  # only when now empty
+            if _is_plain_dir(cache.path):
+                cache.path.rmdir()  # only when now empty
         except OSError:
             pass
         done.append((cache, files, size))

@@ -3,7 +3,10 @@
 Only the subcommand being run is built (and imports what it needs), so ``fastenc --help`` and
 ``fastenc info`` load no torch. Every error the library raises on purpose (:class:`FastencError`)
 and every OSError is reported as one line on stderr with a non-zero exit status, never a traceback;
-``-v`` shows the traceback of unexpected errors.
+``-v`` shows the traceback of unexpected errors. A reader of stdout that goes away (``| head -1``)
+ends the command quietly with status 141. Outputs are checked before any work: ``encode -o FILE``
+needs FILE's folder to exist (none is created), ``encode -o -`` writes the safetensors bytes to
+stdout (a pipe or a redirect; the summary line then goes to stderr).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 DEVICE_METAVAR = "{cpu,cuda,cuda:N}"
 _DEVICE = re.compile(r"cpu|cuda(:\d{1,2})?")
 _HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # owner/name, as fastenc.weights.resolve_checkpoint reads it
+STDOUT = "-"  # encode -o -: the safetensors bytes on standard output
 
 #: name -> (one-line help, "module:function" that adds the full subparser)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -137,6 +141,8 @@ def check_output(flag: str, path: str | os.PathLike, *, folder: bool) -> None:
         raise ConfigError(f"{flag} {path}: exists and is not a folder")
     if not folder and path.is_dir():
         raise ConfigError(f"{flag} {path}: is a folder; give a file name")
+    if not folder and not os.path.lexists(path.parent.absolute()):  # a typo is not a request for new folders
+        raise ConfigError(f"{flag} {path}: the folder {path.parent} does not exist (create it first)")
     ancestor = path if folder else path.parent
     ancestor = ancestor.absolute()
     while not ancestor.exists() and ancestor.parent != ancestor:
@@ -148,6 +154,19 @@ def check_output(flag: str, path: str | os.PathLike, *, folder: bool) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot write in {ancestor} ({exc.strerror or exc})") from None
+
+
+def check_stdout(flag: str) -> None:
+    """``-o -`` writes binary safetensors to stdout: refused, before any work, when that is a terminal."""
+    try:
+        terminal = sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if terminal:
+        raise ConfigError(f"{flag} -: standard output is a terminal; redirect it to a file or a pipe "
+                          "(e.g. `-o - > out.safetensors`), or give a file name")
+    if not hasattr(sys.stdout, "buffer"):
+        raise ConfigError(f"{flag} -: standard output takes no bytes here; give a file name")
 
 
 def check_prompts(prompts: list[str], what: str = "prompt") -> None:
@@ -214,7 +233,9 @@ def add_encode_command(sub) -> None:
     p.add_argument("--target", choices=list(TARGET_MAX_LENGTH), default="flux-dev",
                    help="pipeline whose sequence length and masking to follow (default flux-dev: "
                         + ", ".join(f"{t} {n}" for t, n in TARGET_MAX_LENGTH.items()) + " tokens)")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="safetensors file to write")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="safetensors file to write (its folder must exist); - writes the file's bytes to standard "
+                        "output (a pipe or a redirect, not a terminal) and the summary line to stderr")
     p.set_defaults(func=cmd_encode)
 
 
@@ -313,15 +334,22 @@ def _encode_ids(enc, ids, mask, *, target: str):
 
 
 def _write_embeddings(path: Path, embeds, mask, target: str) -> int:
-    from safetensors.torch import save_file
+    from safetensors.torch import save, save_file
 
     from .caches import human
     from .fileio import atomic_write
 
     tensors = {"text_embeddings": embeds.float().cpu().contiguous(), "attention_mask": mask.cpu().contiguous()}
+    shapes = f"text_embeddings {list(embeds.shape)} float32, attention_mask {list(mask.shape)}"
+    if str(path) == STDOUT:  # the safetensors bytes on stdout; what is said goes to stderr
+        data = save(tensors, metadata={"target": target})
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        sys.stderr.write(f"wrote {human(len(data))} of safetensors to standard output: {shapes}\n")
+        return 0
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"target": target}))
-    sys.stdout.write(f"wrote {path} ({human(path.stat().st_size)}): text_embeddings {list(embeds.shape)} float32, "
-                     f"attention_mask {list(mask.shape)}\n")
+    sys.stdout.write(f"wrote {path} ({human(path.stat().st_size)}): {shapes}\n")
     return 0
 
 
@@ -507,7 +535,33 @@ def _os_error(exc: OSError) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: Exit status when the reader of stdout went away (`fastenc cache info | head -1`): 128 + SIGPIPE, as
+#: the shell reports a program the signal ended; nothing is printed.
+BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader that went away is seen here, not at interpreter exit
+    except BrokenPipeError:
+        _drop_stdout()
+        return BROKEN_PIPE
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so that nothing more (the flush at exit included) fails on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (captured in tests): nothing to protect
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     if argv is None:  # undecodable argv bytes (lone surrogates) echoed in a path must not crash the output
         for stream in (sys.stdout, sys.stderr):
             if hasattr(stream, "reconfigure"):
@@ -523,11 +577,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in OUTPUTS and getattr(args, OUTPUTS[args.command][0], None) is not None:
             attr, flag, folder = OUTPUTS[args.command]
-            check_output(flag, getattr(args, attr), folder=folder)
+            value = getattr(args, attr)
+            if not folder and str(value) == STDOUT:
+                check_stdout(flag)
+            else:
+                check_output(flag, value, folder=folder)
         return int(args.func(args) or 0)
     except FastencError as exc:
         sys.stderr.write(_one_line(f"{prog}: error: {cli_words(str(exc))}") + "\n")
         return 2
+    except BrokenPipeError:  # the reader of stdout went away: main() ends quietly
+        raise
     except OSError as exc:
         sys.stderr.write(_one_line(f"{prog}: error: {_os_error(exc)}") + "\n")
         return 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -24,6 +25,11 @@ from pathlib import Path
 log = logging.getLogger("fastenc")
 
 DEFAULT_OUT = "fastenc-demo"
+#: What the demo keeps in --out (model_repository: where its closing advice points `fastenc triton-repo`).
+#: The folder may hold nothing else, so that deleting it whole (as the report advises) loses nothing of
+#: the user's: the rule ``fastenc export`` applies to its --out.
+DEMO_NAMES = frozenset({"token_ids.safetensors", "embeddings.safetensors", "export", "model_repository"})
+_DEMO_LEFTOVERS = re.compile(r"\.export\.(staging|new|old)-\d+-[0-9a-f]{8}")  # of a killed export into export/
 DEMO_PROMPTS = [
     "A sculptor waving a poster stating 'fastenc'.",
     "A photo of a red fox in fresh snow, golden hour, 85mm lens",
@@ -92,6 +98,19 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def check_demo_out(folder: Path, *, export: bool = True) -> None:
+    """--out may be new, empty, or hold only what a demo writes (the rule of ``fastenc export --out``);
+    its export/ subfolder is held to export's own rule. Checked before anything is loaded or written."""
+    from .exporters.transaction import check_target
+
+    check_target(folder, DEMO_NAMES, maker="the demo", example=DEFAULT_OUT, ignore=_DEMO_LEFTOVERS,
+                 why="the demo keeps what it makes in a folder of its own, to be deleted whole")
+    if export and (folder / "export").is_dir():
+        from .exporters.pipeline import EXPORT_NAMES
+
+        check_target(folder / "export", EXPORT_NAMES)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -104,6 +123,7 @@ def run_demo(args: argparse.Namespace) -> int:
     check_prompts(args.prompts)
     check_device(args.device)
     folder = Path(args.out)
+    check_demo_out(folder, export=not args.no_export)
     folder.mkdir(parents=True, exist_ok=True)
     if args.checkpoint:
         enc = load(args.checkpoint, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -50,3 +52,59 @@ def content_identity(files: list[Path], sample: int = 1 << 20) -> str:
                 f.seek(max(sample, st.st_size - sample))
                 h.update(f.read(sample))
     return h.hexdigest()[:32]
+
+
+def looks_local(text: str) -> bool:
+    """Whether ``text`` names a path on this machine rather than a Hugging Face hub id: it starts with
+    ``./``, ``../``, ``/`` or ``~`` (or is ``.``, ``..``, ``~``), is a symbolic link (one that leads
+    nowhere, or in a loop, included), or its first folder exists here (``models/t5`` beside ``models/``)."""
+    text = os.fspath(text)
+    if text in (".", "..", "~") or text.startswith(("./", "../", "/", "~")) or os.path.islink(text):
+        return True
+    head = text.split("/", 1)[0]
+    return "/" in text and bool(head) and os.path.lexists(head)
+
+
+def missing_path_message(text: str) -> str:
+    """One line on why the local path ``text`` is not there: missing, a link to nothing, a link loop."""
+    text = os.fspath(text)
+    if os.path.islink(text):
+        try:
+            os.stat(text)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"{text}: a symbolic link loop ({os.strerror(errno.ELOOP).lower()})"
+            return f"{text}: a symbolic link to {os.readlink(text)}, which does not exist"
+    return f"{text}: no such file or directory"
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is missing or a regular file (through links); else what it is instead, as in
+    "a FIFO" or "a symbolic link to /dev/zero (a character device)", for a one-line refusal."""
+    path = os.fspath(path)
+    try:
+        lst = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISREG(lst.st_mode):
+        return None
+    if stat.S_ISLNK(lst.st_mode):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "a symbolic link loop"
+            return f"a symbolic link to a missing {os.readlink(path)}"
+        if stat.S_ISREG(st.st_mode):
+            return None
+        return f"a symbolic link to {os.path.realpath(path)} ({_kind(st.st_mode)})"
+    return _kind(lst.st_mode)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"

@@ -90,7 +90,7 @@ def test_output_under_a_file_or_unwritable_fails_before_loading(capsys, tmp_path
     assert main(["export", "--random-init", "--size", "small", "--out", str(afile / "exp")]) == 2
     assert "--out" in one_line_error(capsys)
     # /proc takes no new files, even for root: the probe write fails, not a permission-bit guess
-    assert main(["encode", "--checkpoint", str(ckpt), "--ids", "5,1", "-o", "/proc/fastenc-test/o.safetensors"]) == 2
+    assert main(["encode", "--checkpoint", str(ckpt), "--ids", "5,1", "-o", "/proc/fastenc-test.safetensors"]) == 2
     assert "cannot write in /proc" in one_line_error(capsys)
 
 
@@ -259,6 +259,7 @@ def test_cache_info_and_clear_delete_only_fastencs_files(capsys, monkeypatch, tm
     bench = dirs["bench"] / "base-t5init-seed0" / "export"
     bench.mkdir(parents=True)
     (bench / "encoder.onnx").write_bytes(b"\0" * 4096)
+    (bench / "export.json").write_text(json.dumps({"files": {"encoder.onnx": {"size": 4096}}}))  # what it wrote
     emb = dirs["embeddings"] / ("ab" * 32 + ".safetensors")
     emb.parent.mkdir(parents=True)
     emb.write_bytes(b"\0" * 100)

@@ -195,27 +195,32 @@ def _recover_locked(directory: Path) -> None:
     remove_stale(parent, STAGING_TAG, READY_TAG, OLD_TAG, stem=stem)
 
 
-def check_target(out: Path, allowed: frozenset[str]) -> None:
+def check_target(out: Path, allowed: frozenset[str], *, maker: str = "an export",
+                 why: str = "an export replaces its whole folder", example: str = "exported",
+                 ignore: re.Pattern[str] | None = None) -> None:
     """``--out`` may be new, empty, or a folder holding only what an export writes: the swap replaces
-    the whole folder, so anything else in it would be lost."""
+    the whole folder, so anything else in it would be lost. ``fastenc demo`` holds its ``--out`` to the
+    same rule (``maker``, ``why`` and ``example`` word the refusal; names matching ``ignore`` are its own
+    leftovers)."""
     out = Path(out)
     if os.path.lexists(out) and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
     resolved = out.resolve()
     if resolved.parent == resolved:
-        raise ConfigError(f"--out {out}: the root folder cannot be an export folder")
+        raise ConfigError(f"--out {out}: the root folder cannot be {maker} folder")
     cwd = Path.cwd().resolve()
     if cwd == resolved or cwd.is_relative_to(resolved):
-        raise ConfigError(f"--out {out}: is the current folder or one above it; an export replaces its whole "
-                          f"folder, so choose a folder of its own (e.g. --out exported)")
+        raise ConfigError(f"--out {out}: is the current folder or one above it; {why}, so choose a folder of its "
+                          f"own (e.g. --out {example})")
     if not out.is_dir():
         return
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name not in allowed and not p.name.startswith(".staging-") and not p.name.endswith(".tmp"))
+                     if p.name not in allowed and not p.name.startswith(".staging-") and not p.name.endswith(".tmp")
+                     and not (ignore is not None and ignore.fullmatch(p.name)))
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ConfigError(f"--out {out}: holds files an export does not write ({shown}); an export replaces its "
-                          f"whole folder, so choose a new or empty folder")
+        raise ConfigError(f"--out {out}: holds files {maker} does not write ({shown}); {why}, so choose a new or "
+                          f"empty folder")
 
 
 class Transaction:
