@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from tokenizers import processors
 
 from .config import max_length_for, read_json_object
 from .errors import ConfigError, InputError
-from .fileio import atomic_write
+from .fileio import atomic_write, looks_local, not_a_file
 
 logger = logging.getLogger("fastenc")
 
@@ -98,6 +99,7 @@ class Tokenizer:
     def from_file(cls, path: str | Path) -> "Tokenizer":
         """Load a ``tokenizer.json``; special tokens come from a ``tokenizer_config.json`` beside it, if any."""
         path = Path(path)
+        _check_regular(path)
         try:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises plain Exception subclasses for bad JSON
@@ -110,21 +112,36 @@ class Tokenizer:
             except ConfigError as exc:  # special tokens then default to T5's <pad> and </s>
                 logger.warning("ignoring unreadable tokenizer config (%s)", exc)
         pad, eos = _special_token(config, "pad_token", "<pad>"), _special_token(config, "eos_token", "</s>")
-        return cls(tok, pad_token=pad, eos_token=eos)
+        try:
+            return cls(tok, pad_token=pad, eos_token=eos)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     @classmethod
     def from_spiece(cls, path: str | Path) -> "Tokenizer":
-        """Convert a SentencePiece ``spiece.model`` via transformers' T5TokenizerFast (needs sentencepiece)."""
+        """Convert a SentencePiece ``spiece.model`` via transformers' T5TokenizerFast (needs sentencepiece).
+        An empty or unparsable file is one ConfigError naming it."""
         path = Path(path)
+        _check_regular(path)
         try:
             from transformers import T5TokenizerFast
-            import sentencepiece  # noqa: F401  (the conversion needs it)
+            import sentencepiece
         except ImportError as exc:
             raise ConfigError(
                 f"{path.parent} has spiece.model but no tokenizer.json; converting it needs transformers and "
                 f"sentencepiece ({exc}). Install them (pip install 'fastenc[diffusers]') "
                 "or pass a folder with tokenizer.json"
             ) from None
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        if size == 0:
+            raise ConfigError(f"{path}: an empty file (0 bytes), not a SentencePiece model")
+        try:  # parse it first: the conversion's own failures on a damaged model do not name the file
+            sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception:
+            raise ConfigError(f"{path}: not a SentencePiece model (sentencepiece cannot parse it)") from None
         try:  # from_pretrained converts in transformers 4 and 5 (5's __init__ ignores vocab_file)
             if path.name == "spiece.model":
                 hf = T5TokenizerFast.from_pretrained(str(path.parent), local_files_only=True)
@@ -134,7 +151,10 @@ class Tokenizer:
                     hf = T5TokenizerFast.from_pretrained(tmp, local_files_only=True)
         except Exception as exc:
             raise ConfigError(f"{path}: could not convert spiece.model ({exc})") from None
-        return cls(hf.backend_tokenizer, pad_token=str(hf.pad_token), eos_token=str(hf.eos_token))
+        try:
+            return cls(hf.backend_tokenizer, pad_token=str(hf.pad_token), eos_token=str(hf.eos_token))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, subfolder: str | None = None) -> "Tokenizer":
@@ -153,6 +173,8 @@ class Tokenizer:
             skipped: list[str] = []
             for name in names:
                 folder = path / name if name else path
+                for file in ("tokenizer.json", "spiece.model"):  # a FIFO, a folder, /dev/zero: said, not skipped
+                    _check_regular(folder / file)
                 if (folder / "tokenizer.json").is_file():
                     kind = _model_type(folder / "tokenizer.json")
                     if kind == "Unigram":
@@ -164,6 +186,10 @@ class Tokenizer:
             extra = f"; skipped {'; '.join(skipped)}" if skipped else ""
             raise ConfigError(f"no T5 tokenizer.json or spiece.model found in {looked}{extra}")
         text = str(source)
+        if os.path.lexists(path):  # a FIFO, a device, a socket, a link to nothing or to /dev/zero
+            _check_regular(path)
+        if not isinstance(source, str) or looks_local(text):  # ./x, /x, ~/x, a link: never a hub id
+            raise ConfigError(f"tokenizer path {text!r} does not exist")
         if not _HUB_ID.match(text) or ".." in text or "--" in text:
             raise ConfigError(f"tokenizer path {text!r} does not exist (and is not a Hugging Face hub id)")
         return cls.from_file(_download(text, subfolder))
@@ -305,3 +331,11 @@ def _download(repo_id: str, subfolder: str | None) -> Path:
     raise ConfigError(
         f"could not download a T5 tokenizer.json from Hugging Face hub repo {repo_id!r} ({failure}); {hint}"
     )
+
+
+def _check_regular(path: Path) -> None:
+    """A tokenizer file that is there but is no regular file (a FIFO would block the read forever, a link
+    to /dev/zero would never end): one ConfigError naming it, instead of being skipped or hanging."""
+    kind = not_a_file(path)
+    if kind is not None:
+        raise ConfigError(f"{path}: is {kind}, not a regular file")

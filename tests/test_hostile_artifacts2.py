@@ -210,3 +210,40 @@ def test_the_suite_keeps_its_caches_out_of_the_users_home():
             assert os.environ[name] == os.path.join(conftest.SESSION_CACHE_ROOT, sub)
     if "FASTENC_CACHE_DIR" not in conftest.PRESET:
         assert caches.cache_root() == Path(conftest.SESSION_CACHE_ROOT) / "fastenc"
+
+
+# ---------------------------------------------------------------------------- artifacts never silently unusable
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, tok_dir, capsys):
+    small = write_checkpoint(tmp_path / "small-vocab", MICRO.replace(vocab_size=64))
+    size = Tokenizer.from_pretrained(tok_dir).vocab_size
+    assert size > 64
+    out = tmp_path / "out"
+    assert main(["export", "--checkpoint", str(small), "--tokenizer", str(tok_dir), "--max-batch", "1",
+                 "--max-seq", "16", "--out", str(out)]) == 2
+    assert _one_line(capsys) == (
+        f"fastenc: error: --tokenizer {tok_dir}: {size} token ids, but the model's embedding table has 64 rows: "
+        "not this model's tokenizer (an export bundling it would fail on its ids); pass the tokenizer the model "
+        "was trained with\n")
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["small-vocab"]
+
+
+def test_empty_spiece_model_is_an_error_naming_it(tmp_path):
+    pytest.importorskip("sentencepiece")
+    (tmp_path / "spiece.model").write_bytes(b"")
+    with pytest.raises(ConfigError) as info:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(info.value) == f"{tmp_path / 'spiece.model'}: an empty file (0 bytes), not a SentencePiece model"
+
+
+def test_garbage_spiece_model_is_an_error_naming_it(tmp_path, ck):
+    pytest.importorskip("sentencepiece")
+    (tmp_path / "spiece.model").write_bytes(b"\x00\xffnot a model\x08\x01" * 64)
+    message = f"{tmp_path / 'spiece.model'}: not a SentencePiece model (sentencepiece cannot parse it)"
+    with pytest.raises(ConfigError) as info:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(info.value) == message
+    with pytest.raises(ConfigError) as again:
+        fastenc.load(ck, backend="torch", tokenizer=tmp_path, cache=False)
+    assert str(again.value) == message

@@ -34,6 +34,7 @@ from .transaction import Transaction, check_target
 log = logging.getLogger("fastenc")
 
 DEFAULT_MAX_BATCH = 4
+_UNSET = object()
 MIN_OPSET = 17
 #: Names an export folder holds (``--out`` may hold nothing else: the swap replaces the whole folder).
 EXPORT_NAMES = frozenset({weights.CONFIG_NAME, MANIFEST_NAME, VERIFIED_NAME, "tokenizer.json",
@@ -100,6 +101,7 @@ class _Source:
             self.fingerprint = checkpoint_fingerprint(self.path)
         self._key: tuple[str, str] | None = None
         self._encoder = None
+        self._tokenizer: Any = _UNSET
 
     def encoder(self, dtype: str, device: torch.device):
         """A torch-backend :class:`fastenc.Encoder` in ``dtype`` on ``device`` (one kept at a time)."""
@@ -122,10 +124,22 @@ class _Source:
         return self.encoder(dtype, device).model.eval()
 
     def tokenizer(self):
-        from ..api import _find_tokenizer
+        """The tokenizer to bundle (``--tokenizer``, else the checkpoint's), loaded once; refused when its
+        ids do not fit the model's embedding table (the export would fail on them at run time)."""
+        if self._tokenizer is _UNSET:
+            from ..api import _find_tokenizer
 
-        ckpt_dir = None if self.path is None else (self.path if self.path.is_dir() else self.path.parent)
-        return _find_tokenizer(self.req.tokenizer, ckpt_dir)
+            ckpt_dir = None if self.path is None else (self.path if self.path.is_dir() else self.path.parent)
+            tok = _find_tokenizer(self.req.tokenizer, ckpt_dir)
+            size = getattr(tok, "vocab_size", None)
+            if isinstance(size, int) and size > self.cfg.vocab_size:
+                what = f"--tokenizer {self.req.tokenizer}" if self.req.tokenizer is not None else \
+                    f"the checkpoint's tokenizer ({ckpt_dir})"
+                raise ConfigError(f"{what}: {size} token ids, but the model's embedding table has "
+                                  f"{self.cfg.vocab_size} rows: not this model's tokenizer (an export bundling it "
+                                  "would fail on its ids); pass the tokenizer the model was trained with")
+            self._tokenizer = tok
+        return self._tokenizer
 
 
 def _validate(req: ExportRequest) -> tuple[str, Profile, torch.device]:
@@ -179,6 +193,7 @@ def export(req: ExportRequest) -> ExportResult:
     artifact misses its accuracy bound (the new export is in place then, for inspection)."""
     dtype, profile, aoti_device = _validate(req)
     src = _Source(req)
+    src.tokenizer()  # a tokenizer that does not fit the model: refused before anything is written
     out = Path(req.out)
     result = ExportResult(out)
     with Transaction(out) as txn:
