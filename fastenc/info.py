@@ -3,7 +3,9 @@
 ``collect()`` imports neither torch nor the runtimes: versions come from the installed packages'
 metadata, the GPU from ``nvidia-smi``, the CPU's features from ``/proc/cpuinfo``, so ``fastenc info``
 answers in a fraction of a second. ``collect(probe=True)`` (``fastenc info --probe``) also imports
-torch and asks it what it sees (CUDA devices, threads), which takes seconds.
+torch and asks it what it sees (CUDA devices, threads), and probes fastenc's Triton kernels on each
+visible GPU again (:mod:`fastenc.backends.probe`: the verdict ``auto`` acts on, recorded for later
+processes), which takes seconds.
 """
 
 from __future__ import annotations
@@ -163,5 +165,36 @@ def collect(*, probe: bool = False) -> dict[str, str]:
             best = next((m for m in plan.measured if m.candidate == plan.chosen), None)
             fid = f"; cos {best.cos:.5f} / worst {best.worst:.5f}" if best is not None else ""
             info[f"cpu plan {i + 1}"] = f"{plan.chosen.name} ({times}{fid}; searched in {plan.tune_s:.0f} s)"
+    if probe and cuda and _version("triton"):  # the first-contact check of the triton kernels, per GPU
+        info.update(gpu_probe_report())
     info["cache"] = f"{cache_root()} (fastenc cache info)"
     return info
+
+
+def gpu_probe_report(dtype=None) -> dict[str, str]:
+    """``"triton probe cuda:N"`` -> the verdict of probing the triton kernels again on GPU N in ``dtype``
+    (default bf16, what ``auto`` loads in on CUDA), with the other dtypes' recorded verdicts; a failure
+    adds ``"... cause"`` (the end of its traceback)."""
+    import torch
+
+    from .backends import on_rocm
+    from .backends import probe as gpu_probe
+
+    dtype = dtype or torch.bfloat16
+    out: dict[str, str] = {}
+    for i in range(torch.cuda.device_count()):
+        label = f"triton probe cuda:{i}"
+        if on_rocm():
+            out[label] = "not probed (ROCm: auto runs the torch op table; backend='triton' runs the kernels)"
+            continue
+        try:
+            facts, verdict = gpu_probe.check(torch.device("cuda", i), dtype, fresh=True)
+        except Exception as exc:  # noqa: BLE001 - a report line, not a crash
+            out[label] = f"could not probe: {type(exc).__name__}: {exc}"
+            continue
+        others = [v for name, v in sorted(gpu_probe.read_verdicts(facts).items()) if name != verdict.dtype]
+        out[label] = "; ".join([f"{facts.label()}: {verdict.describe()}", *(v.describe() for v in others)]) + \
+            f" [{gpu_probe.probe_dir() / (facts.key() + '.json')}]"
+        if not verdict.ok:
+            out[f"{label} cause"] = "\n    ".join(verdict.detail.strip().splitlines()[-12:])
+    return out

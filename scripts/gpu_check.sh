@@ -11,7 +11,7 @@
 #   2. GPU tests: tests/test_kernels.py at L = 77/333/512 in fp32/fp16/bf16 (+ the whole-model and graph
 #      tests), tests/test_device_follow.py (graphs after .to, invalidation, threads/streams, offload round trip
 #      in a tiny Flux pipeline when diffusers is importable); TensorRT is not on that machine, so its
-#      runner's logic is tested on the CPU only (tests/test_tensorrt.py); kernels compile their first GPU config only (FASTENC_AUTOTUNE=0) to keep this step short
+#      runner's logic is tested on the CPU only (tests/test_tensorrt.py); kernels compile one GPU config each (FASTENC_AUTOTUNE=0) to keep this step short
 #   3. python -m bench.gpu: base student B = 1/8, L = 77/512 (fastenc triton + CUDA graphs, torch eager bf16),
 #      T5-XXL eager bf16, torch.compile max-autotune and ONNX Runtime CPU (each bounded); CSV to
 #      $OUT/gpu-<gpu>.csv (commit it as bench/results/gpu-<gpu>.csv), the summary against the targets last.
@@ -82,7 +82,7 @@ workers=$($PY -c "import os; print(max(1, min(6, (os.cpu_count() or 2) // 2)))")
 xdist=""
 $PY -c "import xdist" >/dev/null 2>&1 && xdist="-n $workers"
 FASTENC_AUTOTUNE=0 timeout -k 10 "$T" $PY -m pytest -q -rs $xdist -p no:cacheprovider --timeout 180 \
-    --junitxml="$OUT/gpu_tests.xml" tests/test_kernels.py tests/test_device_follow.py \
+    --junitxml="$OUT/gpu_tests.xml" tests/test_kernels.py tests/test_device_follow.py tests/test_gpu_first_contact.py \
     -k "not (test_add_rms_norm or test_gated_ffn or test_linear_relu or test_attention_fp32) or 77 or 333 or 512" \
     > "$OUT/gpu_tests.log" 2>&1
 status=$?

@@ -50,6 +50,18 @@ def _ids(B: int = 2, L: int = 9) -> torch.Tensor:
 # ---- which backend runs where ------------------------------------------------------------------
 
 
+def _kernels_pass_their_check(monkeypatch):
+    """A CUDA GPU whose triton kernels passed the first-contact probe (tests/test_gpu_first_contact.py
+    covers the probe and its failures)."""
+    from fastenc.backends import probe
+
+    facts = probe.GpuFacts("test GPU", "9.0", "test", torch.__version__, "test")
+    monkeypatch.setattr(probe, "gpu_facts", lambda device: facts)
+    monkeypatch.setattr(probe, "run_probe", lambda device, dtype: None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    probe.forget()
+
+
 @pytest.mark.parametrize("requested,device,dtype,fast,want", [
     ("auto", "cuda", torch.bfloat16, False, "triton"),
     ("auto", "cuda:1", torch.float32, False, "triton"),
@@ -69,6 +81,7 @@ def _ids(B: int = 2, L: int = 9) -> torch.Tensor:
 def test_follow_backend(monkeypatch, requested, device, dtype, fast, want):
     monkeypatch.setattr(backends, "cpu_fast_path", lambda: (fast, "test"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _kernels_pass_their_check(monkeypatch)
     assert follow_backend(requested, torch.device(device), dtype) == want
 
 

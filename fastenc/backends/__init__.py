@@ -7,11 +7,17 @@ backends (``cpu``, ``triton``) run the same module with another op table; graph 
 Op-swapping backends follow the weights: :func:`follow_backend` names the one an encoder runs
 with once its weights sit on a given device and dtype (``auto``: ``triton`` on CUDA, ``cpu`` on a
 CPU with native bf16 when the weights are bf16, the ``torch`` reference elsewhere).
+
+``triton`` on a CUDA device is checked on first contact (:mod:`fastenc.backends.probe`): ``auto`` runs
+the torch reference where the kernels fail to compile, launch or match it (one warning says why), an
+explicit ``backend="triton"`` raises :class:`~fastenc.errors.BackendUnavailable` with the cause chained.
+On ROCm (torch reports AMD GPUs as ``cuda``) ``auto`` never picks ``triton``.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -19,6 +25,9 @@ from ..errors import BackendUnavailable, ConfigError
 
 BACKENDS = ("torch", "cpu", "triton", "onnxruntime", "tensorrt", "aoti")
 OP_BACKENDS = ("torch", "cpu", "triton")
+
+log = logging.getLogger("fastenc")
+_ROCM_LOGGED: list[bool] = []
 
 
 def op_table(name: str, device: torch.device):
@@ -59,6 +68,40 @@ def _interpreter_requested() -> bool:
     return interpreter_requested()
 
 
+def on_rocm() -> bool:
+    """True on a ROCm build of torch: its AMD GPUs report ``device.type == "cuda"``."""
+    return getattr(torch.version, "hip", None) is not None
+
+
+def _auto_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``auto`` runs triton on CUDA ``device`` in ``dtype``: never on ROCm (logged once), else
+    when the kernels passed their first-contact check (:func:`fastenc.backends.probe.auto_uses_triton`)."""
+    if on_rocm():
+        if not _ROCM_LOGGED:
+            _ROCM_LOGGED.append(True)
+            log.info("fastenc: ROCm GPU (torch %s, HIP %s): auto runs the torch op table; fastenc's Triton kernels "
+                     "are tuned and checked on NVIDIA GPUs only (backend='triton' runs them anyway)",
+                     torch.__version__, torch.version.hip)
+        return False
+    from .probe import auto_uses_triton
+
+    return auto_uses_triton(device, dtype)
+
+
+def _require_triton(device: torch.device, dtype: torch.dtype) -> None:
+    """An explicit ``triton`` on CUDA: its first-contact check, raising BackendUnavailable (cause chained)."""
+    if device.type == "cuda":
+        from .probe import require_triton
+
+        require_triton(device, dtype)
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    from ..api import parse_dtype
+
+    return parse_dtype(None, device)
+
+
 def runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether op-swapping backend ``name`` can run weights of ``dtype`` on ``device``."""
     if name == "torch":
@@ -83,8 +126,10 @@ def follow_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
         raise ConfigError(f"backend {requested!r} does not follow the weights; choose one of auto, "
                           f"{', '.join(OP_BACKENDS)}")
     if requested != "auto" and runs_on(requested, device, dtype):
+        if requested == "triton":
+            _require_triton(device, dtype)
         return requested
-    if device.type == "cuda" and runs_on("triton", device, dtype):
+    if device.type == "cuda" and runs_on("triton", device, dtype) and _auto_triton(device, dtype):
         return "triton"
     if device.type == "cpu" and runs_on("cpu", device, dtype) and cpu_fast_path()[0]:
         return "cpu"
@@ -98,7 +143,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     CPU has native bf16 and no dtype other than bf16 was asked for, in fp32 on other CPUs when no dtype
     was asked for (never emulated bf16); ``torch`` when fp32 or fp16 was asked for explicitly."""
     if name == "auto":
-        if device.type == "cuda" and _triton_importable():
+        if device.type == "cuda" and _triton_importable() and _auto_triton(device, dtype or _default_dtype(device)):
             return "triton"
         if device.type == "cpu" and dtype is None:
             return "cpu"
@@ -107,4 +152,6 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
         return "torch"
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if name == "triton" and device.type == "cuda" and _triton_importable():
+        _require_triton(device, dtype or _default_dtype(device))
     return name

@@ -20,6 +20,19 @@ fp32 -> bf16 conversion also truncates where the GPU rounds to nearest: one bf16
 the specialisation triton's JIT applies at launch (:func:`jit_specialization`), so it compiles the
 kernel a GPU would run.
 
+The first launch of a new specialisation (and, for an autotuned kernel, the tuning of a new key)
+runs under one process-wide lock, :data:`TUNING_LOCK`: triton's autotuner is not thread-safe and
+these kernels are shared by every encoder in the process. Later launches of a key take no lock.
+
+``FASTENC_AUTOTUNE=0`` hands ``triton.autotune`` one config per kernel, the first of its list whose
+software-pipeline buffers fit :data:`SMEM_LIMIT` (the 99 KB an sm_86/sm_89 block may use, the
+smallest of the architectures fastenc runs on) in the widest dtype the kernel runs in
+(:func:`single_config`); the first-contact probe (:mod:`fastenc.backends.probe`) launches that
+config too (:func:`single_config_launches`), so it compiles one config per kernel, not a tuning sweep.
+
+On ROCm (``torch.version.hip`` set) :func:`dot_precision` asks for ``"ieee"`` dots: triton rejects
+``"tf32"`` on AMD GPUs.
+
 CUDA launches run under a device guard for the tensors' device (``cuda:1`` launches on GPU 1 even
 when GPU 0 is current). When ``TRITON_INTERPRET=1`` was set as these kernels were imported, triton
 hands out interpreted kernels only; a launch on CUDA tensors then fails with
@@ -33,8 +46,10 @@ included: they are the same in both).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -70,9 +85,78 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs stay IEEE (the torch reference does not use TF32); 16-bit inputs ignore this."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def is_hip() -> bool:
+    """True on a ROCm build of torch (its AMD GPUs report ``device.type == "cuda"``)."""
+    return getattr(torch.version, "hip", None) is not None
+
+
+def dot_precision(dtype: torch.dtype, *, hip: bool | None = None) -> str:
+    """fp32 GEMMs stay IEEE (the torch reference does not use TF32); 16-bit inputs ignore this on NVIDIA.
+
+    On ROCm (``hip``; default: :func:`is_hip`) always ``"ieee"``: triton rejects ``"tf32"`` on AMD."""
+    if hip is None:
+        hip = is_hip()
+    return "ieee" if dtype == torch.float32 or hip else "tf32"
+
+
+#: Shared memory one block may use on every architecture fastenc's kernels run on: 99 KB on sm_86 and
+#: sm_89 (A10, RTX 30xx/40xx, L4, L40), the smallest of them (sm_80: 163 KB, sm_90: 227 KB).
+SMEM_LIMIT = 99 * 1024
+
+
+def gemm_smem(meta: dict, num_stages: int, elsize: int, b_tiles: int = 1) -> int:
+    """Bytes of shared memory a pipelined GEMM config buffers: ``num_stages`` copies of the
+    [BLOCK_M, BLOCK_K] A tile and ``b_tiles`` [BLOCK_K, BLOCK_N] B tiles, ``elsize`` bytes each."""
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    return num_stages * (bm * bk + b_tiles * bk * bn) * elsize
+
+
+def attention_smem(meta: dict, num_stages: int, elsize: int, head_dim: int = 64) -> int:
+    """Bytes of shared memory an attention config buffers: the resident [BLOCK_M, D] Q tile and
+    ``num_stages`` copies of the [D, BLOCK_N] K^T and [BLOCK_N, D] V tiles (D: 64, every named size's)."""
+    bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+    return (bm * head_dim + num_stages * 2 * bn * head_dim) * elsize
+
+
+def single_config(configs: Sequence[triton.Config], smem: Callable[[triton.Config], int] | None,
+                  limit: int = SMEM_LIMIT) -> triton.Config | None:
+    """The config a kernel runs without autotuning: the first of ``configs`` (they are listed best first)
+    whose shared-memory need ``smem(config)`` fits ``limit``; the smallest need when none does."""
+    if not configs:
+        return None
+    if smem is None:
+        return configs[0]
+    fitting = [c for c in configs if smem(c) <= limit]
+    return fitting[0] if fitting else min(configs, key=smem)
+
+
+#: Held while a kernel compiles, tunes or first launches a new key (see the module docstring).
+TUNING_LOCK = threading.RLock()
+_MODE = threading.local()
+
+
+@contextlib.contextmanager
+def single_config_launches() -> Iterator[None]:
+    """In this thread, autotuned kernels launch their :attr:`Kernel.single` config without tuning."""
+    before = getattr(_MODE, "single", False)
+    _MODE.single = True
+    try:
+        yield
+    finally:
+        _MODE.single = before
+
+
+def _arg_key(value: Any, tuned: bool) -> Any:
+    """What of one launch argument can make triton compile (or tune) anew: a tensor's dtype and 16-byte
+    alignment; an integer's value when it is an autotune key (``tuned``), else whether it is 1 or a
+    multiple of 16 (what the JIT specialises on); constexpr values (bools, strings, ...)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, int) and not isinstance(value, bool) and not tuned:
+        return value == 1, value % 16 == 0
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value if tuned or not isinstance(value, float) else float
+    return type(value)
 
 
 def next_pow2(n: int) -> int:
@@ -93,19 +177,39 @@ class Kernel:
         configs: Sequence[triton.Config] | None = None,
         key: Sequence[str] = (),
         interpret_meta: dict | None = None,
+        smem: Callable[[dict, int, int], int] | None = None,
+        elsize: int = 4,
+        autotune: bool | None = None,
     ):
+        """``smem(meta, num_stages, elsize)``: a config's shared-memory bytes; ``elsize``: the widest element
+        (bytes) the kernel loads (4 when it runs fp32); ``autotune``: default :func:`autotune_enabled`."""
         self.name = fn.__name__
         self.fn = fn
-        self.configs = list(configs or [])
-        if self.configs and not autotune_enabled():
-            self.configs = self.configs[:1]
+        self.elsize = elsize
+        self._smem = smem
+        all_configs = list(configs or [])
+        #: the config run without autotuning (``FASTENC_AUTOTUNE=0``, the first-contact probe)
+        self.single = single_config(all_configs, self.smem_bytes if smem is not None else None)
+        tune = autotune_enabled() if autotune is None else autotune
+        self.configs = all_configs if tune or not all_configs else [self.single]
         self.interpret_meta = dict(interpret_meta or {})
         self._recording: list | None = None
         self._interpreted = InterpretedFunction(fn)
         jitted = triton.jit(fn)  # an InterpretedFunction when TRITON_INTERPRET was set at import
+        self._jitted = jitted
         self._gpu_compiled = isinstance(jitted, JITFunction)
-        self.autotuned = bool(configs) and self._gpu_compiled
-        self._compiled = triton.autotune(configs=list(configs), key=list(key))(jitted) if self.autotuned else jitted
+        self.autotuned = bool(self.configs) and self._gpu_compiled
+        self._compiled = (triton.autotune(configs=list(self.configs), key=list(key))(jitted) if self.autotuned
+                          else jitted)
+        params = inspect.signature(fn).parameters
+        self._arg_names = tuple(params)
+        # read by value in a launch key: autotune keys and constexprs (each value compiles anew)
+        self._key_names = frozenset(key) | {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+        self._launched: set = set()  # keys launched (tuned) once: later launches take no lock
+
+    def smem_bytes(self, config: triton.Config) -> int:
+        """Shared memory ``config`` buffers at :attr:`elsize` (0 without an estimator)."""
+        return self._smem(config.kwargs, config.num_stages, self.elsize) if self._smem is not None else 0
 
     def interpreting(self, device: torch.device) -> bool:
         return device.type != "cuda" or not self._gpu_compiled
@@ -130,12 +234,33 @@ class Kernel:
                 "TRITON_INTERPRET before importing fastenc to run them compiled on the GPU")
         if device.index is not None and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):  # launch on the tensors' GPU, not the current one
-                self._launch(grid, args, kwargs)
+                self._launch(device, grid, args, kwargs)
         else:
-            self._launch(grid, args, kwargs)
+            self._launch(device, grid, args, kwargs)
 
-    def _launch(self, grid, args, kwargs) -> None:
-        if self.autotuned:
+    def launch_key(self, device: torch.device, args: Sequence, kwargs: dict) -> tuple:
+        """A key that changes whenever triton could compile or tune anew for this launch (a superset of
+        the autotuner's key and the JIT's specialisation; per device and launch mode)."""
+        single = self.autotuned and getattr(_MODE, "single", False)
+        names, tuned = self._arg_names, self._key_names
+        positional = tuple(_arg_key(a, i >= len(names) or names[i] in tuned) for i, a in enumerate(args))
+        index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+        return (index, single, positional, tuple(sorted((k, _arg_key(v, True)) for k, v in kwargs.items())))
+
+    def _launch(self, device: torch.device, grid, args, kwargs) -> None:
+        key = self.launch_key(device, args, kwargs)
+        if key in self._launched:
+            self._run(grid, args, kwargs, key[1])
+            return
+        with TUNING_LOCK:  # first launch of this key: compile / tune one thread at a time
+            self._run(grid, args, kwargs, key[1])
+            self._launched.add(key)
+
+    def _run(self, grid, args, kwargs, single: bool) -> None:
+        if single:
+            config = self.single
+            self._jitted[grid({**kwargs, **config.kwargs})](*args, **kwargs, **config.all_kwargs())
+        elif self.autotuned:
             self._compiled[grid](*args, **kwargs)
         else:
             self._compiled[grid(kwargs)](*args, **kwargs)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ..ops import TORCH_OPS, relative_position_bucket
-from ._common import MAX, SUM, Kernel, dot_precision, next_pow2
+from ._common import MAX, SUM, Kernel, attention_smem, dot_precision, next_pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # constexpr so the kernel may read it
 
@@ -139,9 +139,10 @@ _FP32_CONFIGS = [
     for bm, bn, w, s in [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2)]
 ]
 _KEY = ["L_BUCKET", "BLOCK_D", "HAS_MASK", "DOT_PREC"]
-_KERNEL = Kernel(_rel_attention_kernel, configs=_GPU_CONFIGS, key=_KEY, interpret_meta={"BLOCK_M": 32, "BLOCK_N": 64})
+_KERNEL = Kernel(_rel_attention_kernel, configs=_GPU_CONFIGS, key=_KEY, interpret_meta={"BLOCK_M": 32, "BLOCK_N": 64},
+                 smem=attention_smem, elsize=2)  # 16-bit q/k/v only: fp32 runs _KERNEL_FP32
 _KERNEL_FP32 = Kernel(_rel_attention_kernel, configs=_FP32_CONFIGS, key=_KEY,
-                      interpret_meta={"BLOCK_M": 32, "BLOCK_N": 64})
+                      interpret_meta={"BLOCK_M": 32, "BLOCK_N": 64}, smem=attention_smem, elsize=4)
 
 
 def kernel_for(dtype: torch.dtype) -> Kernel:

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ..ops import TORCH_OPS
-from ._common import ACT_GELU_ERF, ACT_GELU_TANH, ACT_RELU, ACTIVATION_CODES, Kernel, dot_precision, next_pow2, rows
+from ._common import (ACT_GELU_ERF, ACT_GELU_TANH, ACT_RELU, ACTIVATION_CODES, Kernel, dot_precision, gemm_smem,
+                      next_pow2, rows)
 
 
 def _gated_ffn_kernel(
@@ -101,6 +102,8 @@ _KERNEL = Kernel(
     configs=_GPU_CONFIGS,
     key=["M_BUCKET", "F", "K", "DOT_PREC"],
     interpret_meta={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+    smem=lambda meta, stages, elsize: gemm_smem(meta, stages, elsize, b_tiles=2),  # wi_0 and wi_1 tiles
+    elsize=4,  # runs fp32 too
 )
 
 

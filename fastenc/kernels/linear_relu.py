@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ..ops import TORCH_OPS
-from ._common import ACT_GELU_ERF, ACT_GELU_TANH, ACT_RELU, ACTIVATION_CODES, Kernel, dot_precision, next_pow2, rows
+from ._common import (ACT_GELU_ERF, ACT_GELU_TANH, ACT_RELU, ACTIVATION_CODES, Kernel, dot_precision, gemm_smem,
+                      next_pow2, rows)
 
 
 def _linear_act_kernel(
@@ -96,6 +97,8 @@ _KERNEL = Kernel(
     configs=_GPU_CONFIGS,
     key=["M_BUCKET", "N", "K", "HAS_BIAS", "DOT_PREC"],
     interpret_meta={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+    smem=gemm_smem,
+    elsize=4,  # runs fp32 too
 )
 
 
