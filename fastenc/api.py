@@ -322,6 +322,13 @@ def _is_fastenc_tokenizer(tokenizer: object) -> bool:
     return isinstance(tokenizer, Tokenizer)
 
 
+def _is_tokenizer(tokenizer: object) -> bool:
+    """What load(tokenizer=...) takes as an object: a fastenc Tokenizer, or a tokenizers.Tokenizer (wrapped)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return _is_fastenc_tokenizer(tokenizer) or isinstance(tokenizer, HFTokenizer)
+
+
 def tokenizer_identity(tokenizer: object) -> str:
     """Content identity of a tokenizer (its serialised JSON), or its type and id for foreign objects."""
     if tokenizer is None:
@@ -375,19 +382,23 @@ def _load_weights(path: Path, size: str | None, device: torch.device,
 
 
 def _find_tokenizer(tokenizer, checkpoint_dir: Path | None):
+    from tokenizers import Tokenizer as _HFTokenizer
+
+    from .tokenizer import Tokenizer, _check_regular
+
     if tokenizer is None:
         if checkpoint_dir is None:
             return None
         for sub in ("", "tokenizer_2", "tokenizer"):
-            if (checkpoint_dir / sub / "tokenizer.json").is_file():
-                from .tokenizer import Tokenizer
-
+            candidate = checkpoint_dir / sub / "tokenizer.json"
+            _check_regular(candidate)  # there but a FIFO, a folder, a link to /dev/zero: said, not ignored
+            if candidate.is_file():
                 return Tokenizer.from_pretrained(checkpoint_dir / sub)
         return None
     if isinstance(tokenizer, (str, os.PathLike)):
-        from .tokenizer import Tokenizer
-
         return Tokenizer.from_pretrained(tokenizer)
+    if isinstance(tokenizer, _HFTokenizer):  # a tokenizers.Tokenizer: wrapped (a copy: its padding is not changed)
+        return Tokenizer(_HFTokenizer.from_str(tokenizer.to_str()))
     return tokenizer
 
 
@@ -410,9 +421,11 @@ def _check_load_args(checkpoint, *, size, random_init, backend, device, tokenize
             raise ConfigError(f"{arg} must be True or False, got {value!r:.60}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r:.60}")
-    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) and not callable(tokenizer):
-        raise ConfigError(f"tokenizer must be a folder, file or hub id, or a tokenizer object, got "
-                          f"{type(tokenizer).__name__}")
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) and not _is_tokenizer(tokenizer):
+        hint = ("; for a transformers tokenizer pass its folder (save_pretrained) or its backend_tokenizer"
+                if hasattr(tokenizer, "backend_tokenizer") else "")
+        raise ConfigError(f"tokenizer must be a folder, file or hub id, a fastenc.Tokenizer or a tokenizers.Tokenizer, "
+                          f"got {type(tokenizer).__name__}{hint}")
     if not isinstance(cache, (bool, EmbeddingCache)):
         raise ConfigError(f"cache must be True, False or an EmbeddingCache, got {type(cache).__name__}")
     if device is not None:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import BackendUnavailable, ConfigError, FastencError, InputError
+from .errors import BackendUnavailable, CheckpointError, ConfigError, FastencError, InputError
 
 log = logging.getLogger("fastenc")
 
@@ -195,7 +195,13 @@ def checkpoint_from_args(args) -> str | None:
         from .hub import released_checkpoint
 
         checkpoint = released_checkpoint(args.size)
-    if not Path(checkpoint).exists() and _HUB_ID.fullmatch(checkpoint):
+    if Path(os.path.expanduser(checkpoint)).exists():
+        return checkpoint
+    from .fileio import looks_local, missing_path_message
+
+    if looks_local(checkpoint):  # ./x, ../x, /x, ~/x, a symbolic link: never a hub id
+        raise CheckpointError(missing_path_message(checkpoint))
+    if _HUB_ID.fullmatch(checkpoint):
         from .hub import download_checkpoint
 
         return str(download_checkpoint(checkpoint))

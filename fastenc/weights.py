@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .config import MAX_PROJECTION_DIM, EncoderConfig, read_json_object
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write, content_identity
+from .fileio import atomic_write, content_identity, looks_local, missing_path_message
 from .inputs import all_finite
 
 log = logging.getLogger("fastenc")
@@ -132,6 +132,8 @@ def open_source(path: Path) -> TensorSource:
     pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         _check_not_pickle(path / pickles[0])
+    if (path / "export.json").is_file():  # a folder `fastenc export` wrote: it runs on a graph backend
+        raise CheckpointError(export_folder_message(path))
     raise CheckpointError(f"{path}: no {WEIGHTS_NAME} (or sharded {INDEX_NAME}) found")
 
 
@@ -323,13 +325,15 @@ def check_config(cfg: EncoderConfig, source: TensorSource, layout: str, prefix: 
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike, *, subfolder: str | None = None) -> Path:
-    """A local file/directory, or a hub id downloaded (safetensors and json only) when online."""
-    path = Path(checkpoint)
+    """A local file/directory, or a hub id downloaded (safetensors and json only) when online. A path that
+    looks local (a Path, or ``./``, ``../``, ``/``, ``~``, a symbolic link: :func:`fastenc.fileio.looks_local`) is
+    never looked up on the hub: when it is not there, the error says so."""
+    text = os.fspath(checkpoint)
+    path = Path(os.path.expanduser(text))
     if path.exists():
         return path / subfolder if subfolder else path
-    text = str(checkpoint)
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", text):
-        raise CheckpointError(f"{text}: no such file or directory")
+    if not isinstance(checkpoint, str) or looks_local(text) or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", text):
+        raise CheckpointError(missing_path_message(text))
     from .hub import download_checkpoint  # offline: fails at once, naming the `hf download` command
 
     return download_checkpoint(text, subfolder=subfolder)
@@ -536,3 +540,14 @@ def check_config_matches(cfg: EncoderConfig, size_cfg: EncoderConfig, where: Pat
             raise ConfigError(
                 f"{where}: {field}={getattr(cfg, field)} but size {size_cfg.name!r} has {getattr(size_cfg, field)}"
             )
+
+
+def export_folder_message(path: Path) -> str:
+    """An export folder passed where a checkpoint is read: the one line that says how to run it."""
+    from .hub import _way
+
+    kinds = [b for b, d in (("onnxruntime", "onnx"), ("tensorrt", "trt"), ("aoti", "aoti")) if (path / d).is_dir()]
+    kinds = kinds or ["onnxruntime", "tensorrt", "aoti"]
+    flag = _way("--backend " + "|".join(kinds), "backend=" + "|".join(repr(k) for k in kinds))
+    return (f"{path}: an export folder written by `fastenc export` (export.json), not a checkpoint: pass {flag} "
+            "to run its artifacts, or the checkpoint it was exported from")

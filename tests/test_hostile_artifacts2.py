@@ -247,3 +247,120 @@ def test_garbage_spiece_model_is_an_error_naming_it(tmp_path, ck):
     with pytest.raises(ConfigError) as again:
         fastenc.load(ck, backend="torch", tokenizer=tmp_path, cache=False)
     assert str(again.value) == message
+
+
+# ---------------------------------------------------------------------------- messages that name the cause
+
+
+@pytest.mark.parametrize("path", ["./nonexistent", "../nonexistent/ck", "/nonexistent/ck", "~/nonexistent-fastenc/ck",
+                                  "models/ck"])
+def test_local_looking_checkpoint_is_never_a_hub_id(path, tmp_path, monkeypatch, capsys, no_hub):
+    (tmp_path / "here" / "models").mkdir(parents=True)  # models/ exists: models/ck is a path, not owner/name
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["encode", "--checkpoint", path, *IDS, "-o", "o.safetensors"]) == 2
+    assert _one_line(capsys) == f"fastenc: error: {path}: no such file or directory\n"
+    with pytest.raises(CheckpointError) as info:
+        fastenc.load(path, backend="torch")
+    assert str(info.value) == f"{path}: no such file or directory"
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("dangling", "owner/name: a symbolic link to gone, which does not exist"),
+    ("loop", "owner/name: a symbolic link loop (too many levels of symbolic links)"),
+])
+def test_a_symlink_checkpoint_is_never_a_hub_id(kind, message, tmp_path, monkeypatch, capsys, no_hub):
+    monkeypatch.chdir(tmp_path)
+    Path("owner").mkdir()
+    os.symlink("gone" if kind == "dangling" else "name", "owner/name")
+    assert main(["encode", "--checkpoint", "owner/name", *IDS, "-o", "o.safetensors"]) == 2
+    assert _one_line(capsys) == f"fastenc: error: {message}\n"
+    with pytest.raises(CheckpointError) as info:
+        fastenc.load("owner/name", backend="torch")
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("path", ["./missing-tok", "../missing-tok/tok", "models/tok"])
+def test_local_looking_tokenizer_is_never_a_hub_id(path, tmp_path, monkeypatch, no_hub):
+    (tmp_path / "here" / "models").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(ConfigError) as info:
+        Tokenizer.from_pretrained(path)
+    assert str(info.value) == f"tokenizer path {path!r} does not exist"
+    Path("owner").mkdir()
+    os.symlink("gone", "owner/name")
+    with pytest.raises(ConfigError) as info:
+        Tokenizer.from_pretrained("owner/name")
+    assert str(info.value) == "owner/name: is a symbolic link to a missing gone, not a regular file"
+
+
+@pytest.mark.parametrize("kind, what", [
+    ("fifo", "a FIFO (named pipe)"),
+    ("folder", "a folder"),
+    ("zero", "a symbolic link to /dev/zero (a character device)"),
+])
+def test_tokenizer_json_that_is_no_regular_file_is_an_error_at_load(kind, what, ck, tmp_path):
+    copy = tmp_path / "ck"
+    shutil.copytree(ck, copy)
+    tok = copy / "tokenizer.json"
+    if kind == "fifo":
+        os.mkfifo(tok)
+    elif kind == "folder":
+        tok.mkdir()
+    else:
+        tok.symlink_to("/dev/zero")
+    message = f"{tok}: is {what}, not a regular file"
+    with pytest.raises(ConfigError) as info:
+        fastenc.load(copy, backend="torch", cache=False)
+    assert str(info.value) == message
+    with pytest.raises(ConfigError) as direct:  # named itself, or its folder, as --tokenizer
+        Tokenizer.from_pretrained(tok if kind != "folder" else copy)
+    assert str(direct.value) == message
+
+
+def test_a_foreign_tokenizer_object_is_refused_at_load(ck, tok_dir):
+    with pytest.raises(ConfigError) as info:
+        fastenc.load(ck, backend="torch", tokenizer=lambda texts, **kw: None, cache=False)
+    assert str(info.value) == ("tokenizer must be a folder, file or hub id, a fastenc.Tokenizer or a "
+                               "tokenizers.Tokenizer, got function")
+    from transformers import T5TokenizerFast
+
+    hf = T5TokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
+    with pytest.raises(ConfigError) as info:
+        fastenc.load(ck, backend="torch", tokenizer=hf)
+    assert str(info.value) == ("tokenizer must be a folder, file or hub id, a fastenc.Tokenizer or a "
+                               f"tokenizers.Tokenizer, got {type(hf).__name__}; for a transformers tokenizer pass its "
+                               "folder (save_pretrained) or its backend_tokenizer")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    raw = HFTokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    enc = fastenc.load(ck, backend="torch", tokenizer=raw, cache=False)  # a tokenizers.Tokenizer is wrapped
+    assert isinstance(enc.tokenizer, Tokenizer)
+    assert enc.encode("a cat", target="sd3").embeds.shape == (1, 256, MICRO.output_dim)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_pinning_to_cuda_without_a_gpu_is_a_fastenc_error(device, ck):
+    pytest.importorskip("transformers")
+    from fastenc.integrations.text_encoder import T5Replacement
+
+    enc = fastenc.load(ck, backend="torch", cache=False)
+    with pytest.raises(BackendUnavailable) as info:
+        T5Replacement(enc, keep_on=device)
+    assert isinstance(info.value, FastencError)
+    assert str(info.value) == (f"keep_on/pin_device '{device}': no CUDA device is visible here (torch sees no "
+                               "GPU); pin to 'cpu'")
+    assert enc.device.type == "cpu"
+
+
+def test_an_export_folder_as_checkpoint_says_to_pass_a_backend(exported, tmp_path, capsys):
+    assert main(["encode", "--checkpoint", str(exported), *IDS, "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert _one_line(capsys) == (
+        f"fastenc: error: {exported}: an export folder written by `fastenc export` (export.json), not a checkpoint: "
+        "pass --backend onnxruntime to run its artifacts, or the checkpoint it was exported from\n")
+    with pytest.raises(CheckpointError) as info:
+        fastenc.load(exported)
+    assert str(info.value) == (
+        f"{exported}: an export folder written by `fastenc export` (export.json), not a checkpoint: pass "
+        "backend='onnxruntime' to run its artifacts, or the checkpoint it was exported from")
+    assert not (tmp_path / "o.safetensors").exists()

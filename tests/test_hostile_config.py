@@ -422,8 +422,8 @@ def test_unusable_tokenizer_json_is_skipped_with_a_clear_error(tmp_path, content
     ({"random_init": True, "device": "nonsense"}, "unknown device 'nonsense'; use 'cpu', 'cuda' or 'cuda:N'"),
     ({"random_init": True, "backend": None}, "backend must be a string, got NoneType"),
     ({"random_init": True, "cache": "yes"}, "cache must be True, False or an EmbeddingCache, got str"),
-    ({"random_init": True, "tokenizer": 5}, "tokenizer must be a folder, file or hub id, or a tokenizer object, "
-                                            "got int"),
+    ({"random_init": True, "tokenizer": 5}, "tokenizer must be a folder, file or hub id, a fastenc.Tokenizer or a "
+                                            "tokenizers.Tokenizer, got int"),
     ({"checkpoint": "x", "subfolder": "../up"}, "subfolder '../up' must be a relative folder inside the checkpoint"),
     ({"checkpoint": "x", "subfolder": "/abs"}, "subfolder '/abs' must be a relative folder inside the checkpoint"),
 ])

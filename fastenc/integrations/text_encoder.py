@@ -32,7 +32,7 @@ from transformers import PretrainedConfig, PreTrainedModel  # PreTrainedModel mu
 from transformers.modeling_outputs import BaseModelOutput  # diffusers looks it up here to pick the load method
 
 from ..api import Encoder, load, parse_dtype, save
-from ..errors import ConfigError, InputError
+from ..errors import BackendUnavailable, ConfigError, InputError
 
 log = logging.getLogger("fastenc")
 
@@ -87,8 +87,15 @@ class T5Replacement(PreTrainedModel):
             device = torch.device(device)
         except (RuntimeError, TypeError):
             raise ConfigError(f"keep_on/pin_device must be a device such as 'cpu' or 'cuda:0', got {device!r}") from None
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        if device.type == "cuda":  # checked here: torch's own refusal is an AssertionError deep in .to()
+            if not torch.cuda.is_available():
+                raise BackendUnavailable(f"keep_on/pin_device {str(device)!r}: no CUDA device is visible here "
+                                         "(torch sees no GPU); pin to 'cpu'")
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            elif device.index >= torch.cuda.device_count():
+                raise BackendUnavailable(f"keep_on/pin_device {str(device)!r}: no such CUDA device (this machine "
+                                         f"has {torch.cuda.device_count()})")
         self.keep_on = device
         self.encoder.to(device)
         log.info("fastenc encoder pinned to %s (%s backend, %s): pipeline moves leave it there", device,
