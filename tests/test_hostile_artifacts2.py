@@ -364,3 +364,25 @@ def test_an_export_folder_as_checkpoint_says_to_pass_a_backend(exported, tmp_pat
         f"{exported}: an export folder written by `fastenc export` (export.json), not a checkpoint: pass "
         "backend='onnxruntime' to run its artifacts, or the checkpoint it was exported from")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- provenance
+
+
+def test_verify_says_the_checkpoint_changed_since_the_export(ck, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from fastenc.exporters.pipeline import ExportRequest, export
+
+    source = tmp_path / "ck"
+    shutil.copytree(ck, source)
+    out = tmp_path / "export"
+    export(ExportRequest(out=out, checkpoint=str(source), max_batch=1, max_seq=16, verify=False))
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    write_checkpoint(source, seed=1)  # retrained in place: same names, other weights
+    assert main(["verify", str(out)]) == 2
+    assert _one_line(capsys) == (
+        f"fastenc: error: the checkpoint the artifacts came from ({source.resolve()}) changed since the export (its "
+        f"fingerprint is not the one export.json recorded): re-export with `fastenc export --checkpoint "
+        f"{source.resolve()} ...`, or pass the original with `fastenc verify DIR --checkpoint PATH`\n")
+    assert main(["verify", str(out), "--checkpoint", str(ck)]) == 0  # the original still verifies

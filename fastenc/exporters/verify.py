@@ -151,6 +151,7 @@ class _References:
         self.fingerprint = manifest.get("fingerprint")
         self.inputs = inputs
         self.cache: dict[tuple[str, str], list[torch.Tensor]] = {}
+        self.checked = checkpoint is not None  # a checkpoint passed in is compared below
         if checkpoint is not None:
             from ..weights import resolve_checkpoint
 
@@ -174,11 +175,24 @@ class _References:
                 if not path or not Path(path).exists():
                     raise CheckpointError(f"the checkpoint the artifacts came from ({path}) is gone; "
                                           f"pass it with `fastenc verify DIR --checkpoint PATH`")
+                self._check_unchanged(Path(path))
                 enc = load(path, size=src.get("size"), backend="torch", device=device, dtype=dtype, cache=False)
             with torch.no_grad():
                 self.cache[key] = [enc(ids, mask).float().cpu() for ids, mask in self.inputs]  # [B, L, P] each
             del enc
         return self.cache[key]
+
+    def _check_unchanged(self, path: Path) -> None:
+        """The recorded checkpoint is still the one exported (export.json keeps its fingerprint): edited
+        in place since, every artifact would only FAIL against it, so that is said instead."""
+        if self.checked or not self.fingerprint:
+            return
+        if checkpoint_fingerprint(path) != self.fingerprint:
+            raise CheckpointError(
+                f"the checkpoint the artifacts came from ({path}) changed since the export (its fingerprint is "
+                f"not the one export.json recorded): re-export with `fastenc export --checkpoint {path} ...`, "
+                "or pass the original with `fastenc verify DIR --checkpoint PATH`")
+        self.checked = True
 
 
 # ---------------------------------------------------------------------------- runners
