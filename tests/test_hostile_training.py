@@ -338,7 +338,8 @@ def _plausible():
         "run.max_steps": st.integers(1, 10**12), "run.collapse_threshold": unit(-1.0, 1.0),
         "data.batch_size": st.integers(1, 64), "data.components.x.weight": unit(0.0, 1e300),
         "data.components.x.repeats": st.integers(1, 10**6),
-        "dit.guidance": st.lists(unit(0.0, 100.0), min_size=1, max_size=3), "dit.num_inference_steps": st.integers(1, 1000),
+        "dit.guidance": st.lists(unit(0.0, 100.0), min_size=1, max_size=3),
+        "dit.num_inference_steps": st.integers(1, 1000),
     }
 
 
@@ -396,3 +397,17 @@ def test_random_values_end_in_a_run_or_one_named_error(tmp_path):
         assert 0.0 <= lr_factor(0, warmup=o.warmup_steps, total=total, schedule=o.schedule) <= 1.0
 
     check()
+
+
+def test_the_teacher_cache_command_has_the_same_boundary(world, tmp_path, capsys):
+    from train import cache_teacher
+
+    cfg, _ = config_file(world, tmp_path, optim={"betas": [0.9, 1.0]})
+    assert cache_teacher.main(["--config", cfg, "--output", str(tmp_path / "cache")]) == 2
+    assert one_line(capsys) == (f"train.cache_teacher: error: {cfg}: optim.betas[1]=1.0: must be a finite number "
+                                "in [0, 1)")
+    with pytest.raises(SystemExit) as info:
+        cache_teacher.main(["--config", cfg, "--batch-size", "x"])
+    assert info.value.code == 2
+    assert one_line(capsys) == ("python -m train.cache_teacher: error: argument --batch-size: invalid int value: 'x' "
+                                "(see `python -m train.cache_teacher --help`)")

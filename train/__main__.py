@@ -12,8 +12,9 @@ import json
 import sys
 
 from fastenc.cli import check_output
-from fastenc.errors import ConfigError, FastencError
+from fastenc.errors import ConfigError
 
+from .boundary import Parser, guarded
 from .config import TrainConfig, apply_override, origin_of, read_config_file
 from .distributed import setup_logging
 
@@ -23,13 +24,6 @@ FLAGS = {
     "stop_after_steps": "run.stop_after_steps", "seed": "run.seed", "lr": "optim.lr",
     "mixed_precision": "run.mixed_precision", "teacher_cache": "teacher.cache", "batch_size": "data.batch_size",
 }
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with usage errors on one line and exit status 2 (as the ``fastenc`` CLI)."""
-
-    def error(self, message: str):  # noqa: D102 - argparse API
-        self.exit(2, _one_line(f"{self.prog}: error: {message} (see `{self.prog} --help`)") + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,55 +73,24 @@ def check_output_dir(cfg: TrainConfig, where: str | None) -> None:
     check_output(f"{where}: run.output_dir" if where else "run.output_dir", cfg.run.output_dir, folder=True)
 
 
-def _one_line(text: str) -> str:
-    line = " ".join(str(text).split())
-    return line.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _os_error(exc: OSError) -> str:
-    if exc.filename is not None and exc.strerror:
-        other = f" -> {exc.filename2}" if exc.filename2 is not None else ""
-        return f"{exc.filename}{other}: {exc.strerror}"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when done (or stopped with a checkpoint), 2 for bad input (config, data, checkpoint, a busy
     output folder), 1 for a failed write or an unexpected error; every error is one line on stderr."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    prog = "train"
-    try:
-        cfg = resolve(args)
-        if args.print_config:
-            sys.stdout.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            return 0
-        check_output_dir(cfg, args.origin_of_output)
-        from .loop import train
+    return guarded("train", lambda: _run(args), verbose=args.verbose, interrupted="resume with --resume auto",
+                   memory_hint="lower data.batch_size or dit.resolution")
 
-        result = train(cfg)
-    except FastencError as exc:
-        sys.stderr.write(_one_line(f"{prog}: error: {exc}") + "\n")
-        return 2
-    except OSError as exc:
-        sys.stderr.write(_one_line(f"{prog}: error: {_os_error(exc)}") + "\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted (resume with --resume auto)\n")
-        return 130
-    except MemoryError:
-        sys.stderr.write(f"{prog}: error: out of memory (lower data.batch_size or dit.resolution)\n")
-        return 1
-    except Exception as exc:  # a bug: still one line, the traceback with -v
-        if args.verbose:
-            raise
-        if type(exc).__name__ == "OutOfMemoryError":  # torch's, on an accelerator
-            sys.stderr.write(_one_line(f"{prog}: error: out of memory on the accelerator ({exc}); lower "
-                                       "data.batch_size or dit.resolution") + "\n")
-            return 1
-        sys.stderr.write(_one_line(f"{prog}: internal error: {type(exc).__name__}: {exc} "
-                                   "(run with -v for the traceback)") + "\n")
-        return 1
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = resolve(args)
+    if args.print_config:
+        sys.stdout.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        return 0
+    check_output_dir(cfg, args.origin_of_output)
+    from .loop import train
+
+    result = train(cfg)
     if result.student_dir is not None:
         sys.stdout.write(f"student: {result.student_dir}\n")
     else:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from fastenc.errors import ConfigError, FastencError
+from fastenc.errors import ConfigError
 
+from .boundary import Parser, guarded
 from .config import load_config
 from .data import all_prompts, load_components
 from .distributed import setup_logging, use_cpu
@@ -32,7 +33,7 @@ log = logging.getLogger("fastenc.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.cache_teacher", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m train.cache_teacher", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="training config (.toml, .json or .yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set teacher.path=/models/t5-xxl (repeatable)")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"],
                    help="storage dtype (default: the existing cache's, else bf16)")
     p.add_argument("--force", action="store_true", help="delete an existing cache and rebuild it")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks of unexpected errors")
     return p
 
 
@@ -128,12 +130,14 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
+
+    def build() -> int:
         run(args)
-    except FastencError as exc:
-        sys.stderr.write(f"train.cache_teacher: error: {exc}\n")
-        return 2
-    return 0
+        return 0
+
+    return guarded("train.cache_teacher", build, verbose=args.verbose,
+                   interrupted="run it again: it keeps the shards already written",
+                   memory_hint="lower --batch-size")
 
 
 if __name__ == "__main__":

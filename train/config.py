@@ -258,7 +258,8 @@ class TrainConfig:
             ("dit.resolution", d.resolution, 1, MAX_RESOLUTION), ("dit.vae_scale_factor", d.vae_scale_factor, 1, 64),
             ("data.batch_size", self.data.batch_size, 1, MAX_BATCH), ("run.save_every", r.save_every, 1, MAX_STEPS),
             ("run.log_every", r.log_every, 1, MAX_STEPS), ("run.keep_checkpoints", r.keep_checkpoints, 1, 10**6),
-            ("run.diagnostic_every", r.diagnostic_every, 0, MAX_STEPS), ("run.image_every", r.image_every, 0, MAX_STEPS),
+            ("run.diagnostic_every", r.diagnostic_every, 0, MAX_STEPS),
+            ("run.image_every", r.image_every, 0, MAX_STEPS),
             ("run.seed", r.seed, 0, MAX_SEED), ("run.image_seed", r.image_seed, 0, MAX_SEED),
             ("optim.warmup_steps", o.warmup_steps, 0, MAX_STEPS),
         ):
