@@ -59,6 +59,7 @@ def _kernels_pass_their_check(monkeypatch):
     monkeypatch.setattr(probe, "gpu_facts", lambda device: facts)
     monkeypatch.setattr(probe, "run_probe", lambda device, dtype: None)
     monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     probe.forget()
 
 

@@ -54,6 +54,7 @@ def gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(backends, "_triton_importable", lambda: True)
     monkeypatch.setattr(probe, "gpu_facts", lambda device: FACTS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
     class Gpu:
         calls: list = []
@@ -169,6 +170,9 @@ def test_unreadable_device_facts_fall_back_without_a_file(gpu, monkeypatch, capl
     with pytest.raises(BackendUnavailable) as err:
         resolve_backend("triton", CUDA)
     assert "no NVIDIA driver" in str(err.value.__cause__)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU is visible to torch"):
+        resolve_backend("triton", CUDA)  # said plainly, before any probe
 
 
 def test_concurrent_first_contact_probes_once(gpu, monkeypatch):

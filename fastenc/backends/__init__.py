@@ -91,6 +91,8 @@ def _auto_triton(device: torch.device, dtype: torch.dtype) -> bool:
 def _require_triton(device: torch.device, dtype: torch.dtype) -> None:
     """An explicit ``triton`` on CUDA: its first-contact check, raising BackendUnavailable (cause chained)."""
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(f"backend 'triton' on {device}: no CUDA GPU is visible to torch")
         from .probe import require_triton
 
         require_triton(device, dtype)
