@@ -551,10 +551,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _main(argv)
         finally:
-            sys.stdout.flush()  # a reader that went away is seen here, not at interpreter exit
+            _flush_stdout()  # a reader that went away is seen here, not at interpreter exit
     except BrokenPipeError:
         _drop_stdout()
         return BROKEN_PIPE
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (ValueError, AttributeError, OSError):  # closed or replaced by the caller: nothing to flush
+        pass
 
 
 def _drop_stdout() -> None:
