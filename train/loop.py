@@ -95,6 +95,8 @@ class Trainer:
 
     def _setup(self, cfg: TrainConfig) -> None:
         acc = self.acc
+        # the checkpoint to resume from is checked before anything is loaded (a damaged one fails in seconds)
+        self._choice: tuple[Path | None, list[Path]] | None = checkpoint.choose_checkpoint(self.out, cfg.run.resume)
         dist = acc.distributed_type.name
         if dist == "FSDP" and cfg.optim.ema_decay is not None:
             raise ConfigError("optim.ema_decay under FSDP is not supported (EMA keeps full weights per process)")
@@ -417,7 +419,8 @@ class Trainer:
         cfg = self.cfg
         if self.acc.is_main_process:
             self._lock.acquire()
-        path, damaged = checkpoint.choose_checkpoint(self.out, cfg.run.resume)
+        choice, self._choice = self._choice, None  # chosen at setup; a later fit chooses afresh
+        path, damaged = choice or checkpoint.choose_checkpoint(self.out, cfg.run.resume)
         if damaged:
             self.acc.wait_for_everyone()  # every process chose before the damaged ones are renamed
             if self.acc.is_main_process:
