@@ -205,6 +205,7 @@ class Kernel:
         self._arg_names = tuple(params)
         # read by value in a launch key: autotune keys and constexprs (each value compiles anew)
         self._key_names = frozenset(key) | {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+        self._by_value = tuple(n in self._key_names for n in self._arg_names)  # per positional parameter
         self._launched: set = set()  # keys launched (tuned) once: later launches take no lock
 
     def smem_bytes(self, config: triton.Config) -> int:
@@ -242,8 +243,12 @@ class Kernel:
         """A key that changes whenever triton could compile or tune anew for this launch (a superset of
         the autotuner's key and the JIT's specialisation; per device and launch mode)."""
         single = self.autotuned and getattr(_MODE, "single", False)
-        names, tuned = self._arg_names, self._key_names
-        positional = tuple(_arg_key(a, i >= len(names) or names[i] in tuned) for i, a in enumerate(args))
+        by_value = self._by_value
+        if len(args) > len(by_value):
+            by_value = by_value + (True,) * (len(args) - len(by_value))
+        positional = tuple(
+            (a.dtype, a.data_ptr() % 16 == 0) if type(a) is torch.Tensor or isinstance(a, torch.Tensor)
+            else _arg_key(a, v) for a, v in zip(args, by_value))
         index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
         return (index, single, positional, tuple(sorted((k, _arg_key(v, True)) for k, v in kwargs.items())))
 
