@@ -60,7 +60,8 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
         if value is not None:
             section, name = key.split(".")
             if not isinstance(data.setdefault(section, {}), dict):
-                raise ConfigError(f"{source}: {section} must be a table/object, got {type(data[section]).__name__}")
+                where = origin_of(section, origins, source) or "--set"
+                raise ConfigError(f"{where}: {section} must be a table/object, got {type(data[section]).__name__}")
             data[section][name] = value
             origins[key] = "--" + flag.replace("_", "-")
     cfg = TrainConfig.from_dict(data, source=source or "flags", origins=origins).validate(source, origins)
