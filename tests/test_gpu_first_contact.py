@@ -175,6 +175,15 @@ def test_unreadable_device_facts_fall_back_without_a_file(gpu, monkeypatch, capl
         resolve_backend("triton", CUDA)  # said plainly, before any probe
 
 
+def test_a_refusal_of_this_process_is_not_recorded_for_the_gpu(gpu, tmp_path):
+    """TRITON_INTERPRET=1 when the kernels were imported: this process cannot run them on a GPU, later ones can."""
+    gpu.fail = {torch.bfloat16: lambda: BackendUnavailable("backend 'triton' on cuda: TRITON_INTERPRET=1 was set "
+                                                           "when fastenc's kernels were imported")}
+    assert follow_backend("auto", CUDA, torch.bfloat16) == "torch"
+    assert follow_backend("auto", CUDA, torch.bfloat16) == "torch" and len(gpu.calls) == 1  # once per process
+    assert not _verdict_file(tmp_path).exists()
+
+
 def test_concurrent_first_contact_probes_once(gpu, monkeypatch):
     def slow_probe(device, dtype):
         gpu.calls.append(dtype)

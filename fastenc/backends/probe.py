@@ -284,17 +284,21 @@ def check(device: torch.device, dtype: torch.dtype, *, fresh: bool = False,
                 _VERDICTS[key] = recorded
                 return facts, recorded
         start = time.perf_counter()
+        record = True
         try:
             run_probe(device, dtype)
         except Exception as exc:  # noqa: BLE001 - every failure is the verdict
             verdict = Verdict(False, dtype_name, failure_kind(exc), _first_line(exc),
                               "".join(traceback.format_exception(exc))[-4000:], time.perf_counter() - start)
             _ERRORS[key] = exc
+            # fastenc's own refusal (TRITON_INTERPRET=1 at import, no GPU visible) is this process's, not the GPU's
+            record = not isinstance(exc, BackendUnavailable)
         else:
             verdict = Verdict(True, dtype_name, seconds=time.perf_counter() - start)
             _ERRORS.pop(key, None)
         _VERDICTS[key] = verdict
-        _write_verdict(facts, verdict)
+        if record:
+            _write_verdict(facts, verdict)
         return facts, verdict
 
 
