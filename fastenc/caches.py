@@ -15,7 +15,8 @@ Everything lives under one root: ``$FASTENC_CACHE_DIR``, else ``$XDG_CACHE_HOME/
 so pointing ``$FASTENC_CACHE_DIR`` at a folder that holds other files (``$HOME``, say) cannot delete
 those: in ``cpu-plans/`` and ``embeddings/`` the exact names the plan cache and the disk store give
 their files (and their temporaries); in ``bench/<model>/`` the files ``fastenc.save`` writes in
-``checkpoint/`` and, in ``export/``, the files its ``export.json`` manifest lists with their sizes. A
+``checkpoint/`` (its config.json and weights carry fastenc's layout mark) and, in ``export/``, the
+files its ``export.json`` manifest lists with their sizes. A
 path through a symbolic link is never followed. Folders are removed only when that left them empty.
 This module imports no torch: ``fastenc cache info`` answers at once.
 """
@@ -40,10 +41,9 @@ PLAN_TMP_NAME = re.compile(r"\.(engine-)?[0-9a-f]{24}\.json\.[a-z0-9_]{8}\.tmp")
 #: What the GPU probe writes (:mod:`fastenc.backends.probe`): ``<24 hex>.json`` and atomic_write's temporaries.
 PROBE_NAME = re.compile(r"[0-9a-f]{24}\.json")
 PROBE_TMP_NAME = re.compile(r"\.[0-9a-f]{24}\.json\.[a-z0-9_]{8}\.tmp")
-#: A benchmark model's folder under bench/ (``bench.exports.model_key``), and what fastenc.save writes
-#: in its ``checkpoint/`` subfolder (with atomic_write's temporaries).
+#: A benchmark model's folder under bench/ (``bench.exports.model_key``), and atomic_write's temporaries
+#: of what fastenc.save writes in its ``checkpoint/`` subfolder.
 BENCH_MODEL = re.compile(r"[a-z0-9]+-t5init-seed\d+|checkpoint-[0-9a-f]{12}")
-BENCH_CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 _BENCH_CHECKPOINT_TMP = re.compile(r"\.(model\.safetensors|config\.json|tokenizer\.json)\.[a-z0-9_]{8}\.tmp")
 _MANIFEST = "export.json"
 _VERIFIED = ".fastenc-verified.json"
@@ -127,6 +127,47 @@ def _export_files(export: Path) -> list[Path]:
     return found
 
 
+def _json_object(path: Path, limit: int = 1 << 20) -> dict | None:
+    try:
+        if path.stat().st_size > limit:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _safetensors_metadata(path: Path, limit: int = 1 << 24) -> dict:
+    """The ``__metadata__`` of a safetensors file's header (empty when it has none or is not one)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= limit else {}
+    except (OSError, ValueError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _checkpoint_files(checkpoint: Path) -> list[Path]:
+    """What ``fastenc.save`` wrote in a bench model's ``checkpoint/``: its config.json (marked with
+    fastenc's layout), the weights whose header says the same, the tokenizer.json beside them, and
+    atomic_write's temporaries. A folder fastenc did not write gives nothing."""
+    config = checkpoint / "config.json"
+    if not _is_plain_dir(checkpoint) or not _is_plain_file(config):
+        return []
+    marker = (_json_object(config) or {}).get("fastenc")
+    if not isinstance(marker, dict) or marker.get("layout") != "fastenc":
+        return []
+    files = [config]
+    weights = checkpoint / "model.safetensors"
+    if _is_plain_file(weights) and _safetensors_metadata(weights).get("layout") == "fastenc":
+        files.append(weights)
+    if _is_plain_file(checkpoint / "tokenizer.json"):
+        files.append(checkpoint / "tokenizer.json")
+    return files + _files_named(checkpoint, _BENCH_CHECKPOINT_TMP)
+
+
 @dataclass(frozen=True)
 class CacheDir:
     name: str
@@ -146,10 +187,7 @@ class CacheDir:
             base = self.path / model
             if not BENCH_MODEL.fullmatch(model) or not _is_plain_dir(base):
                 continue
-            checkpoint = base / "checkpoint"
-            files += [checkpoint / n for n in BENCH_CHECKPOINT_FILES if _is_plain_dir(checkpoint)
-                      and _is_plain_file(checkpoint / n)]
-            files += _files_named(checkpoint, _BENCH_CHECKPOINT_TMP)
+            files += _checkpoint_files(base / "checkpoint")
             files += _export_files(base / "export")
         return files
 

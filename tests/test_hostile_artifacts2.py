@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 import fastenc
 from fastenc import caches, hub
@@ -61,6 +62,15 @@ def no_hub(monkeypatch):
     monkeypatch.setattr(hub, "fetch_file", refuse)
 
 
+def _fastenc_checkpoint(directory: Path) -> int:
+    """What fastenc.save writes in a bench model's checkpoint/ (layout marks included); returns its bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({"fastenc": {"layout": "fastenc"}}))
+    save_file({"embed.weight": torch.zeros(4, 2)}, str(directory / "model.safetensors"),
+              metadata={"format": "pt", "layout": "fastenc"})
+    return sum((directory / n).stat().st_size for n in ("config.json", "model.safetensors"))
+
+
 def _one_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
@@ -97,15 +107,14 @@ def test_cache_clear_with_home_as_the_cache_deletes_only_files_fastenc_wrote(tmp
     (emb / ("ef" * 32 + ".safetensors")).write_bytes(b"\0" * 100)
     (emb / ".tmp-abc12_xy.safetensors").write_bytes(b"\0" * 10)
     (plans / ("engine-" + "1" * 24 + ".json")).write_text("{}")
-    (model / "checkpoint" / "model.safetensors").write_bytes(b"\0" * 300)
-    (model / "checkpoint" / "config.json").write_text("{}")
+    weights_size = _fastenc_checkpoint(model / "checkpoint")
     (model / "export" / "onnx" / "encoder.fp32.onnx").write_bytes(b"\0" * 200)
     manifest = json.dumps({"files": {"onnx/encoder.fp32.onnx": {"size": 200}, "onnx/mine.onnx": {"size": 1},
                                      "../../notes.txt": {"size": 4}}})
     (model / "export" / "export.json").write_text(manifest)
 
     assert main(["cache", "clear"]) == 0
-    freed = {"cpu-plans": (2, 1), "embeddings": (110, 2), "bench": (300 + 2 + 200 + len(manifest), 4)}
+    freed = {"cpu-plans": (2, 1), "embeddings": (110, 2), "bench": (weights_size + 200 + len(manifest), 4)}
     assert capsys.readouterr().out.splitlines() == [
         f"cleared {c.name:<11} {caches.human(freed.get(c.name, (0, 0))[0]):>9} in {freed.get(c.name, (0, 0))[1]} "
         f"files  ({c.path})" for c in caches.cache_dirs()] + [f"freed {caches.human(sum(s for s, _ in freed.values()))}"]
@@ -123,8 +132,14 @@ def test_cache_clear_removes_a_bench_model_folder_it_emptied(tmp_path, monkeypat
     monkeypatch.setenv("FASTENC_CACHE_DIR", str(tmp_path / "root"))
     monkeypatch.delenv("FASTENC_BENCH_CACHE", raising=False)
     model = tmp_path / "root" / "bench" / "small-t5init-seed3"
-    (model / "checkpoint").mkdir(parents=True)
-    (model / "checkpoint" / "model.safetensors").write_bytes(b"\0" * 8)
+    _fastenc_checkpoint(model / "checkpoint")
+    theirs = tmp_path / "root" / "bench" / "base-t5init-seed0" / "checkpoint"  # named like one, not fastenc's
+    theirs.mkdir(parents=True)
+    (theirs / "config.json").write_text(json.dumps({"d_model": 8}))
+    save_file({"w": torch.zeros(2)}, str(theirs / "model.safetensors"))
+    assert main(["cache", "clear", "bench"]) == 0
+    assert not model.exists() and sorted(p.name for p in theirs.iterdir()) == ["config.json", "model.safetensors"]
+    shutil.rmtree(theirs.parent)
     assert main(["cache", "clear", "bench"]) == 0
     assert not (tmp_path / "root" / "bench").exists() and (tmp_path / "root").is_dir()
 
