@@ -438,13 +438,13 @@ def add_cache_command(sub) -> None:
     p = sub.add_parser(
         "cache", help=COMMANDS["cache"][0],
         description="fastenc keeps files between runs under $FASTENC_CACHE_DIR (default $XDG_CACHE_HOME/fastenc, "
-                    "i.e. ~/.cache/fastenc): cpu-plans/ (cpu backend int8 plans), embeddings/ (embedding cache "
-                    "disk store) and bench/ (benchmark models and exports; $FASTENC_BENCH_CACHE overrides). "
+                    "i.e. ~/.cache/fastenc): cpu-plans/ (cpu backend plans), gpu-probes/ (triton first-contact "
+                    "verdicts), embeddings/ (embedding cache disk store) and bench/ (benchmark models and exports; $FASTENC_BENCH_CACHE overrides). "
                     "`clear` deletes only files fastenc named itself there.",
     )
     p.add_argument("action", choices=("info", "clear"), help="info: where and how much; clear: delete")
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help="which caches to clear: {cpu-plans,embeddings,bench} (default: all)")
+                   help="which caches to clear: {cpu-plans,gpu-probes,embeddings,bench} (default: all)")
     p.set_defaults(func=cmd_cache)
 
 
@@ -466,7 +466,7 @@ def cmd_cache(args) -> int:
                       f"  {'':<11} {cache.what}\n")
         out.write(f"not fastenc's: the Hugging Face hub cache {caches.hub_cache()} holds checkpoints and tokenizers "
                   "downloaded by hub id (see `hf cache ls`, `hf cache rm`)\n")
-        out.write("delete with `fastenc cache clear [cpu-plans|embeddings|bench]`\n")
+        out.write(f"delete with `fastenc cache clear [{'|'.join(known)}]`\n")
         return 0
     freed = 0
     for cache, files, size in caches.clear(args.names or None):
