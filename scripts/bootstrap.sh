@@ -21,8 +21,21 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   constraint=(-c constraints-cpu.txt)
 fi
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
-  "$py" -m pip install -q "${constraint[@]}" "torch==2.13.0" 2>/dev/null \
-    || "$py" -m pip install -q "${constraint[@]}" torch
+  torch_args=("${constraint[@]}" "torch==2.13.0")
+  if [ ${#constraint[@]} -gt 0 ]; then
+    # Plain PyPI's torch==2.13.0 is the CUDA build (with GBs of nvidia-* packages): where pip would resolve
+    # to it, take the CPU build from PyTorch's CPU index instead (where a CPU wheel is at hand, nothing changes).
+    report=$("$py" -m pip install --dry-run --quiet --report - "${torch_args[@]}" 2>/dev/null || true)
+    if printf '%s' "$report" | grep -q '"name": *"nvidia-'; then
+      echo "bootstrap.sh: torch==2.13.0 would resolve to the CUDA build here; using the CPU build from" \
+           "https://download.pytorch.org/whl/cpu" >&2
+      torch_args+=(--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
+    fi
+  fi
+  if ! "$py" -m pip install -q "${torch_args[@]}"; then
+    echo "bootstrap.sh: installing torch==2.13.0 failed (above); trying the newest torch pip finds" >&2
+    "$py" -m pip install -q "${constraint[@]}" torch
+  fi
 fi
 "$py" -m pip install -q "${constraint[@]}" -e ".[$extras]"
 touch "$stamp"
