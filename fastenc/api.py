@@ -347,7 +347,8 @@ def _build_random(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype, 
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
                 continue
-            fan_in = p.shape[1] if p.dim() == 2 and not name.startswith(("embed", "rel_bias")) else cfg.d_model
+            table = name.startswith("embed") or name.endswith("rel_bias.weight")  # embeddings, not GEMM weights
+            fan_in = p.shape[1] if p.dim() == 2 and not table else cfg.d_model
             std = 1.0 if name == "embed.weight" else fan_in**-0.5
             if name.endswith("bias"):
                 std = 0.02

@@ -40,6 +40,9 @@ LIMITS: dict[str, int] = {
 MAX_PROJECTION_DIM = 1 << 16
 MAX_PARAMETERS = 1 << 37  # ~137 B parameters: far past any T5 encoder
 MAX_JSON_BYTES = 16 << 20  # config files are a few KiB
+#: transformers ``model_type`` values fastenc reads: T5 and mT5 (one relative-attention-bias table shared by
+#: every layer) and umT5 (a table per layer; :attr:`EncoderConfig.per_layer_bias`).
+MODEL_TYPES = ("t5", "mt5", "umt5")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class EncoderConfig:
     projector_bias: bool = False
     projector_dropout: float = 0.1
     name: str = "custom"
+    per_layer_bias: bool = False  # umT5: every layer has its own relative-attention-bias table (T5: one, shared)
 
     def __post_init__(self) -> None:
         for field, hi in LIMITS.items():
@@ -78,7 +82,7 @@ class EncoderConfig:
                                                 or not 0 < self.projection_dim <= MAX_PROJECTION_DIM):
             raise ConfigError(f"EncoderConfig.projection_dim must be an integer in 1..{MAX_PROJECTION_DIM} or None, "
                               f"got {_short(self.projection_dim)}")
-        for field in ("gated", "projector_bias"):
+        for field in ("gated", "projector_bias", "per_layer_bias"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(f"EncoderConfig.{field} must be a bool, got {_short(getattr(self, field))}")
         if not _is_number(self.projector_dropout) or not 0.0 <= float(self.projector_dropout) < 1.0:
@@ -94,7 +98,8 @@ class EncoderConfig:
         """Parameter count of the encoder this config builds (computed, nothing allocated)."""
         ffn_in = (2 if self.gated else 1) * self.d_ff
         block = 2 * self.d_model + 4 * self.d_model * self.inner_dim + self.d_model * (ffn_in + self.d_ff)
-        total = self.vocab_size * self.d_model + self.num_buckets * self.num_heads + self.d_model
+        tables = self.num_layers if self.per_layer_bias else 1
+        total = self.vocab_size * self.d_model + tables * self.num_buckets * self.num_heads + self.d_model
         total += self.num_layers * block
         if self.projection_dim:
             P = self.projection_dim
@@ -116,13 +121,17 @@ class EncoderConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], *, source: str = "config.json") -> "EncoderConfig":
-        """Build from a transformers T5 config dict (optionally with DistillT5's projector keys).
+        """Build from a transformers T5 or umT5 config dict (optionally with DistillT5's projector keys).
 
         Every value is checked for type and range before use; a bad one raises :class:`ConfigError`
-        naming ``source`` and the key.
+        naming ``source`` and the key. A ``model_type`` other than :data:`MODEL_TYPES` is refused.
         """
         if not isinstance(cfg, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        model_type = cfg.get("model_type", "t5")  # configs written before model_type existed are T5
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"{source}: model_type {_short(model_type)} is not a model fastenc reads; "
+                              f"supported model types: {', '.join(MODEL_TYPES)}")
         get = _Reader(cfg, source)
         for key in ("d_model", "d_ff", "num_layers", "num_heads"):
             if key not in cfg:
@@ -180,6 +189,7 @@ class EncoderConfig:
             projection_dim=projection_dim,
             projector_bias=projector_bias,
             name=sub.str("name", default="custom"),
+            per_layer_bias=model_type == "umt5",
         )
         try:
             return cls(**fields)
@@ -187,11 +197,13 @@ class EncoderConfig:
             raise ConfigError(f"{source}: {exc}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A transformers-compatible T5 config dict (DistillT5 keys when there is a projector)."""
+        """A transformers-compatible T5 (umT5 with ``per_layer_bias``) config dict (DistillT5 keys when
+        there is a projector)."""
         act = "gelu" if self.activation == "gelu_new" else self.activation
+        family = "UMT5" if self.per_layer_bias else "T5"
         cfg: dict[str, Any] = {
-            "model_type": "t5",
-            "architectures": ["T5EncoderWithProjection" if self.projection_dim else "T5EncoderModel"],
+            "model_type": "umt5" if self.per_layer_bias else "t5",
+            "architectures": [f"{family}EncoderWithProjection" if self.projection_dim else f"{family}EncoderModel"],
             "d_model": self.d_model,
             "d_ff": self.d_ff,
             "d_kv": self.d_kv,

@@ -63,6 +63,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.eps)
         self.ffn = FeedForward(cfg)
+        # umT5 (cfg.per_layer_bias): this layer's own relative-attention-bias table; T5 shares the encoder's.
+        self.rel_bias = nn.Embedding(cfg.num_buckets, cfg.num_heads) if cfg.per_layer_bias else None
 
     def forward(self, x, normed, bias, next_norm: RMSNorm, ops: TorchOps):
         """x: residual stream [B, L, D]; normed: attn_norm(x). Returns (x', next_norm(x'))."""
@@ -95,7 +97,8 @@ class T5Encoder(nn.Module):
         self.config = cfg
         self.ops = ops
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rel_bias = nn.Embedding(cfg.num_buckets, cfg.num_heads)  # shared by every layer
+        # T5: one relative-attention-bias table shared by every layer; umT5: each Block holds its own.
+        self.rel_bias = None if cfg.per_layer_bias else nn.Embedding(cfg.num_buckets, cfg.num_heads)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.eps)
         self.projector = Projector(cfg) if cfg.projection_dim else None
@@ -111,14 +114,18 @@ class T5Encoder(nn.Module):
         x = self.embed(input_ids)  # [B, L, D]
         if dtype == torch.float16:
             x = x.float()  # fp16 runs keep the residual stream in fp32 (no overflow past 65504)
-        bias = ops.position_bias(
-            self.rel_bias.weight, input_ids.shape[1], attention_mask, cfg.num_buckets, cfg.max_distance, dtype
-        )
+        L = input_ids.shape[1]
+
+        def position_bias(table: torch.Tensor):  # [B|1, H, L, L] (or the op table's own form)
+            return ops.position_bias(table, L, attention_mask, cfg.num_buckets, cfg.max_distance, dtype)
+
+        bias = position_bias(self.rel_bias.weight) if self.rel_bias is not None else None
         first = self.blocks[0].attn_norm if len(self.blocks) else self.final_norm
         normed = ops.rms_norm(x, first.weight, first.eps)
         for i, block in enumerate(self.blocks):
             nxt = self.blocks[i + 1].attn_norm if i + 1 < len(self.blocks) else self.final_norm
-            x, normed = block(x, normed, bias, nxt, ops)
+            layer_bias = bias if block.rel_bias is None else position_bias(block.rel_bias.weight)
+            x, normed = block(x, normed, layer_bias, nxt, ops)
         return normed
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

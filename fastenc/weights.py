@@ -6,7 +6,10 @@ Layouts read (detected from the tensor names, never from the path):
   ``encoder.`` plus ``final_projection.{0,3}.{weight,bias}``;
 * ``repacked``  — the same without the outer ``encoder.`` prefix (often a single file);
 * ``transformers`` — a plain T5 checkpoint (``T5EncoderModel`` or ``T5ForConditionalGeneration``,
-  single-file or sharded with ``model.safetensors.index.json``); decoder weights are ignored;
+  single-file or sharded with ``model.safetensors.index.json``); decoder weights are ignored. A umT5
+  checkpoint (``UMT5EncoderModel``, ``model_type: umt5``; e.g. a diffusers pipeline's ``text_encoder/``)
+  has the same names plus a relative-attention-bias table in every block, read into
+  ``EncoderConfig.per_layer_bias``;
 * ``fastenc`` — :func:`save_checkpoint`'s own names (fused QKV and wi_0|wi_1).
 
 Weights are never unpickled: ``.bin``/``.pt`` checkpoints are refused.
@@ -159,13 +162,15 @@ def key_map(cfg: EncoderConfig, layout: str, prefix: str) -> dict[str, list[str]
         names = _fastenc_param_names(cfg)
         return {n: [n] for n in names}
     p = prefix
-    m: dict[str, list[str]] = {
-        "embed.weight": [f"{p}shared.weight"],
-        "rel_bias.weight": [f"{p}encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"],
-        "final_norm.weight": [f"{p}encoder.final_layer_norm.weight"],
-    }
+    table = "0.SelfAttention.relative_attention_bias.weight"
+    m: dict[str, list[str]] = {"embed.weight": [f"{p}shared.weight"]}
+    if not cfg.per_layer_bias:  # T5: block 0's table serves every layer
+        m["rel_bias.weight"] = [f"{p}encoder.block.0.layer.{table}"]
+    m["final_norm.weight"] = [f"{p}encoder.final_layer_norm.weight"]
     for i in range(cfg.num_layers):
         b = f"{p}encoder.block.{i}.layer"
+        if cfg.per_layer_bias:  # umT5: every block's own table
+            m[f"blocks.{i}.rel_bias.weight"] = [f"{b}.{table}"]
         m[f"blocks.{i}.attn_norm.weight"] = [f"{b}.0.layer_norm.weight"]
         m[f"blocks.{i}.attn.qkv.weight"] = [f"{b}.0.SelfAttention.{n}.weight" for n in "qkv"]
         m[f"blocks.{i}.attn.o.weight"] = [f"{b}.0.SelfAttention.o.weight"]
@@ -212,6 +217,8 @@ def infer_config(source: TensorSource, layout: str, prefix: str) -> EncoderConfi
         gated = f"{p}encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in source.keys
         d_ff = shape(f"{p}encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight")[0]
         proj = shape("final_projection.3.weight")[0] if "final_projection.3.weight" in source.keys else None
+        # umT5: a table in block 1 too (with one block, T5 and umT5 are the same model)
+        per_layer = f"{p}encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in source.keys
     finally:
         headers.close()
     if inner % heads:
@@ -221,7 +228,7 @@ def infer_config(source: TensorSource, layout: str, prefix: str) -> EncoderConfi
         return EncoderConfig(
             d_model=d_model, d_ff=d_ff, num_layers=num_layers, num_heads=heads, d_kv=inner // heads,
             vocab_size=vocab, num_buckets=num_buckets, gated=gated, activation="gelu_new" if gated else "relu",
-            projection_dim=proj, projector_bias="final_projection.0.bias" in source.keys,
+            projection_dim=proj, projector_bias="final_projection.0.bias" in source.keys, per_layer_bias=per_layer,
         )
     except ConfigError as exc:
         raise CheckpointError(f"{_where(source)}: tensor shapes give an unusable config ({exc})") from None
@@ -289,7 +296,8 @@ def check_config(cfg: EncoderConfig, source: TensorSource, layout: str, prefix: 
     if layout == "fastenc":
         wanted = [
             ("embed.weight", [cfg.vocab_size, cfg.d_model], "vocab_size, d_model"),
-            ("rel_bias.weight", [cfg.num_buckets, cfg.num_heads], "relative_attention_num_buckets, num_heads"),
+            ("blocks.0.rel_bias.weight" if cfg.per_layer_bias else "rel_bias.weight", [cfg.num_buckets, cfg.num_heads],
+             "relative_attention_num_buckets, num_heads"),
             ("blocks.0.attn.qkv.weight", [3 * inner, cfg.d_model], "3*num_heads*d_kv, d_model"),
             ("blocks.0.ffn.wi.weight", [ffn_rows, cfg.d_model], "d_ff (x2 when gated), d_model"),
         ]
@@ -388,10 +396,13 @@ def load_state_dict(
     used = {k for names in mapping.values() for k in names}
     unexpected = sorted(k for k in source.keys - used if not IGNORED.match(k[len(prefix):] if k.startswith(prefix) else k))
     if unexpected:
+        tables = [k for k in unexpected if k.endswith(".SelfAttention.relative_attention_bias.weight")]
+        hint = ("; the checkpoint has a relative-attention-bias table in every block (umT5): its config.json "
+                "should say model_type 'umt5'") if tables and not cfg.per_layer_bias else ""
         raise CheckpointError(
             f"{source.files[unexpected[0]]}: unexpected key {unexpected[0]!r}"
             + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-            + f" for a {cfg.num_layers}-layer config"
+            + f" for a {cfg.num_layers}-layer {'umT5' if cfg.per_layer_bias else 'T5'} config" + hint
         )
     # Headers first: every tensor's presence, dtype and shape, before any data is read.
     with Headers(source) as headers:
