@@ -365,7 +365,11 @@ def _param_dtypes(model: T5Encoder) -> dict[str, torch.dtype]:
 def _load_weights(path: Path, size: str | None, device: torch.device,
                   dtype: torch.dtype) -> tuple[T5Encoder, WeightsOrigin]:
     source = weights.open_source(path)
-    layout, prefix = weights.detect_layout(source.keys)
+    try:
+        layout, prefix = weights.detect_layout(source.keys)
+    except CheckpointError:
+        weights.check_model_type(path)  # another model's weights: its config.json says which, and that is said
+        raise
     cfg = weights.read_config(path, source, layout, prefix)
     if size is not None:
         weights.check_config_matches(cfg, get_size(size), path)

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import MAX_PROJECTION_DIM, EncoderConfig, read_json_object
+from .config import MAX_PROJECTION_DIM, MODEL_TYPES, EncoderConfig, read_json_object
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, content_identity, looks_local, missing_path_message
 from .inputs import all_finite
@@ -368,6 +368,19 @@ def read_config(path: Path, source: TensorSource, layout: str, prefix: str) -> E
     cfg = infer_config(source, layout, prefix)
     check_config(cfg, source, layout, prefix, _where(source))
     return cfg
+
+
+def check_model_type(path: Path) -> None:
+    """Raise one :class:`CheckpointError` when the config.json beside ``path`` names a ``model_type`` fastenc
+    does not read (with the supported ones); nothing when it has none, a supported one, or no config.json."""
+    directory = path if path.is_dir() else path.parent
+    cfg_file = directory / CONFIG_NAME
+    if not cfg_file.is_file():
+        return
+    model_type = read_json_object(cfg_file, CheckpointError).get("model_type")
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{cfg_file}: model_type {model_type!r:.60} is not a model fastenc reads; "
+                              f"supported model types: {', '.join(MODEL_TYPES)}")
 
 
 def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:

@@ -157,6 +157,20 @@ def test_unsupported_model_type_is_one_error(folder, tmp_path, model_type):
                                "supported model types: t5, mt5, umt5")
 
 
+def test_another_models_checkpoint_says_its_model_type(tmp_path):
+    from safetensors.torch import save_file
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    save_file({"embeddings.word_embeddings.weight": torch.zeros(8, 4),
+               "encoder.layer.0.attention.self.query.weight": torch.zeros(4, 4)}, str(bert / "model.safetensors"))
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 4}))
+    with pytest.raises(CheckpointError) as info:
+        fastenc.load(bert, backend="torch", cache=False)
+    assert str(info.value) == (f"{bert / 'config.json'}: model_type 'bert' is not a model fastenc reads; "
+                               "supported model types: t5, mt5, umt5")
+
+
 def test_umt5_weights_under_a_t5_config_say_so(folder, tmp_path):
     bad = tmp_path / "t5cfg"
     bad.mkdir()
