@@ -225,3 +225,15 @@ def test_onnx_export_parity(hf, folder, tmp_path):
         want = _want(hf, ids, mask)
         real = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
         assert _max_abs(got[real], want[real]) <= 1e-4
+
+
+def test_cpu_backend_never_quantises_the_per_layer_bias_tables():
+    """The bias tables are read by lookup, not multiplied: no int8 plan (not even int8='all') names them."""
+    from fastenc.backends import cpu as fcpu
+    from fastenc.model import T5Encoder
+
+    from reference import TINY
+
+    model = T5Encoder(TINY.replace(per_layer_bias=True))
+    names = fcpu.linear_weight_names(model)
+    assert names and not [n for n in names if "rel_bias" in n]

@@ -343,7 +343,7 @@ class Int8Plan:
 
 
 def linear_weight_names(model: T5Encoder) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("embed.", "rel_bias."))]
+    return [n for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embed.") and "rel_bias" not in n]
 
 
 def input_maxima(model: T5Encoder, ids: torch.Tensor) -> dict[str, torch.Tensor]:
