@@ -422,8 +422,10 @@ def prepare_planned(model: T5Encoder, *, source: str | None = None, plan: CpuPla
     engine = None
     if plan is None:
         t0 = time.perf_counter()
-        log.info("fastenc: planning the cpu backend for this machine (one time per checkpoint%s; "
-                 "`fastenc tune` runs it ahead)", "" if key else ", not cached: no source")
+        # said at warning level: the first load of a checkpoint on a machine waits for it (tens of seconds)
+        log.warning("fastenc: measuring which engine runs this model fastest on this CPU (once per checkpoint and "
+                    "machine%s, at most %.0f s; `fastenc tune` does it ahead of time)",
+                    "" if key else "; not cached: the model has no source", budget_s)
         plan, engine = tune(model, source=source, shapes=shapes, budget_s=budget_s, say=say, precision=precision)
         log.info("fastenc: cpu plan in %.1f s: %s", time.perf_counter() - t0, plan.chosen.name)
         if key is not None:
