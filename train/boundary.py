@@ -5,30 +5,12 @@ unexpected error); exit 2 for bad input (FastencError), 1 for a failed write or 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Callable
 
+from fastenc.cli import Parser  # noqa: F401 - re-exported: usage errors on one line, exit 2
+from fastenc.cli import _one_line as one_line, _os_error as os_error
 from fastenc.errors import FastencError
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with usage errors on one line and exit status 2."""
-
-    def error(self, message: str):  # noqa: D102 - argparse API
-        self.exit(2, one_line(f"{self.prog}: error: {message} (see `{self.prog} --help`)") + "\n")
-
-
-def one_line(text: str) -> str:
-    line = " ".join(str(text).split())
-    return line.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates cannot crash the report
-
-
-def os_error(exc: OSError) -> str:
-    if exc.filename is not None and exc.strerror:
-        other = f" -> {exc.filename2}" if exc.filename2 is not None else ""
-        return f"{exc.filename}{other}: {exc.strerror}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def guarded(prog: str, fn: Callable[[], int], *, verbose: bool = False, interrupted: str = "",
