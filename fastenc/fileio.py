@@ -28,6 +28,13 @@ def atomic_write(target: Path, writer: Callable[[Path], None]) -> Path:
     return target
 
 
+def plain_file_name(name: object, suffix: str = "") -> bool:
+    """Whether ``name`` (read from an index file) is a bare file name ending in ``suffix``: no folder part,
+    not ``.`` or ``..``, not absolute, no NUL: a file inside the index's own folder, never elsewhere."""
+    return (isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name
+            and "\\" not in name and "\0" not in name and not os.path.isabs(name) and name.endswith(suffix))
+
+
 def umask_mode(mode: int = 0o666) -> int:
     """``mode`` with the process umask applied (what ``open()`` would create)."""
     umask = os.umask(0)

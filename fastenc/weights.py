@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from .config import MAX_PROJECTION_DIM, MODEL_TYPES, EncoderConfig, read_json_object
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write, content_identity, looks_local, missing_path_message
+from .fileio import atomic_write, content_identity, looks_local, missing_path_message, plain_file_name
 from .inputs import all_finite
 
 log = logging.getLogger("fastenc")
@@ -70,7 +70,7 @@ def _check_not_pickle(path: Path) -> None:
         )
 
 
-def _open(file: Path):
+def open_safetensors(file: Path):
     """``safe_open`` with every failure turned into one :class:`CheckpointError` naming the file."""
     try:
         return safe_open(file, framework="pt")
@@ -83,7 +83,7 @@ def _open(file: Path):
 
 
 def _keys_of(file: Path) -> list[str]:
-    with _open(file) as f:
+    with open_safetensors(file) as f:
         try:
             return list(f.keys())
         except Exception as exc:
@@ -96,8 +96,7 @@ def _shard_name(index: Path, tensor: object, shard: object) -> str:
         raise CheckpointError(f"{index}: weight_map keys must be tensor names (strings), got {tensor!r:.60}")
     if not isinstance(shard, str):
         raise CheckpointError(f"{index}: weight_map[{tensor!r:.80}] must be a file name, got {shard!r:.60}")
-    if (not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard
-            or os.path.isabs(shard) or not shard.endswith(".safetensors")):
+    if not plain_file_name(shard, ".safetensors"):
         raise CheckpointError(
             f"{index}: weight_map[{tensor!r:.80}] = {shard!r:.80} is not a .safetensors file name in the "
             "checkpoint folder (paths and '..' are refused)")
@@ -244,7 +243,7 @@ class Headers:
 
     def handle(self, file: Path):
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(_open(file))
+            self._handles[file] = self._stack.enter_context(open_safetensors(file))
         return self._handles[file]
 
     def _slice(self, key: str):

@@ -97,6 +97,8 @@ class Trainer:
         acc = self.acc
         # the checkpoint to resume from is checked before anything is loaded (a damaged one fails in seconds)
         self._choice: tuple[Path | None, list[Path]] | None = checkpoint.choose_checkpoint(self.out, cfg.run.resume)
+        # so is the teacher cache (names, sizes, shapes, rows): a damaged one fails before any model is loaded
+        self._cache = TeacherCache(cfg.teacher.cache) if TeacherCache.present(cfg.teacher.cache) else None
         dist = acc.distributed_type.name
         if dist == "FSDP" and cfg.optim.ema_decay is not None:
             raise ConfigError("optim.ema_decay under FSDP is not supported (EMA keeps full weights per process)")
@@ -134,7 +136,7 @@ class Trainer:
 
         # teacher (cache or live) and pooled CLIP (needed only where the DiT runs)
         pooled_mode = cfg.pooled if uses_dit else "none"
-        cache = TeacherCache(cfg.teacher.cache) if TeacherCache.present(cfg.teacher.cache) else None
+        cache = self._cache
         self.teacher = TeacherSource(cfg, self.tokenizer, device=self.device, dim=dim, pooled_dim=pooled_dim,
                                      pooled_mode=pooled_mode, cache=cache)
         self.teacher.require(needed)
@@ -183,9 +185,8 @@ class Trainer:
             return self.dit.text_dim, self.dit.pooled_dim
         if self.cfg.dit.path:
             return dit_widths(self.cfg)
-        if TeacherCache.present(self.cfg.teacher.cache):
-            meta = TeacherCache(self.cfg.teacher.cache).meta
-            return meta.dim, meta.pooled_dim
+        if self._cache is not None:
+            return self._cache.meta.dim, self._cache.meta.pooled_dim
         if self.cfg.teacher.path:
             from fastenc.weights import open_source, detect_layout, read_config, resolve_checkpoint
 

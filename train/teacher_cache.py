@@ -9,7 +9,8 @@ Layout of a cache folder::
 
 A prompt's key is the first 32 hex digits of the SHA-256 of its UTF-8 text. Shards and the index are
 written atomically (temporary name, then rename); the index is written last, so a folder with an
-``index.json`` is complete. Size: ``L x D x 2`` bytes per prompt in bf16 (4 MiB at L=512, D=4096).
+``index.json`` is complete. The index records each shard's size in bytes; opening a cache checks names,
+sizes, shapes and rows (:class:`TeacherCache`). Size: ``L x D x 2`` bytes per prompt in bf16 (4 MiB at L=512, D=4096).
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastenc.errors import ConfigError
-from fastenc.fileio import atomic_write
+from fastenc.config import read_json_object
+from fastenc.errors import CheckpointError, ConfigError
+from fastenc.fileio import atomic_write, not_a_file, plain_file_name
+from fastenc.weights import open_safetensors
 
 log = logging.getLogger("fastenc.train")
 
 INDEX_NAME = "index.json"
 FORMAT = "fastenc-teacher-cache"
 VERSION = 1
+MAX_INDEX_BYTES = 1 << 30  # ~80 bytes a prompt
+REBUILD = "; rebuild it with `python -m train.cache_teacher --force`"
 
 
 def prompt_key(prompt: str) -> str:
@@ -104,37 +109,93 @@ def write_shards(directory: Path, prompts: list[str], encode, *, meta: CacheMeta
 
 def write_index(directory: Path, meta: CacheMeta, entries: dict[str, list], generation: int = 0) -> Path:
     shards = sorted({shard for shard, _ in entries.values()})
+    sizes = {shard: (directory / shard).stat().st_size for shard in shards}  # checked when the cache is opened
     index = {"format": FORMAT, "version": VERSION, "generation": generation, "meta": asdict(meta),
-             "count": len(entries), "shards": shards, "entries": entries}
+             "count": len(entries), "shards": shards, "sizes": sizes, "entries": entries}
     return atomic_write(directory / INDEX_NAME, lambda p: p.write_text(json.dumps(index) + "\n"))
 
 
 class TeacherCache:
-    """Read side: look prompts up and return their teacher embeddings."""
+    """Read side: look prompts up and return their teacher embeddings.
+
+    Opening a cache checks it like any artifact before training starts: every shard name is a plain file
+    name inside the cache folder, every shard is a complete safetensors file of the size the index records
+    with ``embeds`` [n, L, D] / ``mask`` [n, L] / ``pooled`` [n, Dp] of the index's widths, and every index
+    row lies inside its shard. Any damage is one :class:`CheckpointError` naming the file (and the row)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         path = self.directory / INDEX_NAME
-        try:
-            index = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found (build the cache with `python -m train.cache_teacher`)") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: unreadable teacher cache index ({exc})") from None
-        if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise ConfigError(f"{path}: not a teacher cache index (format {index.get('format') if isinstance(index, dict) else None!r})")
+        if not path.exists():
+            raise ConfigError(f"{path}: not found (build the cache with `python -m train.cache_teacher`)")
+        index = read_json_object(path, CheckpointError, max_bytes=MAX_INDEX_BYTES)
+        if index.get("format") != FORMAT:
+            raise ConfigError(f"{path}: not a teacher cache index (format {index.get('format')!r})")
         if index.get("version") != VERSION:
             raise ConfigError(f"{path}: cache version {index.get('version')!r}, this trainer reads {VERSION}")
         try:
             self.meta = CacheMeta(**index["meta"])
             self.entries: dict[str, list] = index["entries"]
             self.generation = int(index.get("generation", 0))
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"{path}: malformed teacher cache index ({exc!r})") from None
-        for shard in index.get("shards", []):
-            if not (self.directory / shard).is_file():
-                raise ConfigError(f"{path}: shard {shard} is missing")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: malformed teacher cache index ({exc!r}){REBUILD}") from None
         self._handles: dict[str, object] = {}
+        self._check(path, index)
+
+    def _check(self, path: Path, index: dict) -> None:
+        shards, sizes = index.get("shards", []), index.get("sizes", {})
+        if not isinstance(shards, list) or not isinstance(sizes, dict) or not isinstance(self.entries, dict):
+            raise CheckpointError(f"{path}: malformed teacher cache index ('shards' must be a list, 'sizes' and "
+                                  f"'entries' objects){REBUILD}")
+        if index.get("count", len(self.entries)) != len(self.entries):
+            raise CheckpointError(f"{path}: lists {len(self.entries)} prompts but records count "
+                                  f"{index.get('count')!r} (a damaged or hand-edited index){REBUILD}")
+        rows = {shard: self._shard_rows(path, shard, sizes.get(shard)) for shard in shards}
+        for key, entry in self.entries.items():
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], int)
+                    and not isinstance(entry[1], bool) and entry[1] >= 0):
+                raise CheckpointError(f"{path}: entries[{key!r:.40}] = {entry!r:.80} is not [shard, row]{REBUILD}")
+            shard, row = entry
+            if shard not in rows:
+                raise CheckpointError(f"{path}: entries[{key!r:.40}] names shard {shard!r:.80}, which 'shards' "
+                                      f"does not list{REBUILD}")
+            if row >= rows[shard]:
+                raise CheckpointError(f"{path}: entries[{key!r:.40}]: row {row} is past the end of {shard} "
+                                      f"({rows[shard]} rows){REBUILD}")
+
+    def _shard_rows(self, path: Path, shard: object, size: object) -> int:
+        """The number of rows of ``shard`` after checking its name, size, tensors and their shapes."""
+        if not plain_file_name(shard, ".safetensors"):
+            raise CheckpointError(f"{path}: shard {shard!r:.80} is not a .safetensors file name inside the cache "
+                                  "folder (paths and '..' are refused)")
+        file = self.directory / shard
+        what = not_a_file(file)
+        if what is not None:
+            raise CheckpointError(f"{file}: is {what}, not a teacher cache shard{REBUILD}")
+        if not file.is_file():
+            raise CheckpointError(f"{path}: shard {shard} is missing{REBUILD}")
+        actual = file.stat().st_size
+        if size is not None and actual != size:
+            raise CheckpointError(f"{file}: {actual} bytes, {INDEX_NAME} records {size} (truncated or rewritten "
+                                  f"since the cache was built){REBUILD}")
+        m = self.meta
+        want = {"embeds": [None, m.max_length, m.dim], "mask": [None, m.max_length]}
+        if m.pooled_dim is not None:
+            want["pooled"] = [None, m.pooled_dim]
+        with open_safetensors(file) as f:  # a truncated file fails here: its header promises more bytes
+            try:
+                shapes = {k: list(f.get_slice(k).get_shape()) for k in want if k in set(f.keys())}
+            except Exception as exc:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({str(exc)[:200]}){REBUILD}") from None
+        n = shapes.get("embeds", [0])[0]
+        for key, shape in want.items():
+            got = shapes.get(key)
+            if got is None:
+                raise CheckpointError(f"{file}: no tensor {key!r} (not a teacher cache shard){REBUILD}")
+            expected = [n] + shape[1:]
+            if got != expected:
+                raise CheckpointError(f"{file}: {key} is {got}, the cache index says {expected}{REBUILD}")
+        return n
 
     @staticmethod
     def present(directory: str | Path | None) -> bool:
@@ -175,9 +236,13 @@ class TeacherCache:
                 shard, row = self.entries[prompt_key(p)]
             except KeyError:
                 raise KeyError(p) from None
-            f = self._handle(shard)
-            embeds.append(f.get_slice("embeds")[row:row + 1])
-            masks.append(f.get_slice("mask")[row:row + 1])
-            if self.has_pooled:
-                pooled.append(f.get_slice("pooled")[row:row + 1])
+            try:
+                f = self._handle(shard)
+                embeds.append(f.get_slice("embeds")[row:row + 1])
+                masks.append(f.get_slice("mask")[row:row + 1])
+                if self.has_pooled:
+                    pooled.append(f.get_slice("pooled")[row:row + 1])
+            except Exception as exc:  # changed under a running trainer (it was checked when opened)
+                raise CheckpointError(f"{self.directory / shard}: row {row} is unreadable ({str(exc)[:200]})"
+                                      f"{REBUILD}") from None
         return (torch.cat(embeds), torch.cat(masks).long(), torch.cat(pooled) if pooled else None)
