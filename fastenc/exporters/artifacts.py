@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..config import EncoderConfig
 from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, content_identity
 from ..weights import CONFIG_NAME
 from .contract import Profile
 
@@ -320,8 +320,8 @@ def file_digest(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def checkpoint_fingerprint(path: Path) -> str:
-    """sha256 over the checkpoint's config and weight files (names and contents)."""
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files a checkpoint's fingerprint covers: its config and weight files (not the tokenizer's)."""
     if path.is_file():
         files = [path] + ([path.parent / CONFIG_NAME] if (path.parent / CONFIG_NAME).is_file() else [])
     else:
@@ -329,10 +329,45 @@ def checkpoint_fingerprint(path: Path) -> str:
         files = [p for p in files if not p.name.startswith(("tokenizer", "special_tokens"))]
     if not files:
         raise CheckpointError(f"{path}: no config or weight files to fingerprint")
+    return files
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """sha256 over the checkpoint's config and weight files (names and contents)."""
     h = hashlib.sha256()
-    for f in files:
+    for f in checkpoint_files(path):
         h.update(f.name.encode() + b"\0" + file_digest(f).encode())
     return h.hexdigest()[:32]
+
+
+def checkpoint_identity(path: Path) -> str:
+    """A cheap identity of the same files (:func:`fastenc.fileio.content_identity`: milliseconds on GBs);
+    export.json records it beside the fingerprint so that a load can tell "unchanged" without hashing."""
+    return content_identity(checkpoint_files(path))
+
+
+def changed_source(manifest: dict[str, Any], *, quick: bool = False) -> Path | None:
+    """The checkpoint an export was made from when it changed since the export (its fingerprint is not
+    the one export.json recorded); None when it is unchanged, gone, or the export has no checkpoint source.
+
+    ``quick``: an unchanged :func:`checkpoint_identity` is trusted, so only a changed one costs a full
+    fingerprint (an export that recorded no identity is not hashed at all)."""
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    recorded = manifest.get("fingerprint")
+    if source.get("kind") != "checkpoint" or not isinstance(source.get("path"), str) or not recorded:
+        return None
+    path = Path(source["path"])
+    if not path.exists():
+        return None
+    if quick and (not source.get("identity") or source["identity"] == checkpoint_identity(path)):
+        return None
+    return path if checkpoint_fingerprint(path) != recorded else None
+
+
+def source_changed(path: Path) -> str:
+    """The sentence every reader of export.json says for :func:`changed_source`'s answer."""
+    return (f"the checkpoint the artifacts came from ({path}) changed since the export (its fingerprint is not the "
+            f"one {MANIFEST_NAME} recorded)")
 
 
 # ---------------------------------------------------------------------------- manifest

@@ -27,7 +27,7 @@ from ..config import get_size, max_length_for
 from ..errors import BackendUnavailable, ConfigError
 from ..model import T5Encoder
 from .artifacts import (EXPORT_VERSION, KIND_DIRS, MANIFEST_NAME, VERIFIED_NAME, build_step, check_export,
-                        checkpoint_fingerprint, write_json, write_manifest, write_sidecar)
+                        checkpoint_fingerprint, checkpoint_identity, write_json, write_manifest, write_sidecar)
 from .contract import Profile, dtype_name, make_profile
 from .transaction import Transaction, check_target
 
@@ -97,8 +97,9 @@ class _Source:
             source = weights.open_source(self.path)
             layout, prefix = weights.detect_layout(source.keys)
             self.cfg = weights.read_config(self.path, source, layout, prefix)
-            self.spec = {"kind": "checkpoint", "path": str(self.path.resolve()), "size": req.size}
             self.fingerprint = checkpoint_fingerprint(self.path)
+            self.spec = {"kind": "checkpoint", "path": str(self.path.resolve()), "size": req.size,
+                         "identity": checkpoint_identity(self.path)}  # lets a load tell "unchanged" cheaply
         self._key: tuple[str, str] | None = None
         self._encoder = None
         self._tokenizer: Any = _UNSET

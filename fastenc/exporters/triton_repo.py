@@ -35,7 +35,8 @@ from typing import Any
 from ..config import TARGET_MAX_LENGTH, max_length_for
 from ..errors import CheckpointError, ConfigError
 from ..fileio import umask_mode
-from .artifacts import artifact_files, check_export, find_artifacts, read_config, read_manifest, staged
+from .artifacts import (artifact_files, changed_source, check_export, checkpoint_fingerprint, find_artifacts,
+                        read_config, read_manifest, source_changed, staged)
 from .contract import ATTENTION_MASK, INPUT_IDS, OUTPUT_NAME, Profile
 
 log = logging.getLogger("fastenc")
@@ -264,10 +265,21 @@ def _checkpoint_files(req: TritonRepoRequest, manifest: dict[str, Any]) -> list[
                               "checkpoint folder; pass --checkpoint DIR (config.json + model.safetensors) for "
                               "--encoder-backend fastenc-cpu")
         spec = source["path"]
+        changed = changed_source(manifest)  # new weights beside the export's tokenizer and config: refused
+        if changed is not None:
+            raise CheckpointError(f"{source_changed(changed)}: fastenc-cpu would serve its new weights beside the "
+                                  f"export's tokenizer and config; re-export with `fastenc export --checkpoint "
+                                  f"{changed} ...`, or pass the exported weights with --checkpoint PATH")
     path = Path(spec)
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path}: no such file or directory (fastenc-cpu serves the checkpoint's "
                               "weights; pass --checkpoint DIR)")
+    if req.checkpoint is not None and source.get("kind") == "checkpoint" \
+            and checkpoint_fingerprint(path) != manifest.get("fingerprint"):
+        raise CheckpointError(f"--checkpoint {path}: not the checkpoint {req.export_dir} was exported from (its "
+                              f"fingerprint is not the one export.json recorded); fastenc-cpu would serve its "
+                              f"weights beside the export's tokenizer and config; export it first (`fastenc export "
+                              f"--checkpoint {path} ...`)")
     folder = path if path.is_dir() else path.parent
     weights = sorted(folder.glob("*.safetensors")) if path.is_dir() else [path]
     if not weights or any(w.suffix != ".safetensors" for w in weights):

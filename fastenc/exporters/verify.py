@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from ..config import EncoderConfig
 from ..errors import BackendUnavailable, CheckpointError, FastencError
-from .artifacts import check_export, checkpoint_fingerprint, find_artifacts, read_config
+from .artifacts import (changed_source, check_export, checkpoint_fingerprint, find_artifacts, read_config,
+                        source_changed)
 from .contract import INPUT_DTYPE, Profile
 
 log = logging.getLogger("fastenc")
@@ -147,6 +148,7 @@ class _References:
     """Torch outputs of the source model per (dtype, device), computed once."""
 
     def __init__(self, manifest: dict[str, Any], inputs, checkpoint: str | None):
+        self.manifest = manifest
         self.source = dict(manifest["source"])
         self.fingerprint = manifest.get("fingerprint")
         self.inputs = inputs
@@ -185,13 +187,11 @@ class _References:
     def _check_unchanged(self, path: Path) -> None:
         """The recorded checkpoint is still the one exported (export.json keeps its fingerprint): edited
         in place since, every artifact would only FAIL against it, so that is said instead."""
-        if self.checked or not self.fingerprint:
+        if self.checked:
             return
-        if checkpoint_fingerprint(path) != self.fingerprint:
-            raise CheckpointError(
-                f"the checkpoint the artifacts came from ({path}) changed since the export (its fingerprint is "
-                f"not the one export.json recorded): re-export with `fastenc export --checkpoint {path} ...`, "
-                "or pass the original with `fastenc verify DIR --checkpoint PATH`")
+        if changed_source(self.manifest) is not None:
+            raise CheckpointError(f"{source_changed(path)}: re-export with `fastenc export --checkpoint {path} ...`, "
+                                  "or pass the original with `fastenc verify DIR --checkpoint PATH`")
         self.checked = True
 
 
