@@ -18,16 +18,17 @@ from .backends import op_table, resolve_backend
 from .backends.graph import GRAPH_BACKENDS, GraphRunner
 from .backends.placement import FollowsWeights
 from .cache import CacheKey, EmbeddingCache, key as cache_key
-from .config import TARGET_MAX_LENGTH, EncoderConfig, get_size, max_length_for
+from .config import EncoderConfig, get_size
 from .errors import CheckpointError, ConfigError, InputError, NumericsError
 from .fileio import content_identity
 from .inputs import check_finite, check_prompt, check_token_inputs, prompt_list
 from .model import T5Encoder
+from .targets import TARGETS, Target, get_target
 
 log = logging.getLogger("fastenc")
 
-#: Targets whose pipelines pass the attention mask to T5 (Flux and SD3 encode padding too).
-MASKED_TARGETS = frozenset({"pixart-alpha"})
+#: Targets whose pipelines pass the attention mask to T5 (the others encode padding too).
+MASKED_TARGETS = frozenset(name for name, t in TARGETS.items() if t.masked)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -181,15 +182,18 @@ class Encoder(FollowsWeights, nn.Module):
         return self._forward_placed(ids, mask)  # op table + CUDA graphs follow the weights (backends/placement.py)
 
     @torch.inference_mode()
-    def encode(self, prompts: str | Sequence[str], target: str = "flux-dev", *,
-               max_output_bytes: int | None = None) -> Embeddings:
-        """Tokenise like the target pipeline does and encode; repeated prompts come from the cache.
+    def encode(self, prompts: str | Sequence[str], target: str | Target = "flux-dev", *,
+               max_length: int | None = None, max_output_bytes: int | None = None) -> Embeddings:
+        """Tokenise, encode and post-process like the target pipeline does, so ``embeds`` is the tensor it
+        hands its transformer; repeated prompts come from the cache.
 
-        ``prompts``: a ``str`` or a sequence (list, tuple) of ``str``. The forward passes run in
+        ``prompts``: a ``str`` or a sequence (list, tuple) of ``str``; ``target``: a name in
+        :data:`fastenc.targets.TARGETS` or a :class:`~fastenc.targets.Target`; ``max_length``: the
+        pipeline's ``max_sequence_length`` (default: the target's). The forward passes run in
         micro-batches; the returned tensor must fit ``max_output_bytes`` (default
         :attr:`max_output_bytes`, 4 GiB): for more prompts iterate :meth:`encode_batches`."""
         texts = prompt_list(prompts)
-        max_length = max_length_for(target)
+        target, max_length = _target_and_length(target, max_length)
         self._need_tokenizer()
         limit = self.max_output_bytes if max_output_bytes is None else max_output_bytes
         if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
@@ -198,9 +202,9 @@ class Encoder(FollowsWeights, nn.Module):
         need = len(texts) * max_length * P * itemsize
         if need > limit:
             raise InputError(
-                f"encode() of {len(texts)} prompts at target {target!r} would return {_human(need)} "
+                f"encode() of {len(texts)} prompts at target {target.name!r} would return {_human(need)} "
                 f"([{len(texts)}, {max_length}, {P}] {str(self.dtype).removeprefix('torch.')}), over "
-                f"max_output_bytes={_human(limit)}; iterate encode_batches(prompts, target={target!r}, "
+                f"max_output_bytes={_human(limit)}; iterate encode_batches(prompts, target={target.name!r}, "
                 "batch_size=...) to stream them, or pass a larger max_output_bytes")
         step = self.micro_batch(max_length)
         embeds = mask = None
@@ -215,14 +219,14 @@ class Encoder(FollowsWeights, nn.Module):
         self._warn_truncated(truncated, len(texts), max_length)
         return Embeddings(embeds, mask, truncated)
 
-    def encode_batches(self, prompts: str | Iterable[str], target: str = "flux-dev", *,
-                       batch_size: int = 64) -> Iterator[Embeddings]:
+    def encode_batches(self, prompts: str | Iterable[str], target: str | Target = "flux-dev", *,
+                       batch_size: int = 64, max_length: int | None = None) -> Iterator[Embeddings]:
         """Stream embeddings for any number of prompts: yields one :class:`Embeddings` per ``batch_size``
         prompts (the last may be smaller). ``prompts`` may be any iterable of ``str`` (a generator too);
         memory stays bounded by one batch's output plus the micro-batched activations."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        max_length = max_length_for(target)
+        target, max_length = _target_and_length(target, max_length)
         self._need_tokenizer()
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -230,7 +234,7 @@ class Encoder(FollowsWeights, nn.Module):
             raise InputError(f"prompts must be a str or an iterable of str, got {type(prompts).__name__}")
         return self._stream(iter(prompts), target, max_length, batch_size)
 
-    def _stream(self, it: Iterator[object], target: str, max_length: int, batch_size: int) -> Iterator[Embeddings]:
+    def _stream(self, it: Iterator[object], target: Target, max_length: int, batch_size: int) -> Iterator[Embeddings]:
         start, total, truncated = 0, 0, 0
         while True:
             chunk = [check_prompt(p, start + i) for i, p in enumerate(itertools.islice(it, batch_size))]
@@ -262,19 +266,22 @@ class Encoder(FollowsWeights, nn.Module):
         if truncated and _is_fastenc_tokenizer(self.tokenizer):
             log.warning("%d of %d prompts were longer than %d tokens and were truncated", truncated, total, max_length)
 
-    def _encode_list(self, texts: list[str], target: str, max_length: int, offset: int) -> Embeddings:
+    def _encode_list(self, texts: list[str], target: Target, max_length: int, offset: int) -> Embeddings:
         """One micro-batch of checked prompts (``offset``: index of ``texts[0]`` in the caller's list)."""
         if _is_fastenc_tokenizer(self.tokenizer):
-            batch = self.tokenizer(texts, max_length=max_length, warn=False)
+            batch = self.tokenizer(target.prepare(texts), max_length=max_length, warn=False)
         else:
-            batch = self.tokenizer(texts, max_length=max_length)
+            batch = self.tokenizer(target.prepare(texts), max_length=max_length)
         ids, mask = batch.input_ids, batch.attention_mask  # [b, L]
         if ids.shape[0] != len(texts):
             raise InputError(f"the tokenizer returned {ids.shape[0]} rows for {len(texts)} prompts")
         keys: list[CacheKey | None] = [None] * len(texts)
         if self.cache is not None:
             fp, dt = self.fingerprint, str(self.dtype)
-            keys = [cache_key(fp, target, dt, p) for p in texts]
+            tkey = target.name if TARGETS.get(target.name) == target else repr(target)  # a custom row: all of it
+            if max_length != target.max_length:
+                tkey = f"{tkey}@{max_length}"
+            keys = [cache_key(fp, tkey, dt, p) for p in texts]
         embeds: list[torch.Tensor | None] = [None] * len(texts)
         todo: list[int] = []  # rows to compute: the first of each distinct prompt not in the cache
         same: dict[str, int] = {}  # prompt -> its row in todo
@@ -288,7 +295,8 @@ class Encoder(FollowsWeights, nn.Module):
         if todo:
             sel = torch.tensor(todo)
             try:
-                out = self(ids[sel], mask[sel] if target in MASKED_TARGETS else None)  # [b, L, P]
+                out = self(ids[sel], mask[sel] if target.masked else None)  # [b, L, P]
+                out = target.finish(out, mask[sel])  # what the pipeline does to the encoder's output
             except NumericsError as exc:
                 raise NumericsError(f"{exc} (prompts from index {offset})") from None
             for j, i in enumerate(todo):
@@ -298,6 +306,15 @@ class Encoder(FollowsWeights, nn.Module):
                 if embeds[i] is None:
                     embeds[i] = out[same[text]]
         return Embeddings(torch.stack(embeds), mask.to(self.device), batch.num_truncated)
+
+
+def _target_and_length(target: str | Target, max_length: int | None) -> tuple[Target, int]:
+    row = get_target(target)
+    if max_length is None:
+        return row, row.max_length
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ConfigError(f"max_length must be a positive integer, got {max_length!r:.60}")
+    return row, max_length
 
 
 def activation_bytes(cfg: EncoderConfig, seq_len: int, dtype: torch.dtype) -> int:

@@ -319,10 +319,10 @@ def _encode_ids(enc, ids, mask, *, target: str):
     import numpy as np
     import torch
 
-    from .api import MASKED_TARGETS
-    from .config import max_length_for
+    from .targets import get_target
 
-    length = max_length_for(target)
+    row = get_target(target)
+    length = row.max_length
     if ids.shape[1] > length:
         raise ConfigError(f"--ids: rows of {ids.shape[1]} ids; --target {target} takes at most {length}")
     vocab = enc.config.vocab_size
@@ -335,7 +335,7 @@ def _encode_ids(enc, ids, mask, *, target: str):
     ids_t = torch.from_numpy(np.pad(ids, ((0, 0), (0, pad))))  # [B, L]; 0 = <pad>
     mask_t = torch.from_numpy(np.pad(mask, ((0, 0), (0, pad))))  # [B, L]
     with torch.inference_mode():
-        embeds = enc(ids_t, mask_t if target in MASKED_TARGETS else None)  # [B, L, P]
+        embeds = row.finish(enc(ids_t, mask_t if row.masked else None), mask_t)  # [B, L, P], as the pipeline has it
     return embeds, mask_t
 
 

@@ -14,14 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .targets import TARGETS, get_target
 
-#: Sequence length each diffusion pipeline feeds its T5 encoder.
-TARGET_MAX_LENGTH: dict[str, int] = {
-    "flux-dev": 512,
-    "flux-schnell": 256,
-    "sd3": 256,
-    "pixart-alpha": 120,
-}
+#: Sequence length each diffusion pipeline feeds its T5 encoder (by target; :mod:`fastenc.targets` has the rows).
+TARGET_MAX_LENGTH: dict[str, int] = {name: t.max_length for name, t in TARGETS.items()}
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu")
 
@@ -344,10 +340,6 @@ def get_size(name: str) -> EncoderConfig:
         raise ConfigError(f"unknown size {name!r}; choose one of {', '.join(SIZES)}") from None
 
 
-def max_length_for(target: str) -> int:
-    if not isinstance(target, str):
-        raise ConfigError(f"target must be a string, one of {', '.join(TARGET_MAX_LENGTH)}; got {_short(target)}")
-    try:
-        return TARGET_MAX_LENGTH[target]
-    except KeyError:
-        raise ConfigError(f"unknown target {target!r}; choose one of {', '.join(TARGET_MAX_LENGTH)}") from None
+def max_length_for(target) -> int:
+    """The default sequence length of ``target`` (a name in :data:`fastenc.targets.TARGETS`, or a Target)."""
+    return get_target(target).max_length

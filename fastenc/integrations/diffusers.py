@@ -1,7 +1,9 @@
-"""Put a fastenc encoder into a diffusers pipeline's T5 slot (Flux*, StableDiffusion3*, PixArt*).
+"""Put a fastenc encoder into a diffusers pipeline's T5 (or umT5) slot: every pipeline family that has a
+row in :data:`fastenc.targets.TARGETS` (Flux, SD3 / SD3.5, PixArt-α / Σ, Chroma, Wan, LTX-Video,
+CogVideoX, Mochi), found along the pipeline class's MRO.
 
 The pipeline itself is left as it is: its own T5 tokenizer still produces the ids, and it calls the
-encoder exactly as it called T5 (PixArt with the attention mask, Flux and SD3 without).
+encoder exactly as it called T5 (with the attention mask or without, as its row says).
 
     pipe = FluxPipeline.from_pretrained(repo, text_encoder_2=T5Replacement(encoder), torch_dtype=torch.bfloat16)
     # or, on a loaded pipeline:
@@ -18,35 +20,50 @@ from torch import nn
 
 from ..api import Encoder
 from ..errors import ConfigError
+from ..targets import TARGETS, Target
 from .text_encoder import T5Replacement
 
 log = logging.getLogger("fastenc")
 
-__all__ = ["T5_SLOTS", "find_t5_slot", "expected_embedding_dims", "use_in_pipeline"]
+__all__ = ["T5_SLOTS", "find_t5_slot", "pipeline_target", "expected_embedding_dims", "use_in_pipeline"]
 
-#: (pipeline class-name prefix, T5 encoder slot, its tokenizer slot); matched along the class's MRO.
-T5_SLOTS: tuple[tuple[str, str, str], ...] = (
-    ("Flux", "text_encoder_2", "tokenizer_2"),
-    ("StableDiffusion3", "text_encoder_3", "tokenizer_3"),
-    ("PixArt", "text_encoder", "tokenizer"),
-)
-#: Config fields of the denoiser (and its controlnets) giving the embedding width it expects from T5.
-DIM_FIELDS = ("joint_attention_dim", "caption_channels")
-DENOISER_SLOTS = ("transformer", "controlnet")
-T5_MODEL_TYPES = frozenset({"t5", "umt5", "fastenc"})
+#: (pipeline class-name prefix, T5 encoder slot, its tokenizer slot), from the target table.
+T5_SLOTS: tuple[tuple[str, str, str], ...] = tuple(dict.fromkeys(
+    (prefix, t.encoder_slot, t.tokenizer_slot) for t in TARGETS.values() for prefix in t.pipelines))
+#: Config fields giving the text width a denoiser expects (checked all, for a pipeline without a row).
+DIM_FIELDS = tuple(dict.fromkeys(t.width_field for t in TARGETS.values()))
+DENOISER_SLOTS = ("transformer", "transformer_2", "controlnet")  # transformer_2: Wan 2.2's low-noise expert
+T5_MODEL_TYPES = frozenset({"t5", "mt5", "umt5", "fastenc"})
 
 
 def _tokenizer_slot(encoder_slot: str) -> str:
     return "tokenizer" + encoder_slot.removeprefix("text_encoder")
 
 
-def find_t5_slot(pipe) -> tuple[str, str]:
-    """``(encoder slot, tokenizer slot)`` holding T5 in ``pipe``; ConfigError when there is none."""
+def _may_hold_t5(module) -> bool:
+    """False only for a slot that holds another kind of text model (LTX-2's Gemma in an ``LTX*`` pipeline)."""
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    return not isinstance(model_type, str) or model_type in T5_MODEL_TYPES
+
+
+def pipeline_target(pipe) -> Target | None:
+    """The :class:`~fastenc.targets.Target` row serving ``pipe`` (its class or a base class matches a row's
+    prefix, and the row's slot is there holding T5, umT5, fastenc or nothing yet), None for none."""
     components = pipe.components
     for cls in type(pipe).__mro__:
-        for prefix, enc_slot, tok_slot in T5_SLOTS:
-            if cls.__name__.startswith(prefix) and enc_slot in components:
-                return enc_slot, tok_slot
+        for row in TARGETS.values():
+            if (any(cls.__name__.startswith(prefix) for prefix in row.pipelines) and row.encoder_slot in components
+                    and _may_hold_t5(components[row.encoder_slot])):
+                return row
+    return None
+
+
+def find_t5_slot(pipe) -> tuple[str, str]:
+    """``(encoder slot, tokenizer slot)`` holding T5 in ``pipe``; ConfigError when there is none."""
+    row = pipeline_target(pipe)
+    if row is not None:
+        return row.encoder_slot, row.tokenizer_slot
+    components = pipe.components
     holding_t5 = [name for name, module in components.items() if name.startswith("text_encoder")
                   and getattr(getattr(module, "config", None), "model_type", None) in T5_MODEL_TYPES]
     if len(holding_t5) == 1:
@@ -57,7 +74,10 @@ def find_t5_slot(pipe) -> tuple[str, str]:
 
 
 def expected_embedding_dims(pipe) -> list[tuple[str, int]]:
-    """``[(where, width)]``: the embedding widths the pipeline's transformer and controlnets expect."""
+    """``[(where, width)]``: the embedding widths the pipeline's transformers and controlnets expect (the
+    config attribute its target row names; all of :data:`DIM_FIELDS` for a pipeline without a row)."""
+    row = pipeline_target(pipe)
+    fields = (row.width_field,) if row is not None else DIM_FIELDS
     dims = []
     for name in DENOISER_SLOTS:
         module = getattr(pipe, name, None)
@@ -67,7 +87,7 @@ def expected_embedding_dims(pipe) -> list[tuple[str, int]]:
         members = [(f"{name}.nets[{i}]", net) for i, net in enumerate(nets)] if nets is not None else [(name, module)]
         for where, net in members:
             cfg = getattr(net, "config", None)
-            for field in DIM_FIELDS:
+            for field in fields:
                 value = getattr(cfg, field, None)
                 if isinstance(value, int):
                     dims.append((f"{where}.config.{field}", value))
