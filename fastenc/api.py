@@ -64,8 +64,10 @@ class Embeddings:
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:  # bf16 on CUDA from sm_80 on, fp16 below, fp32 elsewhere
+        from .backends import default_dtype
+
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ConfigError(f"unsupported dtype {dtype}; use fp32, bf16 or fp16")

@@ -12,12 +12,17 @@ CPU with native bf16 when the weights are bf16, the ``torch`` reference elsewher
 the torch reference where the kernels fail to compile, launch or match it (one warning says why), an
 explicit ``backend="triton"`` raises :class:`~fastenc.errors.BackendUnavailable` with the cause chained.
 On ROCm (torch reports AMD GPUs as ``cuda``) ``auto`` never picks ``triton``.
+
+What an NVIDIA GPU gets by default depends on its compute capability (:data:`CUDA_DEFAULTS`): below
+sm_80 (T4, RTX 20xx) fp16 with the ``torch`` op table (no bf16 tensor cores, and triton emits no MMA
+instructions there, so its GEMM tiles run on FMAs), sm_80 and newer bf16 with ``triton``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +33,49 @@ OP_BACKENDS = ("torch", "cpu", "triton")
 
 log = logging.getLogger("fastenc")
 _ROCM_LOGGED: list[bool] = []
+_BELOW_LOGGED: list[bool] = []
+
+
+@dataclass(frozen=True)
+class CudaDefault:
+    """What ``auto`` and a missing ``dtype`` mean on NVIDIA GPUs from compute capability ``since`` on."""
+
+    since: tuple[int, int]
+    dtype: torch.dtype
+    backend: str  # the op table ``auto`` runs there (``triton`` only once its first-contact check passed)
+    why: str
+
+
+#: Lowest capability first; a GPU takes the last row whose ``since`` it reaches.
+CUDA_DEFAULTS: tuple[CudaDefault, ...] = (
+    CudaDefault((0, 0), torch.float16, "torch",
+                "no bf16 tensor cores, and triton emits no MMA instructions below sm_80 (its tiles run on FMAs)"),
+    CudaDefault((8, 0), torch.bfloat16, "triton", "bf16 tensor cores; triton's tiles compile to MMA"),
+)
+
+
+def cuda_default(device: torch.device | None = None) -> CudaDefault:
+    """The :data:`CUDA_DEFAULTS` row of CUDA ``device`` (its index, else the current GPU), read from
+    ``torch.cuda.get_device_capability``; ROCm GPUs, and a GPU whose capability cannot be read (the
+    first-contact check then says why), take the newest row (``auto`` never runs triton on ROCm, see
+    :func:`on_rocm`)."""
+    if on_rocm():
+        return CUDA_DEFAULTS[-1]
+    index = None if device is None else torch.device(device).index
+    try:
+        capability = tuple(torch.cuda.get_device_capability(index))
+    except (AssertionError, RuntimeError):  # torch without CUDA, no driver
+        return CUDA_DEFAULTS[-1]
+    return [row for row in CUDA_DEFAULTS if capability >= row.since][-1]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The compute dtype an encoder on ``device`` gets when none is asked for: fp32 off CUDA, else its
+    :func:`cuda_default` row's (bf16 from sm_80 on, fp16 below)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return cuda_default(device).dtype
 
 
 def op_table(name: str, device: torch.device):
@@ -74,14 +122,23 @@ def on_rocm() -> bool:
 
 
 def _auto_triton(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``auto`` runs triton on CUDA ``device`` in ``dtype``: never on ROCm (logged once), else
-    when the kernels passed their first-contact check (:func:`fastenc.backends.probe.auto_uses_triton`)."""
+    """Whether ``auto`` runs triton on CUDA ``device`` in ``dtype``: never on ROCm (logged once) nor where
+    :data:`CUDA_DEFAULTS` names another backend (below sm_80), else when the kernels passed their
+    first-contact check (:func:`fastenc.backends.probe.auto_uses_triton`)."""
     if on_rocm():
         if not _ROCM_LOGGED:
             _ROCM_LOGGED.append(True)
             log.info("fastenc: ROCm GPU (torch %s, HIP %s): auto runs the torch op table; fastenc's Triton kernels "
                      "are tuned and checked on NVIDIA GPUs only (backend='triton' runs them anyway)",
                      torch.__version__, torch.version.hip)
+        return False
+    row = cuda_default(device)
+    if row.backend != "triton":
+        if not _BELOW_LOGGED:
+            _BELOW_LOGGED.append(True)
+            log.info("fastenc: CUDA GPU below sm_%d%d: auto runs the %s op table (%s); backend='triton' runs "
+                     "fastenc's kernels anyway", *CUDA_DEFAULTS[CUDA_DEFAULTS.index(row) + 1].since, row.backend,
+                     row.why)
         return False
     from .probe import auto_uses_triton
 
@@ -96,12 +153,6 @@ def _require_triton(device: torch.device, dtype: torch.dtype) -> None:
         from .probe import require_triton
 
         require_triton(device, dtype)
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    from ..api import parse_dtype
-
-    return parse_dtype(None, device)
 
 
 def runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -145,7 +196,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     CPU has native bf16 and no dtype other than bf16 was asked for, in fp32 on other CPUs when no dtype
     was asked for (never emulated bf16); ``torch`` when fp32 or fp16 was asked for explicitly."""
     if name == "auto":
-        if device.type == "cuda" and _triton_importable() and _auto_triton(device, dtype or _default_dtype(device)):
+        if device.type == "cuda" and _triton_importable() and _auto_triton(device, dtype or default_dtype(device)):
             return "triton"
         if device.type == "cpu" and dtype is None:
             return "cpu"
@@ -155,5 +206,5 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
     if name == "triton" and device.type == "cuda" and _triton_importable():
-        _require_triton(device, dtype or _default_dtype(device))
+        _require_triton(device, dtype or default_dtype(device))
     return name

@@ -1,0 +1,98 @@
+"""The CUDA hot path, checked on the CPU: the default dtype and backend per compute capability, CUDA
+graphs under accelerate-style offload moves (capture counts), the micro-batch budget per backend, and
+per-call host syncs (counted, zero for device tensors) with an O(1) weight check per replay.
+
+Device properties are faked (``torch.cuda.get_device_capability``, the probe's facts); the decision code
+and the graph runner's bookkeeping are the real ones. The ``gpu`` tests repeat the offload and sync
+counts on a GPU and are skipped without CUDA."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import fastenc
+import fastenc.backends as backends
+from fastenc.api import parse_dtype
+from fastenc.backends import CUDA_DEFAULTS, cuda_default, follow_backend, probe, resolve_backend
+
+CUDA = torch.device("cuda")
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """A CUDA GPU as the decision code sees it (kernels that pass their first-contact probe); ``gpu.cap``
+    sets its compute capability, ``gpu.probes`` lists the probes run."""
+    monkeypatch.setenv("FASTENC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(backends, "_triton_importable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    class Gpu:
+        cap = (9, 0)
+        probes: list = []
+
+    def capability(device=None):
+        return Gpu.cap
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(probe, "gpu_facts", lambda device: probe.GpuFacts(
+        "test GPU", "%d.%d" % Gpu.cap, "test", torch.__version__, "test"))
+    monkeypatch.setattr(probe, "run_probe", lambda device, dtype: Gpu.probes.append(dtype))
+    monkeypatch.setattr(backends, "_BELOW_LOGGED", [])
+    probe.forget()
+    yield Gpu
+    probe.forget()
+
+
+# ---- (a) the default dtype and backend per compute capability -----------------------------------------
+
+
+@pytest.mark.parametrize("cap,dtype,backend", [
+    ((7, 0), torch.float16, "torch"),  # V100
+    ((7, 5), torch.float16, "torch"),  # T4, RTX 20xx
+    ((8, 0), torch.bfloat16, "triton"),  # A100
+    ((8, 6), torch.bfloat16, "triton"),  # A10, RTX 30xx
+    ((8, 9), torch.bfloat16, "triton"),  # L4, RTX 40xx
+    ((9, 0), torch.bfloat16, "triton"),  # H100, H200
+    ((12, 0), torch.bfloat16, "triton"),
+])
+def test_default_dtype_and_backend_per_capability(gpu, cap, dtype, backend):
+    gpu.cap = cap
+    assert cuda_default(CUDA).dtype == dtype and cuda_default(CUDA).backend == backend
+    assert parse_dtype(None, CUDA) == dtype  # what fastenc.load(device="cuda") computes in
+    assert parse_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_backend("auto", CUDA) == backend
+    for weights in (torch.float16, torch.bfloat16, torch.float32):  # weights moved onto it in any dtype
+        assert follow_backend("auto", CUDA, weights) == backend
+    assert resolve_backend("triton", CUDA) == "triton"  # asked for explicitly: it runs there anyway
+    assert follow_backend("torch", CUDA, dtype) == "torch"
+    if backend == "torch":  # auto never compiles a kernel it will not run
+        assert gpu.probes == [parse_dtype(None, CUDA)]  # only the explicit triton request probed
+
+
+def test_the_capability_table_is_ordered_and_says_why(gpu, caplog):
+    assert [row.since for row in CUDA_DEFAULTS] == sorted(row.since for row in CUDA_DEFAULTS)
+    assert CUDA_DEFAULTS[0].since == (0, 0) and all(row.why for row in CUDA_DEFAULTS)
+    gpu.cap = (7, 5)
+    with caplog.at_level(logging.INFO, logger="fastenc"):
+        assert resolve_backend("auto", CUDA) == "torch"
+        assert resolve_backend("auto", CUDA) == "torch"
+    said = [r.getMessage() for r in caplog.records if "below sm_80" in r.getMessage()]
+    assert len(said) == 1 and "torch op table" in said[0] and "no MMA" in said[0]
+
+
+def test_rocm_and_unreadable_capabilities_take_the_newest_row(gpu, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    gpu.cap = (7, 5)  # what a ROCm build reports says nothing about NVIDIA's MMA
+    assert cuda_default(CUDA) == CUDA_DEFAULTS[-1] and parse_dtype(None, CUDA) == torch.bfloat16
+    monkeypatch.setattr(torch.version, "hip", None)
+
+    def unreadable(device=None):
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", unreadable)
+    assert cuda_default(CUDA) == CUDA_DEFAULTS[-1]  # the first-contact check reports the driver instead
