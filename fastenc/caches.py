@@ -4,9 +4,12 @@ Everything lives under one root: ``$FASTENC_CACHE_DIR``, else ``$XDG_CACHE_HOME/
 ``~/.cache/fastenc``:
 
 * ``cpu-plans/``   the ``cpu`` backend's plans, one small JSON per checkpoint (see
-  :func:`fastenc.backends.cpu.plan_cache_dir`);
+  :func:`fastenc.backends.cpu.plan_cache_dir`), and the OpenVINO graphs of plans that run OpenVINO
+  (IR with fp32 weights, about the checkpoint's size);
 * ``gpu-probes/``  the triton kernels' first-contact verdicts, one small JSON per GPU kind (name, compute
   capability, driver, torch and triton versions; see :mod:`fastenc.backends.probe`);
+* ``gpu-tuning/``  the triton kernels' autotuning choices, one small JSON per GPU kind (name, compute
+  capability, shared memory per block) and triton version (see :mod:`fastenc.kernels.tuning`);
 * ``embeddings/``  the embedding cache's disk store, when it is turned on;
 * ``bench/``       models and exports the benchmarks build once and reuse (``$FASTENC_BENCH_CACHE``
   overrides this one).
@@ -38,9 +41,15 @@ TMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}\.safetensors")
 #: :func:`fastenc.fileio.atomic_write` (``.<name>.<8 chars>.tmp``).
 PLAN_NAME = re.compile(r"(engine-)?[0-9a-f]{24}\.json")
 PLAN_TMP_NAME = re.compile(r"\.(engine-)?[0-9a-f]{24}\.json\.[a-z0-9_]{8}\.tmp")
+#: The OpenVINO graphs a plan runs (:mod:`fastenc.backends.cpu_openvino`): ``engine-<24 hex>.{ids,mask}.{xml,bin}``
+#: and their temporaries (``.engine-<24 hex>.{ids,mask}.<8 hex>.tmp.{xml,bin}``).
+GRAPH_NAME = re.compile(r"engine-[0-9a-f]{24}\.(ids|mask)\.(xml|bin)")
+GRAPH_TMP_NAME = re.compile(r"\.engine-[0-9a-f]{24}\.(ids|mask)\.[0-9a-f]{8}\.tmp\.(xml|bin)")
 #: What the GPU probe writes (:mod:`fastenc.backends.probe`): ``<24 hex>.json`` and atomic_write's temporaries.
 PROBE_NAME = re.compile(r"[0-9a-f]{24}\.json")
 PROBE_TMP_NAME = re.compile(r"\.[0-9a-f]{24}\.json\.[a-z0-9_]{8}\.tmp")
+#: What the tuning tables are named (:mod:`fastenc.kernels.tuning`): the same shapes as the probe's files.
+TUNING_NAME, TUNING_TMP_NAME = PROBE_NAME, PROBE_TMP_NAME
 #: A benchmark model's folder under bench/ (``bench.exports.model_key``), and atomic_write's temporaries
 #: of what fastenc.save writes in its ``checkpoint/`` subfolder.
 BENCH_MODEL = re.compile(r"[a-z0-9]+-t5init-seed\d+|checkpoint-[0-9a-f]{12}")
@@ -49,8 +58,10 @@ _MANIFEST = "export.json"
 _VERIFIED = ".fastenc-verified.json"
 
 _WHAT = {
-    "cpu-plans": "cpu backend plans (small JSON, one per checkpoint; rebuilt in seconds)",
+    "cpu-plans": "cpu backend plans (small JSON, one per checkpoint) and the OpenVINO graphs they run (about the "
+                 "checkpoint's size in fp32; rebuilt in seconds)",
     "gpu-probes": "triton first-contact verdicts (small JSON, one per GPU kind; probed again in seconds)",
+    "gpu-tuning": "triton autotuning choices (small JSON, one per GPU kind; tuned again on the next launches)",
     "embeddings": "embedding cache disk store (when enabled; one safetensors file per prompt)",
     "bench": "benchmark models and exports (python -m bench.*; rebuilt on the next benchmark run)",
 }
@@ -177,9 +188,11 @@ class CacheDir:
     def owned(self) -> list[Path]:
         """Regular files in this cache that fastenc wrote (see the module docstring); never a folder."""
         if self.name == "cpu-plans":
-            return _files_named(self.path, PLAN_NAME, PLAN_TMP_NAME)
+            return _files_named(self.path, PLAN_NAME, PLAN_TMP_NAME, GRAPH_NAME, GRAPH_TMP_NAME)
         if self.name == "gpu-probes":
             return _files_named(self.path, PROBE_NAME, PROBE_TMP_NAME)
+        if self.name == "gpu-tuning":
+            return _files_named(self.path, TUNING_NAME, TUNING_TMP_NAME)
         if self.name == "embeddings":
             return _files_named(self.path, ENTRY_NAME, TMP_NAME)
         files = []
@@ -200,7 +213,8 @@ class CacheDir:
 def cache_dirs() -> list[CacheDir]:
     root = cache_root()
     bench = os.environ.get("FASTENC_BENCH_CACHE")
-    paths = {"cpu-plans": root / "cpu-plans", "gpu-probes": root / "gpu-probes", "embeddings": root / "embeddings",
+    paths = {"cpu-plans": root / "cpu-plans", "gpu-probes": root / "gpu-probes", "gpu-tuning": root / "gpu-tuning",
+             "embeddings": root / "embeddings",
              "bench": Path(bench).expanduser() if bench else root / "bench"}
     return [CacheDir(name, path, _WHAT[name]) for name, path in paths.items()]
 

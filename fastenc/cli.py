@@ -439,12 +439,13 @@ def add_cache_command(sub) -> None:
         "cache", help=COMMANDS["cache"][0],
         description="fastenc keeps files between runs under $FASTENC_CACHE_DIR (default $XDG_CACHE_HOME/fastenc, "
                     "i.e. ~/.cache/fastenc): cpu-plans/ (cpu backend plans), gpu-probes/ (triton first-contact "
-                    "verdicts), embeddings/ (embedding cache disk store) and bench/ (benchmark models and exports; $FASTENC_BENCH_CACHE overrides). "
+                    "verdicts), gpu-tuning/ (triton autotuning choices per GPU kind), "
+                    "embeddings/ (embedding cache disk store) and bench/ (benchmark models and exports; $FASTENC_BENCH_CACHE overrides). "
                     "`clear` deletes only files fastenc named itself there.",
     )
     p.add_argument("action", choices=("info", "clear"), help="info: where and how much; clear: delete")
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help="which caches to clear: {cpu-plans,gpu-probes,embeddings,bench} (default: all)")
+                   help="which caches to clear: {cpu-plans,gpu-probes,gpu-tuning,embeddings,bench} (default: all)")
     p.set_defaults(func=cmd_cache)
 
 

@@ -271,9 +271,12 @@ class _StubAutotuner:
     """Stands in for ``triton.autotune(...)(jitted)``: records how many launches run at once."""
 
     def __init__(self, hold: float = 0.05, barrier: threading.Barrier | None = None):
+        self.lock = threading.Lock()
+        self.reset(hold, barrier)
+
+    def reset(self, hold: float = 0.05, barrier: threading.Barrier | None = None):
         self.hold, self.barrier = hold, barrier
         self.active = self.peak = self.launches = 0
-        self.lock = threading.Lock()
 
     def __getitem__(self, grid):
         return self.launch
@@ -312,21 +315,28 @@ def _launch_in_threads(kernel, n, **kwargs):
 
 @pytest.fixture
 def current_gpu(monkeypatch):
+    from fastenc.kernels import tuning
+
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # launch keys name the GPU a launch runs on
+    monkeypatch.setattr(tuning, "device_kind", lambda index: tuning.DeviceKind("NVIDIA A10", "8.6", 101376))
+    tuning.forget()
+    yield
+    tuning.forget()
 
 
 def test_first_launch_of_a_key_is_serialised_later_ones_are_not(current_gpu):
     kernel = Kernel(_stub_kernel)
     kernel._gpu_compiled = kernel.autotuned = True  # as on a GPU
-    kernel._compiled = tuner = _StubAutotuner()
+    tuner = _StubAutotuner()
+    kernel._new_tuner = lambda: tuner  # the device kind's autotuner
     _launch_in_threads(kernel, 6, BLOCK=16)
     assert tuner.launches == 6 and tuner.peak == 1  # a new key: one thread at a time (tuning is not thread-safe)
 
-    kernel._compiled = tuner = _StubAutotuner(barrier=threading.Barrier(2))
+    tuner.reset(barrier=threading.Barrier(2))
     _launch_in_threads(kernel, 2, BLOCK=16)  # the key is tuned: launches run concurrently, no lock
     assert tuner.peak == 2
 
-    kernel._compiled = tuner = _StubAutotuner()
+    tuner.reset()
     _launch_in_threads(kernel, 4, BLOCK=32)  # another constexpr value: a new key, serialised again
     assert tuner.peak == 1
 

@@ -24,6 +24,11 @@ The first launch of a new specialisation (and, for an autotuned kernel, the tuni
 runs under one process-wide lock, :data:`TUNING_LOCK`: triton's autotuner is not thread-safe and
 these kernels are shared by every encoder in the process. Later launches of a key take no lock.
 
+Each autotuned kernel runs one triton autotuner per device kind (GPU name, compute capability,
+shared memory per block): a config tuned on one kind of GPU is never replayed on another in the same
+process, and the choices are kept between processes in a small table per device kind under fastenc's
+cache folder (:mod:`fastenc.kernels.tuning`). :func:`tunings` counts the keys benchmarked in this process.
+
 ``FASTENC_AUTOTUNE=0`` hands ``triton.autotune`` one config per kernel, the first of its list whose
 software-pipeline buffers fit :data:`SMEM_LIMIT` (the 99 KB an sm_86/sm_89 block may use, the
 smallest of the architectures fastenc runs on) in the widest dtype the kernel runs in
@@ -133,6 +138,14 @@ def single_config(configs: Sequence[triton.Config], smem: Callable[[triton.Confi
 #: Held while a kernel compiles, tunes or first launches a new key (see the module docstring).
 TUNING_LOCK = threading.RLock()
 _MODE = threading.local()
+_TUNED = [0]  # keys benchmarked by the autotuners in this process (recorded choices not counted)
+_NEW = object()
+
+
+def tunings() -> int:
+    """How many tuning keys the kernels benchmarked in this process so far (a choice read from the
+    tuning table costs no benchmark and is not counted)."""
+    return _TUNED[0]
 
 
 @contextlib.contextmanager
@@ -157,6 +170,15 @@ def _arg_key(value: Any, tuned: bool) -> Any:
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value if tuned or not isinstance(value, float) else float
     return type(value)
+
+
+def _finite_timing(timing: Any) -> bool:
+    """Whether a triton benchmark timing (a number or [p50, p20, p80]) is finite (failed configs time inf)."""
+    first = timing[0] if isinstance(timing, (list, tuple)) and timing else timing
+    try:
+        return float(first) < float("inf")
+    except (TypeError, ValueError):
+        return True
 
 
 def next_pow2(n: int) -> int:
@@ -199,14 +221,16 @@ class Kernel:
         self._jitted = jitted
         self._gpu_compiled = isinstance(jitted, JITFunction)
         self.autotuned = bool(self.configs) and self._gpu_compiled
-        self._compiled = (triton.autotune(configs=list(self.configs), key=list(key))(jitted) if self.autotuned
-                          else jitted)
+        self._key = list(key)
+        self._compiled = self._new_tuner() if self.autotuned else jitted
+        self._tuners: dict = {}  # device kind -> its autotuner (see fastenc.kernels.tuning)
+        self._tuning_id: str | None = None
         params = inspect.signature(fn).parameters
         self._arg_names = tuple(params)
         # read by value in a launch key: autotune keys and constexprs (each value compiles anew)
         self._key_names = frozenset(key) | {n for n, p in params.items() if "constexpr" in str(p.annotation)}
         self._by_value = tuple(n in self._key_names for n in self._arg_names)  # per positional parameter
-        self._launched: set = set()  # keys launched (tuned) once: later launches take no lock
+        self._launched: dict = {}  # launch key -> its device's autotuner (None: none), launched once: no lock later
 
     def smem_bytes(self, config: triton.Config) -> int:
         """Shared memory ``config`` buffers at :attr:`elsize` (0 without an estimator)."""
@@ -217,8 +241,39 @@ class Kernel:
 
     @property
     def compiled(self):
-        """The compiled (possibly autotuned) kernel, e.g. to read ``best_config`` after a launch."""
+        """The jitted kernel, or (autotuned) an autotuner as triton is handed it; launches run one
+        autotuner per device kind (:meth:`tuner_for`)."""
         return self._compiled
+
+    def _new_tuner(self):
+        return triton.autotune(configs=list(self.configs), key=self._key)(self._jitted)
+
+    @property
+    def tuning_id(self) -> str:
+        """This kernel's name in the tuning tables (function name + hash of source, configs and key)."""
+        if self._tuning_id is None:
+            from .tuning import kernel_id
+
+            try:
+                source = inspect.getsource(self.fn)
+            except (OSError, TypeError):
+                source = self.fn.__qualname__
+            self._tuning_id = kernel_id(self.name, source, self.configs, self._key)
+        return self._tuning_id
+
+    def tuner_for(self, index: int):
+        """The autotuner of GPU ``index``'s device kind, its recorded choices loaded (made on first use)."""
+        from . import tuning
+
+        kind = tuning.kind_of(index)
+        tuner = self._tuners.get(kind)
+        if tuner is None:
+            tuner = self._new_tuner()
+            cache = getattr(tuner, "cache", None)
+            if isinstance(cache, dict) and len(self.configs) > 1:
+                cache.update(tuning.choices(kind, self.tuning_id, self.configs))
+            self._tuners[kind] = tuner
+        return tuner
 
     def __call__(self, device: torch.device, grid: Callable[[dict], tuple], *args, **kwargs) -> None:
         if self._recording is not None:
@@ -254,19 +309,37 @@ class Kernel:
 
     def _launch(self, device: torch.device, grid, args, kwargs) -> None:
         key = self.launch_key(device, args, kwargs)
-        if key in self._launched:
-            self._run(grid, args, kwargs, key[1])
+        tuner = self._launched.get(key, _NEW)
+        if tuner is not _NEW:
+            self._run(grid, args, kwargs, key[1], tuner)
             return
         with TUNING_LOCK:  # first launch of this key: compile / tune one thread at a time
-            self._run(grid, args, kwargs, key[1])
-            self._launched.add(key)
+            tuner = self.tuner_for(key[0]) if self.autotuned and not key[1] else None
+            cache = getattr(tuner, "cache", None)
+            before = set(cache) if isinstance(cache, dict) else set()
+            self._run(grid, args, kwargs, key[1], tuner)
+            if isinstance(cache, dict) and len(cache) > len(before):
+                self._remember(key[0], tuner, {k: c for k, c in cache.items() if k not in before})
+            self._launched[key] = tuner
 
-    def _run(self, grid, args, kwargs, single: bool) -> None:
+    def _remember(self, index: int, tuner, chosen: dict) -> None:
+        """Count and record choices the autotuner just benchmarked (never one whose every config failed)."""
+        from . import tuning
+
+        _TUNED[0] += len(chosen)
+        timings = getattr(tuner, "configs_timings", None) or {}
+        kept = {k: c for k, c in chosen.items() if _finite_timing(timings.get(c, 0.0))}
+        try:
+            tuning.record(tuning.kind_of(index), self.tuning_id, kept)
+        except Exception as exc:  # noqa: BLE001 - keeping a choice must never fail a launch
+            log.debug("fastenc: could not record %s's tuning choice: %s", self.name, exc)
+
+    def _run(self, grid, args, kwargs, single: bool, tuner=None) -> None:
         if single:
             config = self.single
             self._jitted[grid({**kwargs, **config.kwargs})](*args, **kwargs, **config.all_kwargs())
-        elif self.autotuned:
-            self._compiled[grid](*args, **kwargs)
+        elif tuner is not None:
+            tuner[grid](*args, **kwargs)
         else:
             self._compiled[grid(kwargs)](*args, **kwargs)
 
