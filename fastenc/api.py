@@ -35,6 +35,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 #: Memory one forward pass may use for intermediate activations before batches are split.
 ACTIVATION_BUDGET = 1 << 30
+#: Head dims :mod:`fastenc.kernels.attention` tiles (larger ones fall back to matmul attention).
+FUSED_ATTENTION_MAX_HEAD_DIM = 256
 #: Largest result :meth:`Encoder.encode` returns in one tensor (beyond it: :meth:`Encoder.encode_batches`).
 MAX_OUTPUT_BYTES = 4 << 30
 
@@ -148,9 +150,15 @@ class Encoder(FollowsWeights, nn.Module):
         return ident or self.source
 
     def micro_batch(self, seq_len: int) -> int:
-        """Prompts per forward pass at ``seq_len`` so activations fit :attr:`activation_budget`
-        (and, for graph backends, the artifact's batch profile)."""
-        step = max(1, self.activation_budget // activation_bytes(self.config, seq_len, self.dtype))
+        """Prompts per forward pass at ``seq_len`` so what the running backend allocates fits
+        :attr:`activation_budget` (:func:`activation_bytes` of :attr:`backend`); with CUDA graphs the
+        padded bucket is what runs, so the step is a batch bucket at the bucketed length (for graph
+        backends: within the artifact's batch profile)."""
+        runner = self.graphs
+        if runner is not None:
+            return runner.batch_within(self.activation_budget, seq_len,
+                                       lambda L: activation_bytes(self.config, L, self.dtype, self.backend))
+        step = max(1, self.activation_budget // activation_bytes(self.config, seq_len, self.dtype, self.backend))
         profile = getattr(self.model, "profile", None)
         return min(step, profile.max_batch) if profile is not None else step
 
@@ -319,10 +327,13 @@ def _target_and_length(target: str | Target, max_length: int | None) -> tuple[Ta
     return row, max_length
 
 
-def activation_bytes(cfg: EncoderConfig, seq_len: int, dtype: torch.dtype) -> int:
-    """Upper estimate of the intermediate activation bytes one prompt of ``seq_len`` tokens needs."""
+def activation_bytes(cfg: EncoderConfig, seq_len: int, dtype: torch.dtype, backend: str = "torch") -> int:
+    """Upper estimate of the intermediate activation bytes one prompt of ``seq_len`` tokens needs on
+    ``backend``: matmul attention (``torch``, ``cpu``, graph artifacts) builds H x L x L score tensors,
+    the ``triton`` flash kernel never does (scores stay in registers, the bias is a [buckets, H] table)."""
     L, item = seq_len, max(4, torch.empty((), dtype=dtype).element_size())
-    scores = cfg.num_heads * L * L * (3 * 4 + item)  # scores, fp32 softmax in/out, position bias
+    fused = backend == "triton" and cfg.d_kv <= FUSED_ATTENTION_MAX_HEAD_DIM
+    scores = 0 if fused else cfg.num_heads * L * L * (3 * 4 + item)  # scores, fp32 softmax in/out, position bias
     widths = 3 * cfg.inner_dim + 3 * (2 if cfg.gated else 1) * cfg.d_ff + 2 * cfg.output_dim + 6 * cfg.d_model
     return scores + L * widths * item
 

@@ -8,6 +8,7 @@ counts on a GPU and are skipped without CUDA."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -96,3 +97,61 @@ def test_rocm_and_unreadable_capabilities_take_the_newest_row(gpu, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", unreadable)
     assert cuda_default(CUDA) == CUDA_DEFAULTS[-1]  # the first-contact check reports the driver instead
+
+
+# ---- (c) the micro-batch budget matches what the running backend allocates ---------------------------
+
+
+def test_activation_bytes_count_scores_only_for_matmul_attention():
+    from fastenc.api import FUSED_ATTENTION_MAX_HEAD_DIM, activation_bytes
+    from fastenc.config import get_size
+
+    cfg, L = get_size("base"), 512
+    for dtype, item in ((torch.bfloat16, 4), (torch.float32, 4)):
+        dense = activation_bytes(cfg, L, dtype, "torch")
+        assert activation_bytes(cfg, L, dtype, "cpu") == dense == activation_bytes(cfg, L, dtype)
+        assert dense - activation_bytes(cfg, L, dtype, "triton") == cfg.num_heads * L * L * (3 * 4 + item)
+    assert (1 << 30) // activation_bytes(cfg, L, torch.bfloat16, "torch") == 10
+    assert (1 << 30) // activation_bytes(cfg, L, torch.bfloat16, "triton") == 19
+    wide = dataclasses.replace(cfg, d_kv=FUSED_ATTENTION_MAX_HEAD_DIM + 64, name="wide-heads")
+    assert activation_bytes(wide, L, torch.bfloat16, "triton") == activation_bytes(wide, L, torch.bfloat16, "torch")
+
+
+def test_the_head_dim_bound_is_the_kernels():
+    from fastenc.api import FUSED_ATTENTION_MAX_HEAD_DIM
+    from fastenc.kernels import attention
+
+    for d, fused in ((64, True), (FUSED_ATTENTION_MAX_HEAD_DIM, True), (FUSED_ATTENTION_MAX_HEAD_DIM + 1, False)):
+        assert attention.supported(torch.empty(1, 2, 8, d)) is fused
+
+
+def _encoder(backend: str, graphs: bool = False):
+    from fastenc.kernels.graphs import CudaGraphRunner
+    from fastenc.model import T5Encoder
+    from reference import TINY
+
+    model = T5Encoder(TINY).eval()
+    return fastenc.Encoder(model, backend=backend, graphs=CudaGraphRunner(model) if graphs else None)
+
+
+def test_micro_batch_per_backend_and_graph_bucket():
+    from fastenc.api import activation_bytes
+    from fastenc.kernels.graphs import BATCH_BUCKETS, bucket_for
+    from reference import TINY
+
+    torch_enc, triton_eager, triton_graphs = _encoder("torch"), _encoder("triton"), _encoder("triton", graphs=True)
+    assert (torch_enc.backend, triton_eager.backend, triton_graphs.backend) == ("torch", "triton", "triton")
+    assert triton_graphs.graphs is not None and triton_eager.graphs is None
+    L = 120  # pixart-alpha: the graphs run it as the 128 bucket
+    budget = 5 * activation_bytes(TINY, L, torch.float32, "torch")
+    for enc in (torch_enc, triton_eager, triton_graphs):
+        enc.activation_budget = budget
+    assert torch_enc.micro_batch(L) == 5
+    eager = budget // activation_bytes(TINY, L, torch.float32, "triton")
+    assert triton_eager.micro_batch(L) == eager > 5  # no score tensors: more prompts per pass
+    padded = budget // activation_bytes(TINY, bucket_for(L, triton_graphs.graphs.seq_buckets), torch.float32, "triton")
+    step = triton_graphs.micro_batch(L)
+    assert step == max(b for b in BATCH_BUCKETS if b <= padded) and step < padded  # a whole bucket: no padded rows
+    assert triton_graphs.micro_batch(600) == budget // activation_bytes(TINY, 600, torch.float32, "triton")  # eager
+    triton_graphs.activation_budget = 1  # less than one prompt: still one per pass
+    assert triton_graphs.micro_batch(L) == 1 and torch_enc.micro_batch(L) == 5

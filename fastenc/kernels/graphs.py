@@ -25,7 +25,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -148,6 +148,16 @@ class CudaGraphRunner(nn.Module):
     def buckets(self, batch: int, seq: int) -> tuple[int, int] | None:
         bb, lb = bucket_for(batch, self.batch_buckets), bucket_for(seq, self.seq_buckets)
         return None if bb is None or lb is None else (bb, lb)
+
+    def batch_within(self, budget: int, seq_len: int, bytes_at: Callable[[int], int]) -> int:
+        """Prompts per call at ``seq_len`` whose activations fit ``budget`` bytes when calls run through
+        these graphs: the graph of a bucket allocates for the whole padded bucket, so the answer is the
+        largest batch bucket whose activations at the bucketed length (``bytes_at(L)`` per prompt) fit.
+        Lengths beyond every bucket run eagerly: the plain budget step there."""
+        seq = bucket_for(seq_len, self.seq_buckets)
+        fits = max(1, budget // bytes_at(seq if seq is not None else seq_len))
+        under = [b for b in self.batch_buckets if b <= fits] if seq is not None else []
+        return max(under) if under else fits
 
     def check_weights(self) -> bool:
         """Drop every graph when the weights moved, were cast or replaced since capture; True if dropped."""
