@@ -3,7 +3,9 @@
 Everything is random and small (a few thousand parameters) and written to disk in the layouts the
 trainer reads in real use: a transformers-layout student (no projector) with its tokenizer, a
 fastenc-layout teacher, and diffusers pipeline folders for Flux (transformer, scheduler, CLIP
-text encoder + tokenizer, T5 tokenizer_2, optional VAE) and PixArt-α (transformer, scheduler, tokenizer).
+text encoder + tokenizer, T5 tokenizer_2, optional VAE), PixArt-α (transformer, scheduler, tokenizer),
+Wan (transformer, UniPC scheduler, a umT5 text_encoder, tokenizer) and LTX-Video (transformer,
+scheduler, tokenizer), plus a transformers-layout umT5 student.
 """
 
 from __future__ import annotations
@@ -44,14 +46,17 @@ class World:
     flux: Path
     pixart: Path
     data: dict  # data.components section
+    wan: Path | None = None  # text_encoder/ holds a umT5 teacher of width TEXT_DIM
+    ltx: Path | None = None
+    umt5_student: Path | None = None  # transformers UMT5EncoderModel layout, no projector, tokenizer beside it
 
     def config(self, out: Path, kind: str = "flux", **sections) -> dict:
         """A raw config dict for a fast CPU run; ``sections`` update per section (e.g. run={...})."""
         cfg = {
             "student": {"init": str(self.student)},
             "teacher": {"path": str(self.teacher), "dtype": "fp32"},
-            "dit": {"kind": kind, "path": str(self.flux if kind == "flux" else self.pixart), "dtype": "fp32",
-                    "num_inference_steps": 4, "resolution": 32, "max_length": 16, "gradient_checkpointing": False},
+            "dit": {"kind": kind, "path": str(getattr(self, kind)), "dtype": "fp32", "num_inference_steps": 4,
+                    "resolution": 32, "max_length": 16, "gradient_checkpointing": False, **VIDEO.get(kind, {})},
             "optim": {"lr": 1e-3},
             "data": {"components": json.loads(json.dumps(self.data)), "batch_size": 2},
             "run": {"output_dir": str(out), "mixed_precision": "no", "log_every": 1000, "diagnostic_every": 0,
@@ -60,6 +65,10 @@ class World:
         for section, values in sections.items():
             cfg.setdefault(section, {}).update(values)
         return cfg
+
+
+#: Video kinds' world settings: two latent frames of 4 x 4 (Wan) and 2 x 2 (LTX-Video, 32 px per latent pixel).
+VIDEO = {"wan": {"num_frames": 5}, "ltx": {"num_frames": 9, "resolution": 64}}
 
 
 def random_encoder(cfg: EncoderConfig, seed: int) -> T5Encoder:
@@ -89,6 +98,39 @@ def tiny_pixart(seed: int = 0):
                                     in_channels=4, out_channels=8, caption_channels=TEXT_DIM, cross_attention_dim=16,
                                     patch_size=2, norm_type="ada_norm_single", num_embeds_ada_norm=1000,
                                     use_additional_conditions=False)
+
+
+def tiny_wan(seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                 out_channels=4, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=1,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def tiny_ltx(seed: int = 0):
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                      num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                      num_layers=1, caption_channels=TEXT_DIM, qk_norm="rms_norm_across_heads")
+
+
+def tiny_umt5(d_model: int, num_layers: int, seed: int):
+    """A transformers ``UMT5EncoderModel``: one relative-attention-bias table per layer (each made distinct)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=512, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=num_layers, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, is_encoder_decoder=False, use_cache=False))
+    with torch.no_grad():
+        for block in model.encoder.block:
+            block.layer[0].SelfAttention.relative_attention_bias.weight.normal_(0.0, 1.0)
+    return model.eval()
 
 
 def tiny_vae(seed: int = 0):
@@ -131,10 +173,10 @@ def write_prompt_files(root: Path) -> dict:
 
 
 def build_world(root: Path, *, vae: bool = False) -> World:
-    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
     from transformers import T5EncoderModel
 
-    from train.dit import FLUX_SCHEDULER
+    from train.dit import FLUX_SCHEDULER, LTX_SCHEDULER, WAN_SCHEDULER
 
     root.mkdir(parents=True, exist_ok=True)
     tok = root / "tokenizer"
@@ -162,8 +204,23 @@ def build_world(root: Path, *, vae: bool = False) -> World:
     DPMSolverMultistepScheduler().save_pretrained(str(pixart / "scheduler"))
     _copy_tokenizer(tok, pixart / "tokenizer")
 
+    wan = root / "wan"
+    tiny_wan().save_pretrained(str(wan / "transformer"))
+    UniPCMultistepScheduler.from_config(WAN_SCHEDULER).save_pretrained(str(wan / "scheduler"))
+    tiny_umt5(TEXT_DIM, 2, seed=3).save_pretrained(str(wan / "text_encoder"))
+    _copy_tokenizer(tok, wan / "tokenizer")
+
+    ltx = root / "ltx"
+    tiny_ltx().save_pretrained(str(ltx / "transformer"))
+    FlowMatchEulerDiscreteScheduler.from_config(LTX_SCHEDULER).save_pretrained(str(ltx / "scheduler"))
+    _copy_tokenizer(tok, ltx / "tokenizer")
+
+    umt5_student = root / "student-umt5"
+    tiny_umt5(STUDENT_CFG.d_model, 2, seed=4).save_pretrained(str(umt5_student))
+    _copy_tokenizer(tok, umt5_student)
+
     data = write_prompt_files(root / "prompts")
-    return World(root, tok, student, teacher, flux, pixart, data)
+    return World(root, tok, student, teacher, flux, pixart, data, wan, ltx, umt5_student)
 
 
 @pytest.fixture(autouse=True)

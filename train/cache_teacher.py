@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> Path:
     tokenizer = load_tokenizer(cfg)
     max_length = cfg.max_length()
     comps = load_components(cfg.data, tokenizer=tokenizer, max_length=max_length)
-    prompts = all_prompts(comps, [cfg.dit.negative_prompt] * cfg.masked + list(cfg.run.probes)
+    prompts = all_prompts(comps, [cfg.dit.negative_prompt] * cfg.negative + list(cfg.run.probes)
                           + list(cfg.run.image_prompts))
 
     existing, generation, entries = None, 0, {}

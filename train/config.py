@@ -18,7 +18,6 @@ from typing import Any
 
 from fastenc.errors import ConfigError
 
-DIT_KINDS = ("flux", "pixart")
 LOSSES = ("vision", "embedding")
 POOLED = ("auto", "clip", "zeros", "none")
 PRECISIONS = ("bf16", "no")
@@ -28,12 +27,50 @@ FORMATS = ("auto", "txt", "json", "jsonl")
 SCHEDULES = ("linear", "constant")
 DTYPES = ("fp32", "bf16", "fp16")
 CONFIG_FORMATS = {".toml": "TOML", ".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}
-#: Guidance values the paper samples from (step 0.5): Flux's embedded guidance, PixArt-α's CFG scale.
-DEFAULT_GUIDANCE = {
-    "flux": [2.0 + 0.5 * i for i in range(7)],
-    "pixart": [5.0 + 0.5 * i for i in range(11)],
-}
-DEFAULT_TARGET = {"flux": "flux-dev", "pixart": "pixart-alpha"}
+
+
+@dataclass(frozen=True)
+class DiTKind:
+    """What one kind of frozen DiT's pipeline does around its transformer (diffusers 0.42); the wrapper in
+    :mod:`train.dit` of the same ``name`` runs it.
+
+    ``target``: the default :mod:`fastenc.targets` row (tokenizer length, whether the encoder sees the mask,
+    what the pipeline does to the embeddings); ``guidance``: the values drawn per sample; ``pooled``: the
+    transformer takes a pooled text vector (Flux's CLIP); ``negative``: classifier-free guidance against the
+    negative prompt's embedding; ``vae_scale_factor``: pixels per latent pixel; ``vae_temporal_factor`` and
+    ``num_frames``: frames per latent frame and the pipeline's default frame count (video kinds only)."""
+
+    name: str
+    label: str
+    target: str
+    guidance: tuple[float, ...]
+    pooled: bool = False
+    negative: bool = True
+    vae_scale_factor: int = 8
+    vae_temporal_factor: int | None = None
+    num_frames: int | None = None
+
+    @property
+    def video(self) -> bool:
+        return self.vae_temporal_factor is not None
+
+
+def _steps(lo: float, hi: float) -> tuple[float, ...]:
+    return tuple(lo + 0.5 * i for i in range(int(round((hi - lo) / 0.5)) + 1))
+
+
+#: Every DiT kind. Flux and PixArt-α: the guidance the paper samples (step 0.5); Wan and LTX-Video: the same
+#: step around the pipeline's default scale (5.0 and 3.0).
+KINDS: dict[str, DiTKind] = {k.name: k for k in (
+    DiTKind("flux", "Flux", "flux-dev", _steps(2.0, 5.0), pooled=True, negative=False),
+    DiTKind("pixart", "PixArt-α", "pixart-alpha", _steps(5.0, 10.0)),
+    DiTKind("wan", "Wan", "wan", _steps(4.0, 6.0), vae_temporal_factor=4, num_frames=81),
+    DiTKind("ltx", "LTX-Video", "ltx-video", _steps(2.0, 4.0), vae_scale_factor=32, vae_temporal_factor=8,
+            num_frames=161),
+)}
+DIT_KINDS = tuple(KINDS)
+DEFAULT_GUIDANCE = {name: list(k.guidance) for name, k in KINDS.items()}
+DEFAULT_TARGET = {name: k.target for name, k in KINDS.items()}
 PROBES = ["A rat", "A cat", "A man", "A monkey", "A woman"]
 #: Bounds on counts: a typo (an extra zero or three) is refused before anything is allocated.
 MAX_STEPS = 10**12
@@ -42,6 +79,7 @@ MAX_INFERENCE_STEPS = 1000
 MAX_RESOLUTION = 8192
 MAX_BATCH = 65536
 MAX_LENGTH = 8192
+MAX_FRAMES = 10**5
 MAX_REPEATS = 10**6
 
 
@@ -104,22 +142,25 @@ class TeacherConfig:
 
 @dataclass
 class DiTConfig:
-    kind: str = "flux"  # flux | pixart
+    kind: str = "flux"  # flux | pixart | wan | ltx (KINDS)
     path: str = ""  # diffusers pipeline folder (transformer/, scheduler/, optional vae/, text_encoder/, tokenizer/)
     transformer_subfolder: str = "transformer"
     scheduler_subfolder: str = "scheduler"
     num_inference_steps: int = 20
-    guidance: list[float] | None = None  # default: Flux 2.0..5.0, PixArt 5.0..10.0 in steps of 0.5
-    resolution: int = 512  # pixels; a stage may override it
-    vae_scale_factor: int = 8
-    pooled: str = "auto"  # Flux pooled CLIP input: clip (as the pipeline) | zeros (explicit); PixArt: none
+    guidance: list[float] | None = None  # default: the kind's (Flux 2.0..5.0, PixArt 5.0..10.0, step 0.5)
+    resolution: int = 512  # pixels (height = width); a stage may override it
+    vae_scale_factor: int | None = None  # pixels per latent pixel; default: the kind's (8, LTX-Video 32)
+    num_frames: int | None = None  # video kinds: frames per sample, 1 + k x vae_temporal_factor (Wan 81, LTX 161)
+    vae_temporal_factor: int | None = None  # video kinds: frames per latent frame (Wan 4, LTX-Video 8)
+    frame_rate: float = 25.0  # LTX-Video: the frame rate its rotary-position scale is computed from
+    pooled: str = "auto"  # Flux pooled CLIP input: clip (as the pipeline) | zeros (explicit); other kinds: none
     clip_path: str | None = None  # folder with text_encoder/ + tokenizer/ (default: dit.path)
     vae_subfolder: str | None = None  # e.g. "vae": image grids are decoded with it when set
     dtype: str = "bf16"
     gradient_checkpointing: bool = True
-    target: str | None = None  # tokenizer length target; default flux-dev (512) / pixart-alpha (120)
+    target: str | None = None  # fastenc target; default the kind's (flux-dev, pixart-alpha, wan, ltx-video)
     max_length: int | None = None  # overrides the target's length
-    negative_prompt: str = ""  # PixArt's unconditional prompt for classifier-free guidance
+    negative_prompt: str = ""  # the unconditional prompt of classifier-free guidance (all kinds but Flux)
 
 
 @dataclass
@@ -196,6 +237,10 @@ class TrainConfig:
     # ---- derived values -----------------------------------------------------------------
 
     @property
+    def kind(self) -> DiTKind:
+        return KINDS[self.dit.kind]
+
+    @property
     def guidance(self) -> list[float]:
         return list(self.dit.guidance) if self.dit.guidance else DEFAULT_GUIDANCE[self.dit.kind]
 
@@ -204,15 +249,40 @@ class TrainConfig:
         return self.dit.target or DEFAULT_TARGET[self.dit.kind]
 
     @property
+    def target_row(self):
+        """The :class:`fastenc.targets.Target` the encoder's output is prepared by."""
+        from fastenc.targets import get_target
+
+        return get_target(self.target)
+
+    @property
     def pooled(self) -> str:
         if self.dit.pooled == "auto":
-            return "clip" if self.dit.kind == "flux" else "none"
+            return "clip" if self.kind.pooled else "none"
         return self.dit.pooled
 
     @property
     def masked(self) -> bool:
-        """Whether the pipeline passes the attention mask to T5 (PixArt does, Flux does not)."""
-        return self.dit.kind == "pixart"
+        """Whether the pipeline passes the attention mask to its text encoder (PixArt and Wan do, Flux and
+        LTX-Video do not): the target's row says."""
+        return self.target_row.masked
+
+    @property
+    def negative(self) -> bool:
+        """Whether the DiT runs classifier-free guidance against the negative prompt's embedding."""
+        return self.kind.negative
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.dit.vae_scale_factor or self.kind.vae_scale_factor
+
+    @property
+    def vae_temporal_factor(self) -> int | None:
+        return self.dit.vae_temporal_factor or self.kind.vae_temporal_factor
+
+    @property
+    def num_frames(self) -> int | None:
+        return self.dit.num_frames or self.kind.num_frames
 
     def max_length(self) -> int:
         from fastenc.config import max_length_for
@@ -255,7 +325,7 @@ class TrainConfig:
         d, o, r = self.dit, self.optim, self.run
         for key, value, lo, hi in (
             ("dit.num_inference_steps", d.num_inference_steps, 1, MAX_INFERENCE_STEPS),
-            ("dit.resolution", d.resolution, 1, MAX_RESOLUTION), ("dit.vae_scale_factor", d.vae_scale_factor, 1, 64),
+            ("dit.resolution", d.resolution, 1, MAX_RESOLUTION),
             ("data.batch_size", self.data.batch_size, 1, MAX_BATCH), ("run.save_every", r.save_every, 1, MAX_STEPS),
             ("run.log_every", r.log_every, 1, MAX_STEPS), ("run.keep_checkpoints", r.keep_checkpoints, 1, 10**6),
             ("run.diagnostic_every", r.diagnostic_every, 0, MAX_STEPS),
@@ -266,7 +336,10 @@ class TrainConfig:
             _check_int(key, value, lo, hi)
         for key, value, lo, hi in (("run.max_steps", r.max_steps, 1, MAX_STEPS),
                                    ("run.stop_after_steps", r.stop_after_steps, 1, MAX_STEPS),
-                                   ("dit.max_length", d.max_length, 1, MAX_LENGTH)):
+                                   ("dit.max_length", d.max_length, 1, MAX_LENGTH),
+                                   ("dit.vae_scale_factor", d.vae_scale_factor, 1, 64),
+                                   ("dit.vae_temporal_factor", d.vae_temporal_factor, 1, 64),
+                                   ("dit.num_frames", d.num_frames, 1, MAX_FRAMES)):
             if value is not None:
                 _check_int(key, value, lo, hi)
         # the optimiser: torch.optim.AdamW's own rules, and finite
@@ -292,12 +365,7 @@ class TrainConfig:
                                         "between pairs)")
         if r.image_every and not r.image_prompts:
             raise Invalid("run.image_prompts", "run.image_prompts is empty but run.image_every is set")
-        if self.dit.kind == "pixart" and self.pooled != "none":
-            raise Invalid("dit.pooled", f"dit.pooled={self.dit.pooled!r}: PixArt-α has no pooled text input; use auto "
-                                        "or none")
-        if self.dit.kind == "flux" and self.pooled == "none":
-            raise Invalid("dit.pooled", "dit.pooled='none': Flux needs a pooled CLIP input; choose clip (as the "
-                                        "pipeline) or zeros (explicitly zero it)")
+        self._validate_kind()
         if not self.student.init:
             raise Invalid("student.init", "student.init is empty: pass a T5 checkpoint (e.g. flan-t5-base) or a "
                                           "fastenc checkpoint")
@@ -330,6 +398,34 @@ class TrainConfig:
         for item in self.run.log_with:
             if item not in ("tensorboard",):
                 raise Invalid("run.log_with", f"run.log_with: unknown tracker {item!r}; supported: tensorboard")
+
+    def _validate_kind(self) -> None:
+        """What depends on the DiT kind: its pooled input, frames (video kinds only) and the target."""
+        d, kind = self.dit, self.kind
+        if not kind.pooled and self.pooled != "none":
+            raise Invalid("dit.pooled", f"dit.pooled={d.pooled!r}: {kind.label} has no pooled text input; use auto "
+                                        "or none")
+        if kind.pooled and self.pooled == "none":
+            raise Invalid("dit.pooled", f"dit.pooled='none': {kind.label} needs a pooled CLIP input; choose clip (as "
+                                        "the pipeline) or zeros (explicitly zero it)")
+        if not kind.video:
+            for key in ("num_frames", "vae_temporal_factor"):
+                if getattr(d, key) is not None:
+                    video = ", ".join(k.name for k in KINDS.values() if k.video)
+                    raise Invalid(f"dit.{key}", f"dit.{key}={getattr(d, key)!r}: {kind.label} is an image model; "
+                                                f"frames apply to the video kinds ({video})")
+        elif (self.num_frames - 1) % self.vae_temporal_factor:
+            frames, factor = self.num_frames, self.vae_temporal_factor
+            key = "dit.vae_temporal_factor" if d.vae_temporal_factor is not None else "dit.num_frames"
+            raise Invalid(key, f"dit.num_frames={frames}: {kind.label} needs 1 + a multiple of its VAE's temporal "
+                               f"factor {factor} (dit.vae_temporal_factor; e.g. {(frames - 1) // factor * factor + 1} "
+                               f"or {((frames - 1) // factor + 1) * factor + 1} frames)")
+        _check_float("dit.frame_rate", d.frame_rate, "(0, inf)")
+        if d.target is not None:
+            from fastenc.targets import TARGETS
+
+            if d.target not in TARGETS:
+                raise Invalid("dit.target", f"dit.target={d.target!r}: choose one of {', '.join(TARGETS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -131,7 +131,7 @@ class Trainer:
                                    process_index=acc.process_index)
         self.data_report = report(comps, self.stream)
         self.probes = list(cfg.run.probes)
-        needed = all_prompts(comps, [cfg.dit.negative_prompt] * cfg.masked + self.probes
+        needed = all_prompts(comps, [cfg.dit.negative_prompt] * cfg.negative + self.probes
                              + (list(cfg.run.image_prompts) if cfg.run.image_every else []))
 
         # teacher (cache or live) and pooled CLIP (needed only where the DiT runs)
@@ -161,7 +161,7 @@ class Trainer:
         self.state = checkpoint.TrainState(self.stream, self.ema)
         self.vae = load_vae(cfg, self.device) if cfg.run.image_every and self.dit is not None else None
 
-        # constant inputs: negative prompt (PixArt CFG) and probe tokens
+        # constant inputs: negative prompt (classifier-free guidance) and probe tokens
         self.neg_ids, self.neg_mask = tokenize(self.tokenizer, [cfg.dit.negative_prompt], self.max_length)
         self.probe_ids, self.probe_mask = tokenize(self.tokenizer, self.probes, self.max_length)
         self._teacher_probe = None
@@ -208,27 +208,31 @@ class Trainer:
     # ------------------------------------------------------------------------------ conditioning
 
     def teacher_cond(self, prompts: list[str]) -> Cond:
+        """The teacher's embeddings as the pipeline hands them to its DiT (the target's ``finish``: Wan zeroes
+        them past each prompt's length), with the negative prompt's where the DiT guides against it."""
         out = self.teacher.get(prompts)
-        cond = Cond(out.embeds, out.mask, out.pooled)
-        if self.cfg.masked:
+        finish = self.cfg.target_row.finish
+        cond = Cond(finish(out.embeds, out.mask), out.mask, out.pooled)
+        if self.cfg.negative:
             if self._neg_teacher is None:
                 self._neg_teacher = self.teacher.get([self.cfg.dit.negative_prompt])
             n = self._neg_teacher
             B = len(prompts)
-            cond.neg_embeds = n.embeds.expand(B, -1, -1)
+            cond.neg_embeds = finish(n.embeds, n.mask).expand(B, -1, -1)
             cond.neg_mask = n.mask.expand(B, -1)
         return cond
 
     def student_cond(self, ids: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None) -> Cond:
-        """Student embeddings with grad; PixArt's negative prompt goes through the same forward."""
+        """Student embeddings with grad, prepared as :meth:`teacher_cond` prepares the teacher's; the negative
+        prompt goes through the same forward."""
         B = ids.shape[0]
-        masked = self.cfg.masked
-        if masked:
+        negative, masked = self.cfg.negative, self.cfg.masked
+        if negative:
             ids = torch.cat([self.neg_ids, ids])
             mask = torch.cat([self.neg_mask, mask])
         ids, mask = ids.to(self.device), mask.to(self.device)
-        out = self.student(ids, mask if masked else None)  # [B(+1), L, P]
-        if not masked:
+        out = self.cfg.target_row.finish(self.student(ids, mask if masked else None), mask)  # [B(+1), L, P]
+        if not negative:
             return Cond(out, mask, pooled)
         return Cond(out[1:], mask[1:], pooled, out[:1].expand(B, -1, -1), mask[:1].expand(B, -1))
 
