@@ -11,6 +11,8 @@ Everything lives under one root: ``$FASTENC_CACHE_DIR``, else ``$XDG_CACHE_HOME/
 * ``gpu-tuning/``  the triton kernels' autotuning choices, one small JSON per GPU kind (name, compute
   capability, shared memory per block) and triton version (see :mod:`fastenc.kernels.tuning`);
 * ``embeddings/``  the embedding cache's disk store, when it is turned on;
+* ``fid-stats/``   reference statistics of ``python -m train.eval fid`` (mean and covariance of a folder's
+  features, one ``<32 hex>.npz`` of ~32 MB per folder and extractor);
 * ``bench/``       models and exports the benchmarks build once and reuse (``$FASTENC_BENCH_CACHE``
   overrides this one).
 
@@ -50,6 +52,9 @@ PROBE_NAME = re.compile(r"[0-9a-f]{24}\.json")
 PROBE_TMP_NAME = re.compile(r"\.[0-9a-f]{24}\.json\.[a-z0-9_]{8}\.tmp")
 #: What the tuning tables are named (:mod:`fastenc.kernels.tuning`): the same shapes as the probe's files.
 TUNING_NAME, TUNING_TMP_NAME = PROBE_NAME, PROBE_TMP_NAME
+#: FID reference statistics (``train/eval/fid.py``): ``<32 hex>.npz`` and atomic_write's temporaries.
+FID_NAME = re.compile(r"[0-9a-f]{32}\.npz")
+FID_TMP_NAME = re.compile(r"\.[0-9a-f]{32}\.npz\.[a-z0-9_]{8}\.tmp")
 #: A benchmark model's folder under bench/ (``bench.exports.model_key``), and atomic_write's temporaries
 #: of what fastenc.save writes in its ``checkpoint/`` subfolder.
 BENCH_MODEL = re.compile(r"[a-z0-9]+-t5init-seed\d+|checkpoint-[0-9a-f]{12}")
@@ -63,6 +68,7 @@ _WHAT = {
     "gpu-probes": "triton first-contact verdicts (small JSON, one per GPU kind; probed again in seconds)",
     "gpu-tuning": "triton autotuning choices (small JSON, one per GPU kind; tuned again on the next launches)",
     "embeddings": "embedding cache disk store (when enabled; one safetensors file per prompt)",
+    "fid-stats": "FID reference statistics (python -m train.eval fid; ~32 MB per reference folder, which is read again after a clear)",
     "bench": "benchmark models and exports (python -m bench.*; rebuilt on the next benchmark run)",
 }
 
@@ -195,6 +201,8 @@ class CacheDir:
             return _files_named(self.path, TUNING_NAME, TUNING_TMP_NAME)
         if self.name == "embeddings":
             return _files_named(self.path, ENTRY_NAME, TMP_NAME)
+        if self.name == "fid-stats":
+            return _files_named(self.path, FID_NAME, FID_TMP_NAME)
         files = []
         for model in _names(self.path):
             base = self.path / model
@@ -214,7 +222,7 @@ def cache_dirs() -> list[CacheDir]:
     root = cache_root()
     bench = os.environ.get("FASTENC_BENCH_CACHE")
     paths = {"cpu-plans": root / "cpu-plans", "gpu-probes": root / "gpu-probes", "gpu-tuning": root / "gpu-tuning",
-             "embeddings": root / "embeddings",
+             "embeddings": root / "embeddings", "fid-stats": root / "fid-stats",
              "bench": Path(bench).expanduser() if bench else root / "bench"}
     return [CacheDir(name, path, _WHAT[name]) for name, path in paths.items()]
 

@@ -1,4 +1,4 @@
-"""``python -m train.eval {tsne,collapse,attention,generate,clipscore} ...`` (``--help`` on each).
+"""``python -m train.eval {tsne,collapse,attention,generate,clipscore,fid,study} ...`` (``--help`` on each).
 
 Bad input exits with status 2 and one line naming the flag, file or value (``train.eval: error: ...``).
 """
@@ -117,6 +117,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--category", help="category name for --prompt (or a single --prompts file)")
     s.add_argument("--num-images", type=int, default=1, help="images per prompt (T2I-CompBench uses 10)")
     s.add_argument("--batch-size", type=int, default=16, help="images per CLIP batch")
+
+    f = sub.add_parser("fid", help="Frechet Inception Distance of generated images against a reference set")
+    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--images", action="append", required=True, metavar="[LABEL=]DIR",
+                   help="generated images: a folder (read recursively) or a generate output (one set per encoder); "
+                   "repeatable")
+    f.add_argument("--ref", required=True, metavar="DIR|FILE.npz",
+                   help="reference images (e.g. MSCOCO-2014 val) or their statistics (.npz with mu, sigma)")
+    f.add_argument("--inception", metavar="FILE", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                   "(default: $FASTENC_FID_INCEPTION)")
+    f.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    f.add_argument("--batch-size", type=int, default=50, help="images per batch (default 50, as pytorch-fid)")
+    f.add_argument("--workers", type=int, default=4, help="threads decoding images (default 4)")
+    f.add_argument("--cache-dir", help="reference statistics cache (default: $FASTENC_CACHE_DIR/fid-stats)")
+    f.add_argument("--no-cache", action="store_true", help="read a reference folder again; cache nothing")
+    f.add_argument("--save-stats", action="store_true",
+                   help="write each set's statistics to stats/<label>.npz (pytorch-fid's format: mu, sigma)")
+
+    u = sub.add_parser("study", help="blind A/B preference study on generate outputs, as a local web page")
+    u.add_argument("--out", required=True, help="output folder (the database by default, --report's files)")
+    u.add_argument("--images", action="append", metavar="DIR",
+                   help="a generate output (two or more encoders, or several folders that pair up); repeatable")
+    u.add_argument("--db", metavar="FILE", help="SQLite database of the study (default: <out>/study.sqlite)")
+    u.add_argument("--report", action="store_true", help="write study.json, answers.csv, shares.csv and exit")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    u.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free one)")
+    u.add_argument("--allow-remote", action="store_true", help="allow a --host other than loopback (needs a token)")
+    u.add_argument("--token", help="access token for --allow-remote (default: $FASTENC_STUDY_TOKEN, else a random one)")
+    u.add_argument("--seed", type=int, help="draw participants' orders from this seed (default: at random)")
+    u.add_argument("--question", help="question shown above each pair")
+    u.add_argument("--confidence", type=float, default=0.95, help="level of the Wilson intervals (default 0.95)")
     return p
 
 
@@ -149,7 +180,23 @@ def _encoders(args):
                          tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, backend=args.backend)
 
 
-def run(args) -> tuple[dict, int]:
+def _fid(args, out: Path) -> dict:
+    from . import fid
+    from .inception import InceptionExtractor
+
+    sets = fid.image_sets(args.images)
+    ref = Path(args.ref)
+    if not ref.exists():
+        raise ConfigError(f"--ref {ref}: no such folder or file")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else fid.default_cache_dir()
+    extractor = InceptionExtractor(args.inception, device=args.device)
+    return fid.run(sets, ref, extractor, out, cache_dir=cache, batch_size=args.batch_size, workers=args.workers,
+                   save_stats=args.save_stats)
+
+
+def run(args) -> tuple[dict | None, int]:
     out = Path(args.out)
     if args.analysis == "tsne":
         from . import tsne
@@ -183,6 +230,14 @@ def run(args) -> tuple[dict, int]:
 
         settings = _settings(args)
         return generate.run(_switch(args), gather_prompts(args.prompts, args.prompt), out, settings), 0
+    if args.analysis == "fid":
+        return _fid(args, out), 0
+    if args.analysis == "study":
+        from . import study
+
+        if args.report:
+            return study.report(args, out), 0
+        return None, study.serve(args, out)
     from . import clipscore
 
     if bool(args.images) == bool(args.pipeline):
@@ -217,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     except FastencError as exc:
         sys.stderr.write(f"train.eval: error: {exc}\n")
         return 2
-    summary = {k: result[k] for k in ("analysis", "collapsed", "mean") if k in result}
+    if result is None:  # the study server printed its own line when it started listening
+        return status
+    keys = ("analysis", "collapsed", "mean", "fid", "participants", "answers", "overall", "inter_rater")
+    summary = {k: result[k] for k in keys if k in result}
     if "agreement" in result:
         summary["agreement"] = {k: {m: v[m] for m in v if m != "per_prompt"} for k, v in result["agreement"].items()}
     sys.stdout.write(json.dumps({**summary, "out": str(Path(args.out))}) + "\n")
