@@ -196,3 +196,17 @@ def test_shipped_video_configs_validate(name, kind, length, masked):
     assert cfg.dit.kind == kind and cfg.max_length() == length and cfg.masked == masked and cfg.negative
     assert cfg.pooled == "none" and (cfg.num_frames - 1) % cfg.vae_temporal_factor == 0
     assert cfg.guidance == list(KINDS[kind].guidance)
+
+
+def test_wan_prompts_are_cleaned_as_the_pipeline_cleans_them(world, tmp_path):
+    """Wan's pipeline runs ``prompt_clean`` (HTML entities, runs of whitespace) before tokenising; so do the
+    trainer's student and teacher. LTX-Video tokenises the prompt as written."""
+    raw, clean = ["a cat &amp; a   dog  "], ["a cat & a dog"]
+    wan = trainer(world, tmp_path / "wan", "wan", run={"max_steps": 1})
+    assert torch.equal(wan.tokenize(raw)[0], wan.tokenize(clean)[0])
+    assert torch.equal(wan.teacher_cond(raw).embeds, wan.teacher_cond(clean).embeds)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    ltx = trainer(world, tmp_path / "ltx", "ltx", run={"max_steps": 1})
+    assert not torch.equal(ltx.tokenize(raw)[0], ltx.tokenize(clean)[0])

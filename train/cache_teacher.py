@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> Path:
     masked = cfg.masked
 
     def encode(chunk: list[str]):
-        ids, mask = tokenize(tokenizer, chunk, max_length)
+        ids, mask = tokenize(tokenizer, chunk, max_length, cfg.target_row.prepare)
         embeds = teacher_forward(teacher.model, ids, mask, masked)  # [b, L, D]
         pooled = clip(chunk) if clip is not None else None  # [b, Dp]
         return embeds, mask, pooled

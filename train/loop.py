@@ -162,8 +162,8 @@ class Trainer:
         self.vae = load_vae(cfg, self.device) if cfg.run.image_every and self.dit is not None else None
 
         # constant inputs: negative prompt (classifier-free guidance) and probe tokens
-        self.neg_ids, self.neg_mask = tokenize(self.tokenizer, [cfg.dit.negative_prompt], self.max_length)
-        self.probe_ids, self.probe_mask = tokenize(self.tokenizer, self.probes, self.max_length)
+        self.neg_ids, self.neg_mask = self.tokenize([cfg.dit.negative_prompt])
+        self.probe_ids, self.probe_mask = self.tokenize(self.probes)
         self._teacher_probe = None
         self._neg_teacher = None
 
@@ -206,6 +206,10 @@ class Trainer:
             derive_seed(self.cfg.run.seed, "latents", self.acc.process_index, self.state.batches))
 
     # ------------------------------------------------------------------------------ conditioning
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, mask [B, L] of ``prompts`` as the pipeline tokenises them (after the target's clean-up)."""
+        return tokenize(self.tokenizer, prompts, self.max_length, self.cfg.target_row.prepare)
 
     def teacher_cond(self, prompts: list[str]) -> Cond:
         """The teacher's embeddings as the pipeline hands them to its DiT (the target's ``finish``: Wan zeroes
@@ -282,7 +286,7 @@ class Trainer:
 
     def _embedding_batch(self, batch) -> list[float]:
         teacher = self.teacher.get(batch.prompts)
-        ids, mask = tokenize(self.tokenizer, batch.prompts, self.max_length)
+        ids, mask = self.tokenize(batch.prompts)
         mask = mask.to(self.device)
         with self.acc.autocast():
             out = self.student(ids.to(self.device), mask if self.cfg.masked else None)  # [B, L, P]
@@ -294,7 +298,7 @@ class Trainer:
         dit = self.dit
         resolution = batch.resolution or self.cfg.dit.resolution
         tcond = self.teacher_cond(batch.prompts)
-        ids, mask = tokenize(self.tokenizer, batch.prompts, self.max_length)
+        ids, mask = self.tokenize(batch.prompts)
         traj = dit.start(len(batch.prompts), resolution, self.batch_generator())
         latents = traj.latents
         losses = []
@@ -329,14 +333,14 @@ class Trainer:
         try:
             if not self.vision:
                 teacher = self.teacher.get(prompts)
-                ids, mask = tokenize(self.tokenizer, prompts, self.max_length)
+                ids, mask = self.tokenize(prompts)
                 mask = mask.to(self.device)
                 with self.acc.autocast():
                     out = self.student(ids.to(self.device), mask if self.cfg.masked else None)
                     return float(embedding_loss(out, teacher.embeds, mask if self.cfg.masked else None))
             dit = self.dit
             tcond = self.teacher_cond(prompts)
-            ids, mask = tokenize(self.tokenizer, prompts, self.max_length)
+            ids, mask = self.tokenize(prompts)
             traj = dit.start(len(prompts), resolution or self.cfg.dit.resolution, torch.Generator().manual_seed(seed))
             latents, total, n = traj.latents, 0.0, 0
             for i, t in enumerate(traj.timesteps):
@@ -375,7 +379,7 @@ class Trainer:
         prompts = list(self.cfg.run.image_prompts)
         guidance = sorted(self.cfg.guidance)[len(self.cfg.guidance) // 2]
         tcond = self.teacher_cond(prompts)
-        ids, mask = tokenize(self.tokenizer, prompts, self.max_length)
+        ids, mask = self.tokenize(prompts)
         was = self.student.training
         self.student.eval()
         try:

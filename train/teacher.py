@@ -23,8 +23,11 @@ from .teacher_cache import TeacherCache, tokenizer_fingerprint
 log = logging.getLogger("fastenc.train")
 
 
-def tokenize(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask: [B, L] long, padded to ``max_length`` as the pipelines do."""
+def tokenize(tokenizer, prompts: list[str], max_length: int, prepare=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask: [B, L] long, padded to ``max_length`` as the pipelines do; ``prepare`` is the
+    target's prompt clean-up (Wan's ``prompt_clean``), applied first as the pipeline applies it."""
+    if prepare is not None:
+        prompts = prepare(list(prompts))
     batch = tokenizer(prompts, max_length=max_length, warn=False)  # the data report counts over-length prompts
     return batch.input_ids, batch.attention_mask
 
@@ -118,7 +121,7 @@ class TeacherSource:
         return self.clip(prompts)
 
     def get(self, prompts: list[str]) -> TeacherOut:
-        ids, mask = tokenize(self.tokenizer, prompts, self.max_length)
+        ids, mask = tokenize(self.tokenizer, prompts, self.max_length, self.cfg.target_row.prepare)
         if self.cache is not None and not self.cache.missing(prompts):
             embeds, _, pooled = self.cache.get(prompts)
             return TeacherOut(embeds.to(self.device), mask.to(self.device), self._pooled(prompts, pooled))
