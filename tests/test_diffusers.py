@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FluxControlNetModel,
-    FluxControlNetPipeline,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    PixArtAlphaPipeline,
-    PixArtTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
+from diffusers import FluxControlNetPipeline, FluxPipeline, FluxTransformer2DModel, PixArtAlphaPipeline
 from safetensors.torch import load_file
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
+from transformers import T5EncoderModel, T5TokenizerFast
 
 import fastenc
 from fastenc.errors import ConfigError, InputError
@@ -38,6 +18,8 @@ from fastenc.integrations import T5Replacement, find_t5_slot, use_in_pipeline
 from fastenc.model import T5Encoder
 from helpers import make_t5_tokenizer_json
 from reference import TINY, hf_config
+import tiny_pipelines
+from tiny_pipelines import flux_transformer as _flux_transformer, write_clip_tokenizer as _write_clip_tokenizer
 
 DIM = 32  # joint_attention_dim / caption_channels of the tiny transformers = the encoder's projection dim
 SEQ = 16  # max_sequence_length used for T5 in every pipeline here
@@ -60,18 +42,6 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
             "encoder": root / "encoder", "encoder_64": root / "encoder_64"}
 
 
-def _write_clip_tokenizer(directory: Path) -> None:
-    """A tiny CLIP BPE vocabulary: every character alone and word-final, plus a few merges."""
-    directory.mkdir(parents=True)
-    chars = string.ascii_lowercase + string.digits + ".,'!?-"
-    merges = [("a", "t</w>"), ("c", "at</w>"), ("t", "h"), ("th", "e</w>"), ("o", "n</w>")]
-    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges)]
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77,
-                                                                 "tokenizer_class": "CLIPTokenizer"}))
-
-
 @pytest.fixture
 def encoder(dirs) -> fastenc.Encoder:
     return fastenc.load(dirs["encoder"], device="cpu", cache=False, backend="torch")
@@ -82,59 +52,25 @@ def t5_tokenizer(dirs) -> T5TokenizerFast:
     return T5TokenizerFast.from_pretrained(dirs["t5"])
 
 
-def _clip(with_projection: bool, hidden: int, projection: int):
-    cfg = CLIPTextConfig(vocab_size=100, hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, projection_dim=projection, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1)
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
-
-
-def _vae(latent_channels: int) -> AutoencoderKL:
-    return AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=latent_channels,
-                         norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
-                         scaling_factor=1.5)
-
-
 def _t5():
     """A real transformers T5 (width DIM) in the slot first, as a loaded pipeline would have it."""
     return T5EncoderModel(hf_config(CFG)).eval()
 
 
-def _flux_transformer(joint_dim: int = DIM, controlnet: bool = False):
-    cls = FluxControlNetModel if controlnet else FluxTransformer2DModel
-    return cls(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-               num_attention_heads=2, joint_attention_dim=joint_dim, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-
-
 def make_flux(dirs, controlnet_dim: int | None = None):
-    torch.manual_seed(0)
-    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(1), text_encoder=_clip(False, 32, 32),
-                 tokenizer=CLIPTokenizer.from_pretrained(dirs["clip"]), text_encoder_2=_t5(),
-                 tokenizer_2=T5TokenizerFast.from_pretrained(dirs["t5"]), transformer=_flux_transformer())
+    pipe = tiny_pipelines.flux(_t5(), dirs["t5"], dirs["clip"])
     if controlnet_dim is None:
-        return FluxPipeline(**parts)
-    return FluxControlNetPipeline(**parts, controlnet=_flux_transformer(controlnet_dim, controlnet=True))
+        return pipe
+    return FluxControlNetPipeline(**pipe.components, controlnet=_flux_transformer(controlnet_dim, controlnet=True))
 
 
 def make_pixart(dirs, caption_channels: int = DIM):
-    torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
-        sample_size=32, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
-        out_channels=8, cross_attention_dim=16, caption_channels=caption_channels, norm_num_groups=1)
-    return PixArtAlphaPipeline(tokenizer=T5TokenizerFast.from_pretrained(dirs["t5"]), text_encoder=_t5(),
-                               vae=_vae(4), transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+    return tiny_pipelines.pixart(PixArtAlphaPipeline, _t5(), dirs["t5"], sample_size=32,
+                                 caption_channels=caption_channels)
 
 
 def make_sd3(dirs):
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
-                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=DIM,
-                                        caption_projection_dim=32, pooled_projection_dim=32, out_channels=4)
-    clip_tok = CLIPTokenizer.from_pretrained(dirs["clip"])
-    return StableDiffusion3Pipeline(  # two CLIPs of width 16 fill the 32-wide joint space exactly
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4),
-        text_encoder=_clip(True, 16, 16), tokenizer=clip_tok, text_encoder_2=_clip(True, 16, 16),
-        tokenizer_2=clip_tok, text_encoder_3=_t5(), tokenizer_3=T5TokenizerFast.from_pretrained(dirs["t5"]))
+    return tiny_pipelines.sd3(_t5(), dirs["t5"], dirs["clip"])
 
 
 # ---- helpers ---------------------------------------------------------------------------

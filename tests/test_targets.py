@@ -17,8 +17,7 @@ from fastenc.model import T5Encoder
 from fastenc.targets import TARGETS, get_target
 from helpers import make_t5_tokenizer_json
 from reference import TINY, rel_err
-from test_diffusers import _write_clip_tokenizer
-from tiny_pipelines import BUILDERS, CALLS, WIDTH, t5_encoder, umt5_encoder
+from tiny_pipelines import BUILDERS, CALLS, WIDTH, t5_encoder, umt5_encoder, write_clip_tokenizer
 
 #: Padding in every batch, an HTML entity and runs of whitespace (Wan cleans them), and an empty prompt.
 PROMPTS = ["a cat &amp; a dog", "two dogs  playing   with a ball on the beach at sunset", ""]
@@ -30,7 +29,7 @@ SEQ = 12  # the max_sequence_length passed to the pipelines in the drop-in runs
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("targets")
     make_t5_tokenizer_json(root / "tok")
-    _write_clip_tokenizer(root / "clip")
+    write_clip_tokenizer(root / "clip")
     t5_encoder().save_pretrained(root / "t5")  # the pipelines' own encoders, as a pipeline folder holds them
     umt5_encoder().save_pretrained(root / "umt5")
     fastenc.save(T5Encoder(TINY), root / "wide")  # projects to 64: no tiny transformer takes it
@@ -93,7 +92,7 @@ def test_row_is_what_the_pipeline_does(dirs, name):
         assert rel_err(changed, fed) > 1e-3, field
 
 
-@pytest.mark.parametrize("name", DROP_IN)
+@pytest.mark.parametrize("name", list(TARGETS))
 def test_wrong_width_is_refused(dirs, name):
     pipe = _pipe(dirs, name)
     row = TARGETS[name]
@@ -106,20 +105,11 @@ def test_wrong_width_is_refused(dirs, name):
     assert getattr(pipe, row.encoder_slot) is before
 
 
-@pytest.mark.parametrize("name", DROP_IN)
-def test_same_latents_with_fastenc_in_the_slot(dirs, name):
-    """Two prompts, two outputs per prompt, negative prompts, guidance and the pipeline's own
-    max_sequence_length: the latents are those of the encoder fastenc replaces."""
-    kw = {"text_length": SEQ} if name == "cogvideox" else {}  # CogVideoX learns one position per text token
-    pipe = _pipe(dirs, name, **kw)
-    per_prompt = next(k for k in ("num_videos_per_prompt", "num_images_per_prompt")
-                      if k in inspect.signature(type(pipe).__call__).parameters)
-    call = dict(prompt=PROMPTS[:2], negative_prompt=["blurry", "a cat"], guidance_scale=4.0, num_inference_steps=2,
-                max_sequence_length=SEQ, output_type="latent", **{per_prompt: 2}, **_call_kwargs(name))
-
+def _same_latents(dirs, name: str, pipe, **call) -> None:
+    """The pipeline's latents with its own encoder, then with fastenc's copy of it in the slot: equal."""
     def run():
         with torch.no_grad():
-            out = pipe(**call, generator=torch.Generator().manual_seed(0))
+            out = pipe(**call, output_type="latent", generator=torch.Generator().manual_seed(0))
         return out.frames if hasattr(out, "frames") else out.images
 
     want = run()
@@ -129,6 +119,44 @@ def test_same_latents_with_fastenc_in_the_slot(dirs, name):
     shapes = []
     adapter.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
     got = run()
-    assert shapes and set(shapes) == {(2, SEQ)}  # prompts and negatives, at the length the pipeline was given
-    assert got.shape == want.shape and got.shape[0] == (2 if name == "cogvideox" else 4)  # CogVideoX makes one each
+    assert shapes and set(shapes) == {(2, call["max_sequence_length"])}  # prompts and negatives, at that length
+    assert got.shape == want.shape
     assert rel_err(got, want) <= 1e-5
+    return got
+
+
+@pytest.mark.parametrize("name", DROP_IN)
+def test_same_latents_with_fastenc_in_the_slot(dirs, name):
+    """Two prompts, two outputs per prompt, negative prompts, guidance and the pipeline's own
+    max_sequence_length: the latents are those of the encoder fastenc replaces."""
+    kw = {"text_length": SEQ} if name == "cogvideox" else {}  # CogVideoX learns one position per text token
+    pipe = _pipe(dirs, name, **kw)
+    per_prompt = next(k for k in ("num_videos_per_prompt", "num_images_per_prompt")
+                      if k in inspect.signature(type(pipe).__call__).parameters)
+    got = _same_latents(dirs, name, pipe, prompt=PROMPTS[:2], negative_prompt=["blurry", "a cat"], guidance_scale=4.0,
+                        num_inference_steps=2, max_sequence_length=SEQ, **{per_prompt: 2}, **_call_kwargs(name))
+    assert got.shape[0] == (2 if name == "cogvideox" else 4)  # CogVideoXPipeline makes one video per prompt itself
+
+
+def test_mochi_zeroed_empty_negative_prompt(dirs):
+    """force_zeros_for_empty_prompt: Mochi encodes an empty negative prompt as all-<pad> ids under an all-zero
+    mask; fastenc's copy gives the latents T5 gives there too."""
+    pipe = _pipe(dirs, "mochi")
+    pipe.register_to_config(force_zeros_for_empty_prompt=True)
+    _same_latents(dirs, "mochi", pipe, prompt=PROMPTS[:2], negative_prompt="", guidance_scale=4.0,
+                  num_inference_steps=2, max_sequence_length=SEQ, **_call_kwargs("mochi"))
+
+
+def test_target_rows_and_lengths_are_checked(dirs):
+    enc = _fastenc(dirs, "ltx-video")
+    with pytest.raises(ConfigError) as info:
+        enc.encode("a cat", target="wan2.1")
+    assert str(info.value) == f"unknown target 'wan2.1'; choose one of {', '.join(TARGETS)}"
+    with pytest.raises(ConfigError, match=r"^max_length must be a positive integer, got 0$"):
+        enc.encode("a cat", target="ltx-video", max_length=0)
+    with pytest.raises(ConfigError, match=r"^Target 'mine': clean must be one of wan or None, got 'ftfy'$"):
+        dataclasses.replace(TARGETS["wan"], name="mine", clean="ftfy")
+    short = enc.encode(PROMPTS, target="ltx-video", max_length=SEQ)
+    assert short.embeds.shape == (len(PROMPTS), SEQ, WIDTH)
+    own = dataclasses.replace(TARGETS["ltx-video"], name="mine", max_length=SEQ)  # a row of one's own
+    torch.testing.assert_close(enc.encode(PROMPTS, target=own).embeds, short.embeds, rtol=0, atol=0)

@@ -7,6 +7,8 @@ gives the keyword arguments of a few-step, tiny-resolution call of each (``outpu
 
 from __future__ import annotations
 
+import json
+import string
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from diffusers import (
     CogVideoXTransformer3DModel,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
     FluxPipeline,
     FluxTransformer2DModel,
     LTXPipeline,
@@ -38,7 +41,7 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
 
 from reference import TINY, hf_config
 
@@ -62,30 +65,43 @@ def umt5_encoder(seed: int = 0):
     return UMT5EncoderModel(UMT5Config(**{**cfg, "use_cache": False})).eval()
 
 
-def _vae(latent_channels: int) -> AutoencoderKL:
+def write_clip_tokenizer(directory: Path) -> None:
+    """A tiny CLIP BPE vocabulary: every character alone and word-final, plus a few merges."""
+    directory.mkdir(parents=True)
+    chars = string.ascii_lowercase + string.digits + ".,'!?-"
+    merges = [("a", "t</w>"), ("c", "at</w>"), ("t", "h"), ("th", "e</w>"), ("o", "n</w>")]
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges)]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77,
+                                                                 "tokenizer_class": "CLIPTokenizer"}))
+
+
+def tiny_vae(latent_channels: int) -> AutoencoderKL:
     return AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=latent_channels,
                          norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
                          scaling_factor=1.5)
 
 
-def _clip():
-    cfg = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return CLIPTextModelWithProjection(cfg).eval()
+def tiny_clip(with_projection: bool, hidden: int, projection: int):
+    cfg = CLIPTextConfig(vocab_size=100, hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, projection_dim=projection, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
+
+
+def flux_transformer(joint_dim: int = WIDTH, controlnet: bool = False):
+    cls = FluxControlNetModel if controlnet else FluxTransformer2DModel
+    return cls(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=joint_dim, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
 
 
 def flux(t5, tok: Path, clip: Path):
-    from transformers import CLIPTextModel
-
     torch.manual_seed(0)
-    cfg = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=WIDTH,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(1), text_encoder=CLIPTextModel(cfg),
-                        tokenizer=CLIPTokenizer.from_pretrained(clip), text_encoder_2=t5,
-                        tokenizer_2=T5TokenizerFast.from_pretrained(tok), transformer=transformer)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(1),
+                        text_encoder=tiny_clip(False, 32, 32), tokenizer=CLIPTokenizer.from_pretrained(clip),
+                        text_encoder_2=t5, tokenizer_2=T5TokenizerFast.from_pretrained(tok),
+                        transformer=flux_transformer())
 
 
 def sd3(t5, tok: Path, clip: Path):
@@ -95,20 +111,18 @@ def sd3(t5, tok: Path, clip: Path):
                                         caption_projection_dim=32, pooled_projection_dim=32, out_channels=4)
     clip_tok = CLIPTokenizer.from_pretrained(clip)
     return StableDiffusion3Pipeline(  # two CLIPs of width 16 fill the 32-wide joint space exactly
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4), text_encoder=_clip(),
-        tokenizer=clip_tok, text_encoder_2=_clip(), tokenizer_2=clip_tok, text_encoder_3=t5,
-        tokenizer_3=T5TokenizerFast.from_pretrained(tok))
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(4),
+        text_encoder=tiny_clip(True, 16, 16), tokenizer=clip_tok, text_encoder_2=tiny_clip(True, 16, 16),
+        tokenizer_2=clip_tok, text_encoder_3=t5, tokenizer_3=T5TokenizerFast.from_pretrained(tok))
 
 
-def _pixart(cls):
-    def build(t5, tok: Path, clip: Path):
-        torch.manual_seed(0)
-        transformer = PixArtTransformer2DModel(
-            sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
-            out_channels=8, cross_attention_dim=16, caption_channels=WIDTH, norm_num_groups=1)
-        return cls(tokenizer=T5TokenizerFast.from_pretrained(tok), text_encoder=t5, vae=_vae(4),
-                   transformer=transformer, scheduler=DPMSolverMultistepScheduler())
-    return build
+def pixart(cls, t5, tok: Path, *, sample_size: int = 8, caption_channels: int = WIDTH):
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        in_channels=4, out_channels=8, cross_attention_dim=16, caption_channels=caption_channels, norm_num_groups=1)
+    return cls(tokenizer=T5TokenizerFast.from_pretrained(tok), text_encoder=t5, vae=tiny_vae(4),
+               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
 
 
 def chroma(t5, tok: Path, clip: Path):
@@ -117,7 +131,7 @@ def chroma(t5, tok: Path, clip: Path):
                                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=WIDTH,
                                            axes_dims_rope=[4, 4, 8], approximator_hidden_dim=32,
                                            approximator_layers=1, approximator_num_channels=16)
-    return ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(1), text_encoder=t5,
+    return ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(1), text_encoder=t5,
                           tokenizer=T5TokenizerFast.from_pretrained(tok), transformer=transformer)
 
 
@@ -177,8 +191,9 @@ def mochi(t5, tok: Path, clip: Path):
 
 #: target -> pipeline builder (the target's own pipeline class; flux-schnell and sd3.5 share their family's).
 BUILDERS = {
-    "flux-dev": flux, "flux-schnell": flux, "sd3": sd3, "sd3.5": sd3, "pixart-alpha": _pixart(PixArtAlphaPipeline),
-    "pixart-sigma": _pixart(PixArtSigmaPipeline), "chroma": chroma, "wan": wan, "ltx-video": ltx,
+    "flux-dev": flux, "flux-schnell": flux, "sd3": sd3, "sd3.5": sd3,
+    "pixart-alpha": lambda t5, tok, clip: pixart(PixArtAlphaPipeline, t5, tok),
+    "pixart-sigma": lambda t5, tok, clip: pixart(PixArtSigmaPipeline, t5, tok), "chroma": chroma, "wan": wan, "ltx-video": ltx,
     "cogvideox": cogvideox, "mochi": mochi,
 }
 _VIDEO = dict(height=16, width=16, num_frames=9)
