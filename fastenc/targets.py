@@ -111,11 +111,3 @@ def get_target(target: str | Target) -> Target:
     except KeyError:
         raise ConfigError(f"unknown target {target!r:.60}; choose one of {', '.join(TARGETS)}") from None
 
-
-def target_for_pipeline(cls: type) -> Target | None:
-    """The first row serving pipeline class ``cls`` (or a class it derives from), None for none."""
-    for base in cls.__mro__:
-        for row in _ROWS:
-            if any(base.__name__.startswith(prefix) for prefix in row.pipelines):
-                return row
-    return None

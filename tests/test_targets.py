@@ -147,6 +147,18 @@ def test_mochi_zeroed_empty_negative_prompt(dirs):
                   num_inference_steps=2, max_sequence_length=SEQ, **_call_kwargs("mochi"))
 
 
+def test_a_slot_holding_another_text_model_is_not_taken_for_t5(dirs):
+    """LTX-2's pipelines are LTX* too but hold Gemma: a row whose slot holds another model type does not serve."""
+    from tiny_pipelines import tiny_clip
+
+    pipe = BUILDERS["ltx-video"](tiny_clip(False, 32, 32), dirs / "tok", dirs / "clip")
+    assert pipeline_target(pipe) is None
+    with pytest.raises(ConfigError) as info:
+        use_in_pipeline(pipe, _fastenc(dirs, "ltx-video"))
+    assert str(info.value).startswith("cannot tell which component of LTXPipeline is its T5 text encoder (known: ")
+    assert isinstance(pipe.text_encoder, torch.nn.Module) and not isinstance(pipe.text_encoder, T5Replacement)
+
+
 def test_target_rows_and_lengths_are_checked(dirs):
     enc = _fastenc(dirs, "ltx-video")
     with pytest.raises(ConfigError) as info:
