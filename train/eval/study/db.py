@@ -129,7 +129,8 @@ class StudyDB:
         return seen
 
     def missing_files(self) -> list[str]:
-        return [f for it in self.items for f in (it.file_a, it.file_b) if not Path(f).is_file()]
+        files = dict.fromkeys(f for it in self.items for f in (it.file_a, it.file_b))  # each image once
+        return [f for f in files if not Path(f).is_file()]
 
     # -------------------------------------------------------------------------------- participants
 

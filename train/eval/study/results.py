@@ -33,7 +33,9 @@ def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float] | tu
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact ends: rounding would leave 1e-17 off them
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def shares(winners: list[str], outcomes: list[str], confidence: float) -> dict:
