@@ -3,11 +3,12 @@
 #   libsentencepiece-dev  sentencepiece C++ headers + library for csrc/ (fastenc-embed)
 #   libpython3.11         the Triton python-backend stub embeds it (scripts/triton_env.sh)
 #   cmake, g++, make      build csrc/ against the libtorch inside the torch wheel
+#   chromium, chromium-driver  the headless browser tests/test_eval_study.py drives with Selenium
 # Does nothing (and needs no root) when everything is already installed. Where it cannot install
 # (no root and no password-less sudo, no apt-get, no network) it says which tests will skip and the
 # one command that fixes it, and exits 0 so the rest of the suite still runs.
 set -euo pipefail
-packages=(libsentencepiece-dev libpython3.11 cmake g++ make)
+packages=(libsentencepiece-dev libpython3.11 cmake g++ make chromium chromium-driver)
 missing=()
 for pkg in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
@@ -23,6 +24,7 @@ cannot() {  # $1: why
   for pkg in "${missing[@]}"; do
     case "$pkg" in
       libpython3.11) skips+=("tests/test_triton_*.py (Triton Inference Server)") ;;
+      chromium|chromium-driver) skips+=("tests/test_eval_study.py::test_study_in_a_browser (headless Chromium)") ;;
       *) skips+=("tests/test_csrc.py (C++ client)") ;;
     esac
   done
