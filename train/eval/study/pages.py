@@ -75,8 +75,7 @@ def start(question: str, pairs: int, resume: tuple[str, int, int] | None) -> str
                 f'({done} of {total} answered)</a></p><p>Or start as a new participant:</p>')
     autofocus = "" if resume else " autofocus"
     return page("Image study", f"""
-<h1>Which image matches the prompt better?</h1>
-<p>{escape(question)}</p>
+<h1>{escape(question)}</h1>
 <p>You will see {pairs} pairs of images, one prompt each. Choose <b>A</b> (left), <b>B</b> (right) or
 <b>Tie</b> when neither matches better. Keys: <kbd>A</kbd> <kbd>B</kbd> <kbd>T</kbd>; <kbd>S</kbd> stops,
 and you can come back later: your answers are saved as you go.</p>
