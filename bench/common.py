@@ -62,7 +62,8 @@ def param_count(cfg: EncoderConfig) -> int:
     if cfg.projection_dim:
         P = cfg.projection_dim
         proj = D * P + P * P + (2 * P if cfg.projector_bias else 0)
-    return cfg.vocab_size * D + cfg.num_buckets * cfg.num_heads + cfg.num_layers * per_layer + D + proj
+    tables = cfg.num_layers if cfg.per_layer_bias else 1  # umT5: every layer's own relative-attention-bias table
+    return cfg.vocab_size * D + tables * cfg.num_buckets * cfg.num_heads + cfg.num_layers * per_layer + D + proj
 
 
 @torch.no_grad()
@@ -85,7 +86,7 @@ def t5_init_(model: T5Encoder, seed: int = 0) -> T5Encoder:
             p.fill_(1.0)
         elif name == "embed.weight":
             normal_(p, 1.0)
-        elif name == "rel_bias.weight":
+        elif name.endswith("rel_bias.weight"):  # T5's one table, or umT5's per layer
             normal_(p, D**-0.5)
         elif name.endswith("attn.qkv.weight"):
             normal_(p[:inner], (D * cfg.d_kv) ** -0.5)
@@ -121,18 +122,20 @@ def build_model(size: str | EncoderConfig, *, device: str | torch.device = "cpu"
 
 
 class TransformersEncoder(nn.Module):
-    """transformers' ``T5EncoderModel`` (+ the DistillT5 projector) holding a fastenc model's weights.
+    """transformers' ``T5EncoderModel`` (``UMT5EncoderModel`` for a per-layer-bias config) (+ the DistillT5
+    projector) holding a fastenc model's weights.
 
     The tensors are views of the fastenc parameters (no copy): q/k/v are rows of ``qkv``,
     ``wi_0``/``wi_1`` the halves of ``wi``."""
 
     def __init__(self, model: T5Encoder, attn_implementation: str | None = None):
         super().__init__()
-        from transformers import T5Config, T5EncoderModel
+        import transformers
 
         cfg = model.config
         act = "gelu" if cfg.activation == "gelu_new" else cfg.activation
-        hf = T5Config(
+        family = "UMT5" if cfg.per_layer_bias else "T5"
+        hf = getattr(transformers, f"{family}Config")(
             vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_ff=cfg.d_ff, d_kv=cfg.d_kv, num_layers=cfg.num_layers,
             num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.num_buckets,
             relative_attention_max_distance=cfg.max_distance, layer_norm_epsilon=cfg.eps, dropout_rate=0.0,
@@ -141,7 +144,7 @@ class TransformersEncoder(nn.Module):
         if attn_implementation is not None:
             hf._attn_implementation = attn_implementation
         with torch.device("meta"):
-            self.encoder = T5EncoderModel(hf)
+            self.encoder = getattr(transformers, f"{family}EncoderModel")(hf)
         missing, unexpected = self.encoder.load_state_dict(self._hf_state(model), strict=False, assign=True)
         if missing or unexpected:
             raise RuntimeError(f"T5EncoderModel weights do not line up: missing {missing[:3]}, "
@@ -167,11 +170,13 @@ class TransformersEncoder(nn.Module):
         state = {
             "shared.weight": p["embed.weight"],
             "encoder.embed_tokens.weight": p["embed.weight"],
-            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": p["rel_bias.weight"],
             "encoder.final_layer_norm.weight": p["final_norm.weight"],
         }
         for i in range(cfg.num_layers):
             b = f"encoder.block.{i}.layer"
+            if cfg.per_layer_bias or i == 0:
+                bias = p[f"blocks.{i}.rel_bias.weight" if cfg.per_layer_bias else "rel_bias.weight"]
+                state[f"{b}.0.SelfAttention.relative_attention_bias.weight"] = bias
             qkv = p[f"blocks.{i}.attn.qkv.weight"]
             for j, n in enumerate("qkv"):
                 state[f"{b}.0.SelfAttention.{n}.weight"] = qkv[j * inner:(j + 1) * inner]

@@ -84,12 +84,14 @@ class Builder:
         self.float_dtype = torch.bfloat16 if self.cuda else torch.float32
 
     def config(self, name: str) -> EncoderConfig:
-        return common.get_config(name)
+        """``name``'s config: one the caller registered (``args.configs``, e.g. bench.umt5's), else a size."""
+        extra = getattr(self.args, "configs", None) or {}
+        return extra[name] if name in extra else common.get_config(name)
 
     def model(self, name: str, dtype: torch.dtype, device: torch.device | None = None):
         ckpt = self.args.checkpoints.get(name)
-        return common.build_model(name, device=device or self.device, dtype=dtype, seed=self.args.seed,
-                                  checkpoint=ckpt)
+        return common.build_model(self.config(name) if ckpt is None else name, device=device or self.device,
+                                  dtype=dtype, seed=self.args.seed, checkpoint=ckpt)
 
     def check_fits(self, name: str, bytes_per_param: int) -> None:
         need = common.param_count(self.config(name)) * bytes_per_param
@@ -105,7 +107,7 @@ class Builder:
     def preload(self, backend: str) -> None:
         """Import what ``backend`` needs before the memory baseline (imports are not the backend's memory)."""
         ort = ["onnxruntime", "fastenc.backends.onnxruntime"]
-        modules = {"transformers": ["transformers.models.t5.modeling_t5"], "onnxruntime": ort, "onnxruntime-int8": ort,
+        modules = {"transformers": ["transformers.models.t5.modeling_t5", "transformers.models.umt5.modeling_umt5"], "onnxruntime": ort, "onnxruntime-int8": ort,
                    "cpu": ["fastenc.backends.cpu"], "aoti": ["fastenc.backends.aoti"], "tensorrt": ["tensorrt"],
                    "triton": ["fastenc.kernels"], "compile": ["torch._inductor"]}.get(backend, [])
         for mod in modules:
