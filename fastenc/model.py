@@ -13,6 +13,16 @@ from .config import EncoderConfig
 from .ops import TORCH_OPS, TorchOps
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)`` initialised as torch does, except on the meta device: there torch's
+    ``normal_`` costs seconds on its first use in a process, and the checkpoint fills the values anyway."""
+    weight = torch.empty(num, dim)  # [num, dim]
+    emb = nn.Embedding(num, dim, _weight=weight)
+    if weight.device.type != "meta":
+        emb.reset_parameters()
+    return emb
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -64,7 +74,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.eps)
         self.ffn = FeedForward(cfg)
         # umT5 (cfg.per_layer_bias): this layer's own relative-attention-bias table; T5 shares the encoder's.
-        self.rel_bias = nn.Embedding(cfg.num_buckets, cfg.num_heads) if cfg.per_layer_bias else None
+        self.rel_bias = _embedding(cfg.num_buckets, cfg.num_heads) if cfg.per_layer_bias else None
 
     def forward(self, x, normed, bias, next_norm: RMSNorm, ops: TorchOps):
         """x: residual stream [B, L, D]; normed: attn_norm(x). Returns (x', next_norm(x'))."""
@@ -96,9 +106,9 @@ class T5Encoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.ops = ops
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = _embedding(cfg.vocab_size, cfg.d_model)
         # T5: one relative-attention-bias table shared by every layer; umT5: each Block holds its own.
-        self.rel_bias = None if cfg.per_layer_bias else nn.Embedding(cfg.num_buckets, cfg.num_heads)
+        self.rel_bias = None if cfg.per_layer_bias else _embedding(cfg.num_buckets, cfg.num_heads)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.eps)
         self.projector = Projector(cfg) if cfg.projection_dim else None

@@ -10,15 +10,25 @@ ids only (Flux, SD3: no mask) and ids + mask (PixArt), the second converted on f
 The engine copies the weights at conversion (``share_weights=False``) and remembers the version
 counters of the parameters it was made from: a weight edited in place after that makes the engine
 step aside (the op-table path runs) instead of serving stale numbers.
+
+Converting costs seconds (tracing the module); with ``graph_cache`` (the plan's cache name, given by
+:mod:`.cpu_plan` for a checkpoint it planned) each converted graph is saved once as OpenVINO IR beside
+the plan (``<key>.ids.xml`` / ``.bin``, ``<key>.mask.*``; the weights in fp32, about the checkpoint's
+size) and later loads read it instead, so a cached plan only compiles. A graph read back is checked
+against the bound model on a short input before it serves; one that disagrees (damaged, or written by
+something else) is converted again and rewritten.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
+import secrets
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +41,16 @@ log = logging.getLogger("fastenc")
 
 #: openvino Type name -> the label fastenc prints
 PRECISIONS = {"bf16": "bf16", "f32": "fp32"}
+#: the graph cache's file stem per graph (ids only, ids + mask)
+GRAPH_NAMES = {False: "ids", True: "mask"}
+#: a graph read from the cache serves only if every token of the check input keeps this cos-sim to the model
+CHECK_MIN_COS = 0.999
+
+
+def graph_files(prefix: Path, masked: bool) -> tuple[Path, Path]:
+    """The (xml, bin) pair of the cached ``masked`` graph for the plan cache name ``prefix``."""
+    stem = f"{prefix.name}.{GRAPH_NAMES[masked]}"
+    return prefix.parent / f"{stem}.xml", prefix.parent / f"{stem}.bin"
 
 
 def available() -> tuple[bool, str]:
@@ -62,7 +82,8 @@ class OpenVinoEngine:
 
     kind = "openvino"
 
-    def __init__(self, model: T5Encoder, *, precision: str = "bf16", threads: int | None = None):
+    def __init__(self, model: T5Encoder, *, precision: str = "bf16", threads: int | None = None,
+                 graph_cache: Path | None = None):
         ok, why = available()
         if not ok:
             raise BackendUnavailable(why)
@@ -79,6 +100,8 @@ class OpenVinoEngine:
         self._lock = threading.Lock()
         self._requests: dict[bool, object] = {}
         self.build_s = 0.0
+        self.graph_cache = Path(graph_cache) if graph_cache is not None else None
+        self.from_cache: dict[bool, bool] = {}  # graph -> read from the graph cache (not converted)
         self.bind(model)
         self._compile(masked=False)
 
@@ -97,10 +120,11 @@ class OpenVinoEngine:
         m = copy.deepcopy(self._source, memo={id(self._source.ops): TORCH_OPS})  # not the int8 tables
         return m.float().eval()
 
-    def _compile(self, masked: bool):
+    def _convert(self, masked: bool):
+        """Trace a float copy of the bound model into an OpenVINO graph, its output in the compute precision."""
         import openvino as ov
+        from openvino.preprocess import PrePostProcessor
 
-        t0 = time.perf_counter()
         m = self._float_copy()
         ids = torch.randint(2, m.config.vocab_size, (2, 8))
         wrapper = _IdsMask(m) if masked else _Ids(m)
@@ -110,20 +134,103 @@ class OpenVinoEngine:
             warnings.simplefilter("ignore")  # the converter's tracing warns about its own deprecations
             graph = ov.convert_model(wrapper, example_input=example, input=shapes, share_weights=False)
         del m, wrapper
-        from openvino.preprocess import PrePostProcessor
-
         ppp = PrePostProcessor(graph)  # the output in the compute precision, converted inside the graph
         ppp.output(0).tensor().set_element_type(ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32)
-        graph = ppp.build()
+        return ppp.build()
+
+    def _read_graph(self, masked: bool):
+        """The cached graph, or None when there is none (or it cannot be read: then it is converted again)."""
+        if self.graph_cache is None:
+            return None
+        xml, bin_ = graph_files(self.graph_cache, masked)
+        if not (xml.is_file() and bin_.is_file()):
+            return None
+        try:
+            return self._core.read_model(str(xml), str(bin_))
+        except Exception as exc:  # damaged: converted again and rewritten
+            log.warning("fastenc: cpu backend: the cached OpenVINO graph %s is unreadable (%s); converting again",
+                        xml, str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
+            return None
+
+    def _save_graph(self, graph, masked: bool) -> None:
+        """Write ``graph`` as IR under the cache names: both files on temporary names first, then renamed
+        (the weights before the xml, so an xml in place always has its complete weights)."""
+        import openvino as ov
+
+        xml, bin_ = graph_files(self.graph_cache, masked)
+        tmp_xml = xml.parent / f".{xml.stem}.{secrets.token_hex(4)}.tmp.xml"
+        tmp_bin = tmp_xml.with_suffix(".bin")
+        try:
+            xml.parent.mkdir(parents=True, exist_ok=True)
+            ov.save_model(graph, str(tmp_xml), compress_to_fp16=False)  # fp32: the graph that was measured
+            os.replace(tmp_bin, bin_)
+            os.replace(tmp_xml, xml)
+        except (OSError, RuntimeError) as exc:  # read-only or full cache: the next load converts again
+            log.info("fastenc: could not cache the OpenVINO graph at %s (%s)", xml, exc)
+        finally:
+            tmp_xml.unlink(missing_ok=True)
+            tmp_bin.unlink(missing_ok=True)
+
+    def forget_graphs(self) -> None:
+        """Delete this engine's cached graphs (the plan did not choose it)."""
+        if self.graph_cache is None:
+            return
+        for masked in GRAPH_NAMES:
+            for path in graph_files(self.graph_cache, masked):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass
+
+    def _compile(self, masked: bool):
+        t0 = time.perf_counter()
+        graph = self._read_graph(masked)
+        cached = graph is not None
+        if graph is None:
+            graph = self._convert(masked)
+            if self.graph_cache is not None:
+                self._save_graph(graph, masked)
+        request = self._compile_graph(graph)
+        del graph
+        if cached and not self._agrees(request, masked):
+            log.warning("fastenc: cpu backend: the cached OpenVINO graph %s disagrees with the model; converting "
+                        "again", graph_files(self.graph_cache, masked)[0])
+            cached = False
+            graph = self._convert(masked)
+            self._save_graph(graph, masked)
+            request = self._compile_graph(graph)
+            del graph
+        self._requests[masked] = request
+        self.from_cache[masked] = cached
+        self.build_s += time.perf_counter() - t0
+        log.info("fastenc: cpu backend: OpenVINO %s %s graph%s %s in %.1f s", self.version,
+                 PRECISIONS[self.precision], " (with mask)" if masked else "",
+                 "read from the cache and compiled" if cached else "converted and compiled", time.perf_counter() - t0)
+        return request
+
+    def _compile_graph(self, graph):
         config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": self.precision}
-        compiled = self._core.compile_model(graph, "CPU", config)
-        del graph
-        self._requests[masked] = compiled.create_infer_request()
-        self.build_s += time.perf_counter() - t0
-        log.info("fastenc: cpu backend: OpenVINO %s %s graph%s compiled in %.1f s", self.version,
-                 PRECISIONS[self.precision], " (with mask)" if masked else "", time.perf_counter() - t0)
-        return self._requests[masked]
+        return self._core.compile_model(graph, "CPU", config).create_infer_request()
+
+    def _agrees(self, request, masked: bool) -> bool:
+        """Whether ``request`` computes what the bound model does, token by token, on a short fixed input."""
+        cfg = self._source.config
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(2, cfg.vocab_size, (1, 12), generator=gen)  # [1, 12]
+        mask = torch.ones_like(ids) if masked else None
+        if mask is not None:
+            mask[:, -3:] = 0  # padding, as PixArt's prompts have
+        training = self._source.training
+        try:
+            with torch.no_grad():
+                ref = self._source.eval()(ids, mask).float()  # [1, 12, P] (eval: no projector dropout)
+        finally:
+            self._source.train(training)
+        out = self._run(request, ids, mask).float()
+        keep = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        cos = torch.nn.functional.cosine_similarity(out[keep], ref[keep], dim=-1)
+        return bool(torch.isfinite(out[keep]).all() and cos.min() >= CHECK_MIN_COS)
 
     def __deepcopy__(self, memo):
         """A copied model has other parameters: its copy runs the op-table path (the engine is not copied)."""
@@ -141,18 +248,21 @@ class OpenVinoEngine:
             return None
         masked = mask is not None
         with self._lock:  # one infer request per graph: calls from several threads take turns
-            import openvino as ov
-
             request = self._requests.get(masked) or self._compile(masked)
-            feed = [ids.to(torch.int64).numpy()]
-            if masked:
-                feed.append(mask.to(torch.int64).numpy())
-            shape = (*ids.shape, self.output_dim)
-            out = torch.empty(shape, dtype=self.dtype)  # [B, L, P]: OpenVINO writes it in place (no copy)
-            if self.dtype == torch.bfloat16:  # numpy has no bf16: the bytes, typed on the OpenVINO side
-                target = ov.Tensor(out.view(torch.uint8).numpy(), ov.Shape(list(shape)), ov.Type.bf16)
-            else:
-                target = ov.Tensor(out.numpy(), shared_memory=True)
-            request.set_output_tensor(0, target)
-            request.infer(feed)
-            return out
+            return self._run(request, ids, mask)
+
+    def _run(self, request, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        import openvino as ov
+
+        feed = [ids.to(torch.int64).numpy()]
+        if mask is not None:
+            feed.append(mask.to(torch.int64).numpy())
+        shape = (*ids.shape, self.output_dim)
+        out = torch.empty(shape, dtype=self.dtype)  # [B, L, P]: OpenVINO writes it in place (no copy)
+        if self.dtype == torch.bfloat16:  # numpy has no bf16: the bytes, typed on the OpenVINO side
+            target = ov.Tensor(out.view(torch.uint8).numpy(), ov.Shape(list(shape)), ov.Type.bf16)
+        else:
+            target = ov.Tensor(out.numpy(), shared_memory=True)
+        request.set_output_tensor(0, target)
+        request.infer(feed)
+        return out

@@ -27,6 +27,7 @@ import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -301,10 +302,11 @@ def _eager_ops(c: Candidate, shared_int8: fcpu.CpuOps) -> fcpu.CpuOps:
 def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[int, int]] = TUNE_SHAPES,
          budget_s: float = DEFAULT_BUDGET_S, min_cos: float = MIN_COS, min_worst: float = MIN_WORST,
          rounds: int = ROUNDS, engines: Sequence[str] = ENGINES, say: Callable[[str], None] | None = None,
-         precision: str = "bf16") -> tuple[CpuPlan, object | None]:
+         precision: str = "bf16", graph_cache: Path | None = None) -> tuple[CpuPlan, object | None]:
     """Search the plan for ``model`` (float weights on the CPU; cast to ``precision`` in place on return,
     with the chosen op table installed). Returns ``(plan, engine)``: the OpenVINO engine when it won, else
-    None. ``precision``: bf16 on CPUs with native bf16; fp32 elsewhere (fp32 and int8 candidates only)."""
+    None. ``precision``: bf16 on CPUs with native bf16; fp32 elsewhere (fp32 and int8 candidates only).
+    ``graph_cache``: where the OpenVINO engine keeps its converted graphs (kept only when it wins)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     from . import cpu_openvino
@@ -335,7 +337,8 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
             measured.append(Measured(ov_c, note=why))
         else:
             try:
-                engine = cpu_openvino.OpenVinoEngine(model, precision=_ov_precision(precision))
+                engine = cpu_openvino.OpenVinoEngine(model, precision=_ov_precision(precision),
+                                                     graph_cache=graph_cache)
                 runners[ov_c] = lambda ids: engine(ids)
                 with torch.inference_mode():
                     fid[ov_c] = fidelity([engine(i, m) for i, m in inputs], refs, inputs)
@@ -384,6 +387,8 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
                    min_worst, round(time.perf_counter() - t_start, 2), machine())
     _install(model, plan)
     if chosen.engine != "openvino":
+        if engine is not None:
+            engine.forget_graphs()
         engine = None
     return plan, engine
 
@@ -415,6 +420,7 @@ def prepare_planned(model: T5Encoder, *, source: str | None = None, plan: CpuPla
     if precision is None:
         precision = plan.chosen.precision if plan is not None else default_precision()
     key = plan_key(source, model.config, shapes, MIN_COS, MIN_WORST, precision) if source else None
+    graph_cache = fcpu.plan_cache_dir() / key if key is not None else None
     if plan is None and key is not None and not retune:
         plan = read_plan(key)
         if plan is not None and not set(plan.int8_weights) <= set(fcpu.linear_weight_names(model)):
@@ -426,7 +432,8 @@ def prepare_planned(model: T5Encoder, *, source: str | None = None, plan: CpuPla
         log.warning("fastenc: measuring which engine runs this model fastest on this CPU (once per checkpoint and "
                     "machine%s, at most %.0f s; `fastenc tune` does it ahead of time)",
                     "" if key else "; not cached: the model has no source", budget_s)
-        plan, engine = tune(model, source=source, shapes=shapes, budget_s=budget_s, say=say, precision=precision)
+        plan, engine = tune(model, source=source, shapes=shapes, budget_s=budget_s, say=say, precision=precision,
+                            graph_cache=graph_cache)
         log.info("fastenc: cpu plan in %.1f s: %s", time.perf_counter() - t0, plan.chosen.name)
         if key is not None:
             write_plan(key, plan)
@@ -435,7 +442,8 @@ def prepare_planned(model: T5Encoder, *, source: str | None = None, plan: CpuPla
             from . import cpu_openvino
 
             try:
-                engine = cpu_openvino.OpenVinoEngine(model, precision=_ov_precision(plan.chosen.precision))
+                engine = cpu_openvino.OpenVinoEngine(model, precision=_ov_precision(plan.chosen.precision),
+                                                     graph_cache=graph_cache)
             except Exception as exc:  # the plan's engine is gone (uninstalled, broken): the op-table path runs
                 log.warning("fastenc: the cpu plan runs OpenVINO, which failed here (%s: %s); using the op table",
                             type(exc).__name__, str(exc).splitlines()[0][:160])
