@@ -189,7 +189,8 @@ def test_folders_with_stand_in_extractor_and_cache(tmp_path):
 
     os.utime(ref[0], ns=(1, 1))  # a file's mtime changed: the folder is read again
     third = ColourStats()
-    assert fid.run({"gen": gen}, tmp_path / "ref", third, tmp_path / "out3", cache_dir=cache)["reference"]["cached"] is False
+    third_result = fid.run({"gen": gen}, tmp_path / "ref", third, tmp_path / "out3", cache_dir=cache)
+    assert third_result["reference"]["cached"] is False
     assert third.images == 16
 
     stats = tmp_path / "out" / "stats" / "gen.npz"  # a set against its own statistics: 0
@@ -317,6 +318,7 @@ def test_cli_bad_input(random_inception, tmp_path, capsys, cache_env):
          f"{tmp_path / 'empty'}: no images (.bmp, .jpeg, .jpg, .pgm, .png, .ppm, .tif, .tiff, .webp) in it or its "
          f"subfolders"),
         ([*good, "--workers", "0"], "--workers 0: must be at least 1"),
+        ([*good, "--batch-size", "0"], "--batch-size 0: must be at least 1"),
     ]
     for argv, message in cases:
         assert main(["fid", *out, *argv, *inc]) == 2

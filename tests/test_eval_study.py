@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -134,7 +133,8 @@ def test_folders_that_do_not_pair_up(tmp_path, capsys):
 
     (b / "images" / "base" / "001-a-castle.png").unlink()
     assert main(["study", *out, "--images", str(b)]) == 2
-    assert _err(capsys) == f"train.eval: error: {b / 'generate.json'} lists images/base/001-a-castle.png, which is missing"
+    assert _err(capsys) == (f"train.eval: error: {b / 'generate.json'} lists images/base/001-a-castle.png, which "
+                            f"is missing")
 
 
 def test_database_and_port_errors(tmp_path, capsys):

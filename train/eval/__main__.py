@@ -188,8 +188,9 @@ def _fid(args, out: Path) -> dict:
     ref = Path(args.ref)
     if not ref.exists():
         raise ConfigError(f"--ref {ref}: no such folder or file")
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    for flag in ("workers", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else fid.default_cache_dir()
     extractor = InceptionExtractor(args.inception, device=args.device)
     return fid.run(sets, ref, extractor, out, cache_dir=cache, batch_size=args.batch_size, workers=args.workers,

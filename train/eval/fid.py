@@ -233,7 +233,8 @@ def stats_key(files: list[Path], root: Path, extractor_name: str, resize: str) -
     h = hashlib.sha256(json.dumps({"extractor": extractor_name, "resize": resize}).encode())
     for f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        row = f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+        h.update(row.encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:32]
 
 

@@ -42,7 +42,8 @@ def read_output(folder: Path) -> Output:
     if not folder.is_dir():
         raise ConfigError(f"--images {folder}: not a directory")
     if not manifest.is_file():
-        raise ConfigError(f"--images {folder}: no generate.json (give folders written by python -m train.eval generate)")
+        raise ConfigError(f"--images {folder}: no generate.json (give folders written by python -m train.eval "
+                          f"generate)")
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
         encoders, prompts = [str(e) for e in data["encoders"]], [str(p) for p in data["prompts"]]

@@ -71,6 +71,7 @@ class StudyApp:
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "fastenc-study"
+    timeout = 30  # seconds a connection may stay silent
     app: StudyApp  # set on the subclass the server builds
 
     def log_message(self, fmt, *args):  # requests go to the log at debug level, not stderr
@@ -232,6 +233,6 @@ def bind(app: StudyApp, port: int) -> ThreadingHTTPServer:
             raise ConfigError(f"--port {port}: already in use on {app.host} (choose another, or --port 0 for a "
                               f"free one)") from None
         raise ConfigError(f"--host {app.host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
-    server.daemon_threads = True
+    server.daemon_threads = True  # an idle browser connection never holds up stopping; SQLite keeps commits whole
     app.port = server.server_address[1]
     return server
