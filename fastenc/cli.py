@@ -440,12 +440,12 @@ def add_cache_command(sub) -> None:
         description="fastenc keeps files between runs under $FASTENC_CACHE_DIR (default $XDG_CACHE_HOME/fastenc, "
                     "i.e. ~/.cache/fastenc): cpu-plans/ (cpu backend plans), gpu-probes/ (triton first-contact "
                     "verdicts), gpu-tuning/ (triton autotuning choices per GPU kind), "
-                    "embeddings/ (embedding cache disk store) and bench/ (benchmark models and exports; $FASTENC_BENCH_CACHE overrides). "
+                    "embeddings/ (embedding cache disk store), fid-stats/ (FID reference statistics) and bench/ (benchmark models and exports; $FASTENC_BENCH_CACHE overrides). "
                     "`clear` deletes only files fastenc named itself there.",
     )
     p.add_argument("action", choices=("info", "clear"), help="info: where and how much; clear: delete")
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help="which caches to clear: {cpu-plans,gpu-probes,gpu-tuning,embeddings,bench} (default: all)")
+                   help="which caches to clear: {cpu-plans,gpu-probes,gpu-tuning,embeddings,fid-stats,bench} (default: all)")
     p.set_defaults(func=cmd_cache)
 
 
