@@ -117,6 +117,18 @@ class T5Encoder(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    #: Bumped before and after every ``_apply`` of this model (``.to`` / ``.cuda`` / ``.half`` / :meth:`cast`,
+    #: and a move of any module holding it): the CUDA graph runner's O(1) sign that the weights may have moved.
+    weights_moves: int = 0
+
+    def _apply(self, fn, recurse: bool = True):
+        d = self.__dict__
+        d["weights_moves"] = d.get("weights_moves", 0) + 1
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            d["weights_moves"] += 1
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm output of the T5 stack: [B, L, D]."""
         ops, cfg = self.ops, self.config

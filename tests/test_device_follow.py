@@ -222,7 +222,8 @@ def test_graph_runner_drops_graphs_when_the_weights_change():
 
 
 def test_moves_wait_for_replays_and_drop_graphs_without_deadlock():
-    """A move holds the runner's lock (replays in flight come first) and resets it inside: re-entrant."""
+    """A move holds the runner's lock (replays in flight come first); the runner sees it and drops the
+    graphs on its next check, under the same re-entrant lock."""
     model = T5Encoder(TINY).eval()
     runner = graphs.CudaGraphRunner(model)
     enc = fastenc.Encoder(model, backend="torch", graphs=runner)
@@ -240,7 +241,10 @@ def test_moves_wait_for_replays_and_drop_graphs_without_deadlock():
     t.start()
     t.join(timeout=30)
     assert done.is_set(), "moving the encoder deadlocked on the graph runner's lock"
-    assert not runner._graphs and runner._captured_for is None and enc.backend == "torch"
+    assert enc.backend == "torch" and runner.device().type == "meta"
+    with runner.quiesced():
+        assert runner.check_weights() is True
+    assert not runner._graphs and runner.stats.invalidations == 1
 
 
 def test_encoder_owns_no_graphs_off_cuda(checkpoint):
@@ -302,7 +306,9 @@ def test_gpu_graphs_are_invalidated_by_moves_casts_and_new_weights(checkpoint):
     assert runner.stats.captures == 1
     enc.to(torch.bfloat16)
     with torch.inference_mode():
-        bf16 = enc(ids)
+        bf16 = enc(ids)  # just moved: eager
+        assert runner.stats.captures == 1 and runner.stats.eager == 1
+        bf16 = enc(ids)  # stayed put: captured for the new weights
     assert runner.stats.invalidations == 1 and runner.stats.captures == 2 and bf16.dtype == torch.bfloat16
     assert rel_err(bf16, _eager(enc, ids)) <= 2e-2
     enc.cpu()

@@ -8,11 +8,13 @@ counts on a GPU and are skipped without CUDA."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
 import pytest
 import torch
+from torch import nn
 
 import fastenc
 import fastenc.backends as backends
@@ -155,3 +157,206 @@ def test_micro_batch_per_backend_and_graph_bucket():
     assert triton_graphs.micro_batch(600) == budget // activation_bytes(TINY, 600, torch.float32, "triton")  # eager
     triton_graphs.activation_budget = 1  # less than one prompt: still one per pass
     assert triton_graphs.micro_batch(L) == 1 and torch_enc.micro_batch(L) == 5
+
+
+# ---- (b) CUDA graphs under offload moves; (d) the O(1) weight check -------------------------------------
+
+
+class _Graph:
+    """Stands in for a captured CUDA graph: remembers the parameter addresses it was captured against and
+    refuses to replay once they changed (a real graph would read freed or foreign memory)."""
+
+    def __init__(self, model, ids, mask):
+        self.model, self.ids, self.mask = model, ids, mask
+        self.addresses = _addresses(model)
+        self.out = model(ids, mask)
+
+    def replay(self):
+        if _addresses(self.model) != self.addresses:
+            raise AssertionError("a graph was replayed after the weights moved")
+        self.out.copy_(self.model(self.ids, self.mask))
+
+
+def _addresses(model):
+    return [(p.data_ptr(), p.dtype) for p in model.parameters()]
+
+
+def _simulated():
+    """The real CudaGraphRunner with its CUDA steps (device guard, stream waits, the capture) done on the CPU."""
+    from fastenc.kernels.graphs import CudaGraphRunner
+
+    class Simulated(CudaGraphRunner):
+        def _graphable(self, device):
+            return True
+
+        def _on(self, device):
+            return contextlib.nullcontext()
+
+        def _wait_previous(self, device):
+            pass
+
+        def _record_done(self, device):
+            pass
+
+        def _record_graph(self, ids, mask, device):
+            graph = _Graph(self.model, ids, mask)
+            return graph, graph.out
+
+    return Simulated
+
+
+def _offloaded(seed: int = 0):
+    from fastenc.model import T5Encoder
+    from reference import TINY
+
+    torch.manual_seed(seed)
+    model = T5Encoder(TINY).eval()
+    runner = _simulated()(model)
+    return fastenc.Encoder(model, backend="torch", graphs=runner), runner
+
+
+def _away_and_back(enc, same_addresses: bool, keep: list):
+    """One offload round trip as accelerate's hooks make it (``module.to`` away and back, through the
+    encoder's own ``_apply``): the weights return to their old storage or to new storage (the old kept
+    alive so the allocator cannot hand its addresses out again)."""
+    held = {k: v for k, v in enc.model.state_dict().items()}
+    keep.append(held)
+    nn.Module.to(enc, torch.float64)  # away: other storage (the CPU cannot leave for another device here)
+    keep.append([p.detach() for p in enc.parameters()])
+    if same_addresses:
+        enc.model.load_state_dict(held, assign=True)  # back into the very blocks it left
+    else:
+        nn.Module.to(enc, torch.float32)  # back, elsewhere
+
+
+IDS = torch.randint(2, 500, (2, 20))
+
+
+def test_offload_round_trips_reuse_the_graphs_when_the_weights_come_back_to_their_addresses():
+    enc, runner = _offloaded()
+    with torch.no_grad():
+        want = enc.model(IDS)
+    keep: list = []
+    for _ in range(6):
+        _away_and_back(enc, same_addresses=True, keep=keep)
+        with torch.inference_mode():
+            torch.testing.assert_close(enc(IDS), want)
+    assert runner.captures == 1 and runner.stats.replays == 6 and runner.stats.eager == 0
+    assert runner.stats.invalidations == 0
+
+
+def test_offload_round_trips_to_new_addresses_run_eagerly_and_capture_once_settled():
+    enc, runner = _offloaded()
+    with torch.no_grad():
+        want = enc.model(IDS)
+    with torch.inference_mode():
+        torch.testing.assert_close(enc(IDS), want)  # loaded in place: captured on the first call
+    assert runner.captures == 1 and runner.stats.replays == 1
+    keep: list = []
+    for call in range(6):
+        _away_and_back(enc, same_addresses=False, keep=keep)
+        with torch.inference_mode():
+            torch.testing.assert_close(enc(IDS), want)
+        if call == 0:
+            assert runner.stats.live == [(2, 32)]  # kept: the weights may still come back
+    assert runner.captures == 1 and runner.stats.eager == 6 and runner.stats.replays == 1
+    assert runner.stats.invalidations == 1 and not runner.stats.live  # the stale graphs' pool is freed
+    with torch.inference_mode():  # the placement stays put from now on: seen by the last call and this one
+        for _ in range(3):
+            torch.testing.assert_close(enc(IDS), want)
+    assert runner.captures == 2 and runner.stats.eager == 6 and runner.stats.replays == 4
+
+
+def test_a_move_under_live_graphs_never_replays_them():
+    """The runner on its own (on a GPU the encoder keeps it across casts; on the CPU a cast re-selects the
+    op table and drops it)."""
+    enc, runner = _offloaded()
+    with torch.inference_mode():
+        runner(IDS)
+        enc.to(torch.bfloat16)
+        with torch.no_grad():
+            want = enc.model(IDS)
+        for _ in range(3):
+            torch.testing.assert_close(runner(IDS), want)  # _Graph raises if a stale graph were replayed
+    assert runner.captures == 2 and runner.stats.eager == 1 and runner.stats.invalidations == 1
+
+
+def _counting_signatures(runner, monkeypatch):
+    reads = []
+    real = type(runner).signature
+
+    def signature(self):
+        reads.append(1)
+        return real(self)
+
+    monkeypatch.setattr(type(runner), "signature", signature)
+    return reads
+
+
+@pytest.mark.parametrize("how", ["encoder.to", "model.to", "model.cast(fp16)", "new Parameter",
+                                 "load_state_dict(assign=True)", "new submodule"])
+def test_the_weight_check_is_o1_per_call_and_sees_every_module_api_move(how, monkeypatch):
+    from fastenc.model import RMSNorm
+
+    enc, runner = _offloaded()
+    with torch.inference_mode():
+        runner(IDS)  # captured (Encoder's registration of the model made it read the weights once more)
+    reads = _counting_signatures(runner, monkeypatch)
+    with torch.inference_mode():
+        for _ in range(20):
+            runner(IDS)
+    assert reads == [] and runner.captures == 1 and runner.stats.replays == 21  # no parameter walked per call
+    model = enc.model
+    with torch.no_grad():
+        if how == "encoder.to":
+            enc.to(torch.bfloat16)
+        elif how == "model.to":
+            model.to(torch.bfloat16)
+        elif how == "model.cast(fp16)":
+            model.cast(torch.float16)
+        elif how == "new Parameter":
+            model.blocks[0].ffn.wo.weight = nn.Parameter(model.blocks[0].ffn.wo.weight.detach().clone() * 2)
+        elif how == "load_state_dict(assign=True)":
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        else:
+            norm = RMSNorm(model.config.d_model, model.config.eps)
+            norm.weight.data.fill_(0.5)
+            model.final_norm = norm
+        want = model(IDS)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.testing.assert_close(runner(IDS), want)
+    assert len(reads) == 1  # one full read after the move, then O(1) again
+    assert runner.captures == 2 and runner.stats.invalidations == 1
+
+
+def test_a_model_that_cannot_say_it_moved_is_read_every_call(monkeypatch):
+    enc, runner = _offloaded()
+    monkeypatch.setattr(type(enc.model), "weights_moves", None)
+    reads = _counting_signatures(runner, monkeypatch)
+    with torch.inference_mode():
+        for _ in range(4):
+            runner(IDS)
+    assert len(reads) == 4 and runner.captures == 1 and runner.stats.replays == 4
+
+
+@pytest.mark.gpu
+def test_gpu_offload_round_trips_capture_once(tmp_path):
+    from fastenc.model import T5Encoder
+    from reference import TINY, rel_err
+
+    torch.manual_seed(0)
+    fastenc.save(T5Encoder(TINY), tmp_path / "tiny")
+    enc = fastenc.load(tmp_path / "tiny", backend="triton", device="cuda", dtype="bf16", cache=False)
+    ids = torch.randint(2, TINY.vocab_size, (2, 40))
+    with torch.inference_mode():
+        want = enc(ids)
+    runner = enc.graphs
+    assert runner.captures == 1
+    for _ in range(5):  # what enable_model_cpu_offload does around each call
+        enc.to("cpu")
+        enc.to("cuda")
+        with torch.inference_mode():
+            got = enc(ids)
+        assert rel_err(got, want) <= 2e-2
+    assert enc.graphs is runner and runner.captures == 1  # replayed (same blocks back) or eager, never recaptured

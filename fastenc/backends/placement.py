@@ -7,7 +7,9 @@ forward installs the op table :func:`fastenc.backends.follow_backend` names for 
 dtype: Triton kernels + CUDA graphs on CUDA, the ``cpu`` fast path on a CPU with native bf16, the
 torch reference elsewhere. The check is two attribute reads per forward; the work (for the
 ``cpu`` path: re-quantising the planned int8 weights) happens only when a forward runs there, so
-an offload hook that parks the encoder on the CPU between GPU runs costs nothing extra.
+an offload hook that parks the encoder on the CPU between GPU runs costs nothing extra; nor does it
+capture CUDA graphs again on every call (the runner keeps them for weights that come back to the same
+addresses and captures only for placements that stay put, see :mod:`fastenc.kernels.graphs`).
 
 Precision rules (an encoder's ``dtype`` is always what it computes in):
 
@@ -97,13 +99,14 @@ class FollowsWeights:
         if self._is_graph_backend:
             return super()._apply(fn, recurse)
         with self._moving():
-            before_backend, (before_device, before_dtype) = self.backend, self._placement()
+            before_backend, before_dtype = self.backend, self._placement()[1]
             out = super()._apply(fn, recurse)
-            device, dtype = self._placement()
+            dtype = self._placement()[1]
             if dtype != before_dtype:
                 self._fix_precision(before_backend, dtype)
-            if device != before_device and self._graph_runner is not None:
-                self._graph_runner.reset()  # graphs and their memory pool belong to the old device
+            # the graph runner sees the move itself (the model's weights_moves): it keeps its graphs for
+            # weights that come back to the same addresses (offload hooks) and captures anew only once a
+            # new placement has stayed put (fastenc.kernels.graphs)
             return out
 
     def _fix_precision(self, before_backend: str, dtype: torch.dtype) -> None:
