@@ -148,6 +148,8 @@ def _generate_sets(folder: Path, label: str | None) -> dict[str, list[Path]] | N
         sets = {str(k): [folder / str(f) for f in v] for k, v in images.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{manifest}: not a generate.json ({exc})") from None
+    if not any(sets.values()):
+        raise ConfigError(f"{manifest}: lists no images")
     for files in sets.values():
         for f in files:
             if not f.is_file():
