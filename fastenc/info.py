@@ -156,7 +156,11 @@ def collect(*, probe: bool = False) -> dict[str, str]:
         from .backends.cpu_plan import cached_plans, machine
 
         here = machine()
-        plans = [plan for _, plan in cached_plans() if plan.machine == here]
+        from .backends.cpu import plan_cache_dir
+        from .backends.cpu_openvino import GRAPH_NAMES, graph_files
+
+        found = [(key, plan) for key, plan in cached_plans() if plan.machine == here]
+        plans = [plan for _, plan in found]
         info["cpu plans"] = f"{len(plans)} cached for {here}" if plans else \
             f"none cached for {here} (`fastenc tune` or the first load searches one)"
         for i, plan in enumerate(plans):
@@ -164,7 +168,10 @@ def collect(*, probe: bool = False) -> dict[str, str]:
                               for k in m.ms)
             best = next((m for m in plan.measured if m.candidate == plan.chosen), None)
             fid = f"; cos {best.cos:.5f} / worst {best.worst:.5f}" if best is not None else ""
-            info[f"cpu plan {i + 1}"] = f"{plan.chosen.name} ({times}{fid}; searched in {plan.tune_s:.0f} s)"
+            graphs = [f for masked in GRAPH_NAMES for f in graph_files(plan_cache_dir() / found[i][0], masked)
+                      if f.is_file()]
+            kept = f"; OpenVINO graphs cached, {sum(f.stat().st_size for f in graphs) / 1e6:.0f} MB" if graphs else ""
+            info[f"cpu plan {i + 1}"] = f"{plan.chosen.name} ({times}{fid}; searched in {plan.tune_s:.0f} s{kept})"
     if probe and cuda and _version("triton"):  # the first-contact check of the triton kernels, per GPU
         info.update(gpu_probe_report())
     info["cache"] = f"{cache_root()} (fastenc cache info)"

@@ -300,6 +300,8 @@ def test_a_cached_openvino_plan_reads_its_graphs_instead_of_converting(monkeypat
     with torch.inference_mode():
         want, want_masked = first(ids), first(ids, attention_mask=mask)
     assert all(p.is_file() for p in cpu_openvino.graph_files(engine.graph_cache, True))
+    listed = [v for k, v in fastenc.info.collect(probe=True).items() if k.startswith("cpu plan ")]
+    assert len(listed) == 1 and "OpenVINO graphs cached" in listed[0]
 
     def converted(masked):
         raise AssertionError("converted again")
