@@ -133,6 +133,24 @@ def tiny_umt5(d_model: int, num_layers: int, seed: int):
     return model.eval()
 
 
+def tiny_video_vae(kind: str, seed: int = 0):
+    """Wan's ``AutoencoderKLWan`` (8 px, 4 frames per latent) or LTX-Video's ``AutoencoderKLLTXVideo`` (4 px and
+    4 frames per latent), a few thousand parameters each."""
+    from diffusers import AutoencoderKLLTXVideo, AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    if kind == "wan":
+        return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                latents_std=[2.0, 1.5, 1.0, 0.5])
+    return AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+        layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
+        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+        timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False)
+
+
 def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 

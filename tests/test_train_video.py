@@ -70,15 +70,24 @@ def test_video_training_reduces_loss_and_writes_a_loadable_student(world, tmp_pa
         assert im.size[0] == im.size[1] > 2 * 64
 
 
-@pytest.mark.parametrize("kind", ["wan", "ltx"])
-def test_training_trajectory_is_the_pipelines_own_with_the_teachers_embeddings(world, tmp_path, kind):
+@pytest.mark.parametrize("kind, expand", [("wan", False), ("wan", True), ("ltx", False)])
+def test_training_trajectory_is_the_pipelines_own_with_the_teachers_embeddings(world, tmp_path, kind, expand):
     """With one guidance value, the latents training walks through are those the diffusers pipeline computes
-    from the same noise with the teacher's embeddings (its schedule, guidance, packing, timesteps): the
-    trajectory follows the teacher, and the student is trained on exactly the inputs it will see."""
+    from the same noise with the teacher's embeddings (its schedule, guidance, packing, timesteps — per token
+    for a Wan 2.2 pipeline that expands them): the trajectory follows the teacher, and the student is trained
+    on exactly the inputs it will see."""
+    import shutil
+
     from diffusers import LTXPipeline, WanPipeline
 
     g, steps = 4.5 if kind == "wan" else 3.0, 4
-    tr = trainer(world, tmp_path / kind, kind, run={"max_steps": steps}, dit={"guidance": [g]})
+    dit = {"guidance": [g]}
+    if expand:
+        dit["path"] = str(shutil.copytree(world.wan, tmp_path / "wan22"))
+        (tmp_path / "wan22" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
+                                                                         "expand_timesteps": True}))
+    tr = trainer(world, tmp_path / kind, kind, run={"max_steps": steps}, dit=dit)
+    assert getattr(tr.dit, "expand_timesteps", False) == expand
     records, batches = [], []
     tr.on_step.append(records.append)
     teacher_cond = tr.teacher_cond
@@ -98,7 +107,8 @@ def test_training_trajectory_is_the_pipelines_own_with_the_teachers_embeddings(w
                   num_inference_steps=steps, guidance_scale=g, output_type="latent", callback_on_step_end=keep)
     sched = type(tr.dit.scheduler_template).from_config(tr.dit.scheduler_template.config)
     if kind == "wan":
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sched, transformer=tr.dit.transformer)
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sched, transformer=tr.dit.transformer,
+                           expand_timesteps=expand)
         pipe(height=32, width=32, num_frames=5, **kwargs)
     else:
         pipe = LTXPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sched, transformer=tr.dit.transformer)
@@ -108,6 +118,42 @@ def test_training_trajectory_is_the_pipelines_own_with_the_teachers_embeddings(w
     for rec, want in zip(records, seen):
         torch.testing.assert_close(rec.latents_out, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(seen[-1], records[0].latents_in)
+
+
+@pytest.mark.parametrize("kind", ["wan", "ltx"])
+def test_grids_decode_the_first_frame_as_the_pipeline_does(world, tmp_path, kind):
+    """With the pipeline's VAE (its class read from vae/config.json) a grid shows the first frame of the video
+    the pipeline itself would decode from the same latents."""
+    import shutil
+
+    from diffusers import LTXPipeline, WanPipeline
+
+    from test_train_support import tiny_video_vae
+    from train.images import sample
+
+    folder = Path(shutil.copytree(getattr(world, kind), tmp_path / f"{kind}-vae"))
+    tiny_video_vae(kind).save_pretrained(str(folder / "vae"))
+    size, frames = 32, 5
+    dit = {"path": str(folder), "vae_subfolder": "vae", "resolution": size, "num_frames": frames}
+    if kind == "ltx":  # the tiny LTX VAE: 4 px and 4 frames per latent
+        dit.update(vae_scale_factor=4, vae_temporal_factor=4)
+    tr = trainer(world, tmp_path / kind, kind, run={"max_steps": 1, "image_every": 1}, dit=dit)
+    assert type(tr.vae).__name__ == {"wan": "AutoencoderKLWan", "ltx": "AutoencoderKLLTXVideo"}[kind]
+    g, prompts = KINDS[kind].guidance[0], FIXED
+    cond = tr.teacher_cond(prompts)
+    noise = tr.dit.start(len(prompts), size, torch.Generator().manual_seed(7)).latents
+    traj, lat = sample(tr.dit, cond, resolution=size, seed=7, guidance=g)
+    ours = (tr.dit.decode(traj, lat, tr.vae).float() / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
+    pipe_cls = WanPipeline if kind == "wan" else LTXPipeline
+    pipe = pipe_cls(tokenizer=None, text_encoder=None, vae=tr.vae, transformer=tr.dit.transformer,
+                    scheduler=type(tr.dit.scheduler_template).from_config(tr.dit.scheduler_template.config))
+    extra = {"prompt_attention_mask": cond.mask, "negative_prompt_attention_mask": cond.neg_mask} if kind == "ltx" else {}
+    video = pipe(prompt_embeds=cond.embeds, negative_prompt_embeds=cond.neg_embeds, latents=noise, height=size,
+                 width=size, num_frames=frames, num_inference_steps=4, guidance_scale=g, output_type="pt",
+                 return_dict=False, **extra)[0]  # [B, F, 3, H, W] in [0, 1]
+    assert ours.shape == (2, 3, size, size) and video.shape[:3] == (2, frames, 3)
+    torch.testing.assert_close(ours, video[:, 0].float(), rtol=1e-4, atol=1e-4)
+    assert float(ours.std()) > 0
 
 
 def test_wan_zeroes_embeddings_past_each_prompt_ltx_passes_them_whole(world, tmp_path):

@@ -308,9 +308,9 @@ class WanDiT(FrozenDiT):
         B = latents.shape[0]
         embeds, _ = guided_inputs(cond, self.dtype, "Wan")  # no mask: the embeddings are zero past each prompt
         x = torch.cat([latents, latents]).to(self.dtype)  # [2B, C, F, h, w]
-        if self.expand_timesteps:  # Wan 2.2 TI2V: one timestep per token (F * h/2 * w/2)
-            tokens = x.shape[2] * (x.shape[3] // self.patch[1]) * (x.shape[4] // self.patch[2])
-            timestep = t.reshape(1, 1).expand(2 * B, tokens)
+        if self.expand_timesteps:  # Wan 2.2 TI2V: one timestep per token (F * h/2 * w/2), as the pipeline builds it
+            per_token = (torch.ones(x.shape[2:], device=x.device)[:, ::2, ::2] * t).flatten()
+            timestep = per_token.unsqueeze(0).expand(2 * B, -1)
         else:
             timestep = t.expand(2 * B)
         out = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
