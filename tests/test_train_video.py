@@ -256,3 +256,36 @@ def test_wan_prompts_are_cleaned_as_the_pipeline_cleans_them(world, tmp_path):
     AcceleratorState._reset_state(True)
     ltx = trainer(world, tmp_path / "ltx", "ltx", run={"max_steps": 1})
     assert not torch.equal(ltx.tokenize(raw)[0], ltx.tokenize(clean)[0])
+
+
+@pytest.mark.parametrize("kind", ["wan", "ltx"])
+def test_teacher_cache_serves_video_kinds_like_the_live_teacher(world, tmp_path, kind):
+    """The cache holds what the kind needs (the negative prompt too: both kinds guide against it, though only
+    Wan masks its encoder), and training from it alone repeats the live teacher's losses."""
+    from accelerate.state import AcceleratorState
+
+    from train import cache_teacher
+    from train.teacher_cache import TeacherCache
+
+    cache = tmp_path / "cache"
+    raw = video_config(world, tmp_path / "live", kind, run={"max_steps": 4},
+                       teacher={"cache": str(cache), "dtype": "fp32"})
+    cfg_file = tmp_path / "train.json"
+    cfg_file.write_text(json.dumps(raw))
+    assert cache_teacher.main(["--config", str(cfg_file), "--dtype", "fp32"]) == 0
+    held = TeacherCache(cache)
+    assert "" in held and held.meta.masked == (kind == "wan") and held.meta.dim == TEXT_DIM
+    live_raw = json.loads(json.dumps(raw))
+    live_raw["teacher"]["cache"] = None
+    live = Trainer(TrainConfig.from_dict(live_raw)).fit().losses
+    AcceleratorState._reset_state(True)
+    cached_raw = json.loads(json.dumps(raw))
+    cached_raw["teacher"]["path"] = None
+    cached_raw["run"]["output_dir"] = str(tmp_path / "cached")
+    tr = Trainer(TrainConfig.from_dict(cached_raw))
+    assert tr.fit().losses == live and tr.teacher._live is None
+    # the embedding baseline reads the DiT's text width from its config.json without loading it
+    AcceleratorState._reset_state(True)
+    emb = Trainer(TrainConfig.from_dict({**cached_raw, "run": {**cached_raw["run"], "loss": "embedding",
+                                                               "output_dir": str(tmp_path / "emb")}}))
+    assert emb.dit is None and emb.text_dim == TEXT_DIM
