@@ -211,6 +211,11 @@ def test_generate_output_gives_one_set_per_encoder(tmp_path):
     sets = fid.image_sets([str(root)])
     assert list(sets) == ["teacher", "base"] and sets["base"] == files["base"]
     assert list(fid.image_sets([f"run1={root}"])) == ["run1/teacher", "run1/base"]
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    (empty / "generate.json").write_text(json.dumps({**manifest, "files": {"images": {}}}))
+    with pytest.raises(ConfigError, match=rf"^{empty}/generate.json: lists no images$"):
+        fid.image_sets([str(empty)])
     files["base"][1].unlink()
     with pytest.raises(ConfigError, match=rf"^{root}/generate.json lists images/base/001.png, which is missing$"):
         fid.image_sets([str(root)])
@@ -241,7 +246,7 @@ def random_inception(tmp_path_factory) -> Path:
             m.reset_running_stats()
     net.train()
     with torch.no_grad():
-        net(torch.rand(4, 3, 299, 299))
+        net(torch.rand(2, 3, 299, 299))
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(net.state_dict(), path)
     return path

@@ -14,8 +14,7 @@ from pathlib import Path
 from fastenc.config import TARGET_MAX_LENGTH
 from fastenc.errors import ConfigError, FastencError
 
-from .attention import DIRECTIONS
-from .collapse import DEFAULT_THRESHOLD
+from .defaults import DEFAULT_THRESHOLD, DIRECTIONS
 
 log = logging.getLogger("fastenc.train")
 

@@ -33,12 +33,12 @@ from fastenc.errors import ConfigError
 
 from ..images import write_labelled_grid
 from .encoders import slug
+from .defaults import DIRECTIONS
 from .pipelines import EncoderSwitch, GenerationSettings, generate
 from .report import write_json, write_npz, write_png
 
 log = logging.getLogger("fastenc.train")
 
-DIRECTIONS = ("text-to-image", "image-to-text")
 PROCESSOR_SUFFIX = ".attn.processor"
 
 

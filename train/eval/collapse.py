@@ -16,13 +16,12 @@ import numpy as np
 
 from fastenc.errors import ConfigError
 
-from ..config import PROBES, RunConfig
+from ..config import PROBES
 from ..diagnostics import collapse_report, cosine_matrix
+from .defaults import DEFAULT_THRESHOLD
 from .report import save_figure, write_json
 
 log = logging.getLogger("fastenc.train")
-
-DEFAULT_THRESHOLD = RunConfig().collapse_threshold
 
 
 def probe_list(extra: list[str] | None = None, *, defaults: bool = True) -> list[str]:
