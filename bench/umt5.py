@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a few minutes on a CPU: 2 teacher layers, B=1, L=512, transformers and torch, few repeats")
     p.add_argument("--tiny", action="store_true", help="tiny umT5 configs (self-test of the benchmark itself)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
-    p.add_argument("--warmup", type=int, default=1, choices=range(0, 101), metavar="0..100")
+    p.add_argument("--warmup", type=int, default=1, choices=range(101), metavar="0..100")
     p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--max-seconds", type=positive_float, default=60.0, help="cap on timing one point (>= 3 calls)")
     p.add_argument("--seed", type=int, default=0)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     device = torch.device(args.device or "cpu")
-    say = lambda text: sys.stdout.write(text + "\n") or sys.stdout.flush()  # noqa: E731
+    say = lambda text: sys.stdout.write(text + "\n") or sys.stdout.flush()
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.stderr.write("bench.umt5: error: --device cuda but no CUDA GPU is visible\n")
         return 2

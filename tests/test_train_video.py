@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_support import PROMPTS, TEXT_DIM, fresh_accelerate_state, world
 
 import fastenc
 from fastenc.errors import ConfigError
-from test_train_support import PROMPTS, TEXT_DIM, fresh_accelerate_state, world  # noqa: F401 (fixtures)
 from train.__main__ import main as train_main
 from train.config import KINDS, TrainConfig
 from train.loop import Trainer
@@ -127,8 +127,8 @@ def test_grids_decode_the_first_frame_as_the_pipeline_does(world, tmp_path, kind
     import shutil
 
     from diffusers import LTXPipeline, WanPipeline
-
     from test_train_support import tiny_video_vae
+
     from train.images import sample
 
     folder = Path(shutil.copytree(getattr(world, kind), tmp_path / f"{kind}-vae"))
