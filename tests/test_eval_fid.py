@@ -315,6 +315,7 @@ def test_cli_bad_input(random_inception, tmp_path, capsys, cache_env):
 
     inc = ["--inception", str(random_inception), "--device", "cpu"]
     cases = [
+        ([*good, "--out", str(junk)], f"--out {junk}: exists and is not a folder"),
         (["--images", str(tmp_path / "missing"), "--ref", str(tmp_path / "gen")],
          f"--images {tmp_path / 'missing'}: not a directory"),
         (["--images", str(tmp_path / "gen"), "--ref", str(tmp_path / "nothing")],

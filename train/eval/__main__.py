@@ -230,6 +230,8 @@ def run(args) -> tuple[dict | None, int]:
 
         settings = _settings(args)
         return generate.run(_switch(args), gather_prompts(args.prompts, args.prompt), out, settings), 0
+    if args.analysis in ("fid", "study") and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
     if args.analysis == "fid":
         return _fid(args, out), 0
     if args.analysis == "study":
