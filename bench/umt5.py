@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     device = torch.device(args.device or "cpu")
-    say = lambda text: sys.stdout.write(text + "\n") or sys.stdout.flush()
+    say = lambda text: sys.stdout.write(text + "\n") or sys.stdout.flush()  # noqa: E731
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.stderr.write("bench.umt5: error: --device cuda but no CUDA GPU is visible\n")
         return 2

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import PROMPTS, TEXT_DIM, fresh_accelerate_state, world
 
 import fastenc
 from fastenc.errors import ConfigError
+from test_train_support import PROMPTS, TEXT_DIM, fresh_accelerate_state, world  # noqa: F401 (fixtures)
 from train.__main__ import main as train_main
 from train.config import KINDS, TrainConfig
 from train.loop import Trainer
