@@ -183,6 +183,24 @@ class Server:
         self.proc.stdout.close()
         self.proc.stderr.close()
 
+    def kill(self) -> None:  # after a failed test: never leave a server behind
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def servers():
+    started: list[Server] = []
+
+    def start(*args: str) -> Server:
+        started.append(Server(*args))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.kill()
+
 
 def _status(url: str, data: bytes | None = None, headers: dict | None = None) -> int:
     try:
@@ -242,7 +260,7 @@ def _answer_pairs(driver, count: int, pictures: dict[bytes, str], rule, token: s
     return seen
 
 
-def test_study_in_a_browser(browser, tmp_path, capsys):
+def test_study_in_a_browser(browser, servers, tmp_path, capsys):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -257,7 +275,7 @@ def test_study_in_a_browser(browser, tmp_path, capsys):
     def prefer_teacher(left, right):  # participant 1: the teacher when shown, else a tie
         return "a" if left == "teacher" else "b" if right == "teacher" else "t"
 
-    server = Server("--images", str(gen), "--out", str(tmp_path / "out"), "--port", "0", "--seed", "7")
+    server = servers("--images", str(gen), "--out", str(tmp_path / "out"), "--port", "0", "--seed", "7")
     assert server.info["pairs"] == total and server.info["db"] == str(db)
     assert _status(server.base, headers={"Host": f"elsewhere.example:{server.base.split(':')[-1]}"}) == 403
     driver.get(server.base)
@@ -282,7 +300,7 @@ def test_study_in_a_browser(browser, tmp_path, capsys):
     server.stop()
 
     token = "t0k3n-for-remote-participants"
-    server = Server("--db", str(db), "--out", str(tmp_path / "out"), "--port", "0", "--host", "0.0.0.0",
+    server = servers("--db", str(db), "--out", str(tmp_path / "out"), "--port", "0", "--host", "0.0.0.0",
                     "--allow-remote", "--token", token)
     assert server.info["url"] == f"{server.base}?token={token}" and server.info["participants"] == 1
     for path in ("", "results", "results.json", "results.csv", f"p/{pid}", f"p/{pid}/img/0/A"):
