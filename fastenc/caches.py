@@ -5,7 +5,7 @@ Everything lives under one root: ``$FASTENC_CACHE_DIR``, else ``$XDG_CACHE_HOME/
 
 * ``cpu-plans/``   the ``cpu`` backend's plans, one small JSON per checkpoint (see
   :func:`fastenc.backends.cpu.plan_cache_dir`), and the OpenVINO graphs of plans that run OpenVINO
-  (IR with fp32 weights, about the checkpoint's size);
+  (IR, the weights in the compute precision: half the fp32 checkpoint's size in bf16);
 * ``gpu-probes/``  the triton kernels' first-contact verdicts, one small JSON per GPU kind (name, compute
   capability, driver, torch and triton versions; see :mod:`fastenc.backends.probe`);
 * ``gpu-tuning/``  the triton kernels' autotuning choices, one small JSON per GPU kind (name, compute
@@ -63,8 +63,8 @@ _MANIFEST = "export.json"
 _VERIFIED = ".fastenc-verified.json"
 
 _WHAT = {
-    "cpu-plans": "cpu backend plans (small JSON, one per checkpoint) and the OpenVINO graphs they run (about the "
-                 "checkpoint's size in fp32; rebuilt in seconds)",
+    "cpu-plans": "cpu backend plans (small JSON, one per checkpoint) and the OpenVINO graphs they run (weights in "
+                 "the compute precision; rebuilt in seconds)",
     "gpu-probes": "triton first-contact verdicts (small JSON, one per GPU kind; probed again in seconds)",
     "gpu-tuning": "triton autotuning choices (small JSON, one per GPU kind; tuned again on the next launches)",
     "embeddings": "embedding cache disk store (when enabled; one safetensors file per prompt)",

@@ -13,8 +13,9 @@ step aside (the op-table path runs) instead of serving stale numbers.
 
 Converting costs seconds (tracing the module); with ``graph_cache`` (the plan's cache name, given by
 :mod:`.cpu_plan` for a checkpoint it planned) each converted graph is saved once as OpenVINO IR beside
-the plan (``<key>.ids.xml`` / ``.bin``, ``<key>.mask.*``; the weights in fp32, about the checkpoint's
-size) and later loads read it instead, so a cached plan only compiles. A graph read back is checked
+the plan (``<key>.ids.xml`` / ``.bin``, ``<key>.mask.*``; the weights in the compute precision: bf16
+weights round exactly as OpenVINO's bf16 inference rounds fp32 ones, so the graph read back computes
+the same numbers) and later loads read it instead, so a cached plan only compiles. A graph read back is checked
 against the bound model on a short input before it serves; one that disagrees (damaged, or written by
 something else) is converted again and rewritten.
 """
@@ -60,6 +61,27 @@ def available() -> tuple[bool, str]:
     except ImportError as exc:
         return False, f"openvino is not installed ({exc}); pip install 'fastenc[openvino]'"
     return True, ov.__version__.split("-")[0]
+
+
+def _bf16_weights(graph, min_elements: int = 4096) -> None:
+    """Replace each large fp32 constant of ``graph`` (the weights) by its bf16 rounding and a conversion
+    back to fp32, in place: half the bytes on disk, the same numbers under bf16 inference."""
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13
+
+    for node in graph.get_ordered_ops():
+        if node.get_type_name() != "Constant" or node.get_output_element_type(0) != ov.Type.f32:
+            continue
+        shape = list(node.get_output_shape(0))
+        if int(np.prod(shape)) < min_elements:
+            continue
+        data = torch.from_numpy(np.array(node.get_data(), dtype=np.float32))  # a copy: the constant is read-only
+        rounded = ov.Tensor(ov.Type.bf16, ov.Shape(shape))
+        np.copyto(rounded.data.view(np.int16), data.to(torch.bfloat16).view(torch.int16).numpy().reshape(shape))
+        widened = opset13.convert(ov.op.Constant(rounded), ov.Type.f32)
+        for target in list(node.output(0).get_target_inputs()):
+            target.replace_source_output(widened.output(0))
 
 
 class _Ids(nn.Module):
@@ -153,10 +175,13 @@ class OpenVinoEngine:
             return None
 
     def _save_graph(self, graph, masked: bool) -> None:
-        """Write ``graph`` as IR under the cache names: both files on temporary names first, then renamed
-        (the weights before the xml, so an xml in place always has its complete weights)."""
+        """Write ``graph`` (already compiled: it may be changed) as IR under the cache names, its weights in
+        the compute precision: both files on temporary names first, then renamed (the weights before the
+        xml, so an xml in place always has its complete weights)."""
         import openvino as ov
 
+        if self.precision == "bf16":
+            _bf16_weights(graph)
         xml, bin_ = graph_files(self.graph_cache, masked)
         tmp_xml = xml.parent / f".{xml.stem}.{secrets.token_hex(4)}.tmp.xml"
         tmp_bin = tmp_xml.with_suffix(".bin")
@@ -188,18 +213,16 @@ class OpenVinoEngine:
         cached = graph is not None
         if graph is None:
             graph = self._convert(masked)
-            if self.graph_cache is not None:
-                self._save_graph(graph, masked)
         request = self._compile_graph(graph)
-        del graph
         if cached and not self._agrees(request, masked):
             log.warning("fastenc: cpu backend: the cached OpenVINO graph %s disagrees with the model; converting "
                         "again", graph_files(self.graph_cache, masked)[0])
             cached = False
             graph = self._convert(masked)
-            self._save_graph(graph, masked)
             request = self._compile_graph(graph)
-            del graph
+        if not cached and self.graph_cache is not None:
+            self._save_graph(graph, masked)
+        del graph
         self._requests[masked] = request
         self.from_cache[masked] = cached
         self.build_s += time.perf_counter() - t0
