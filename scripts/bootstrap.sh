@@ -25,8 +25,10 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
   if [ ${#constraint[@]} -gt 0 ]; then
     # Plain PyPI's torch==2.13.0 is the CUDA build (with GBs of nvidia-* packages): where pip would resolve
     # to it, take the CPU build from PyTorch's CPU index instead (where a CPU wheel is at hand, nothing changes).
-    report=$("$py" -m pip install --dry-run --quiet --report - "${torch_args[@]}" 2>/dev/null || true)
-    if printf '%s' "$report" | grep -q '"name": *"nvidia-'; then
+    # (scripts/torch_build.py reads pip's report: cuda, cpu, or unknown when the dry run failed, e.g. offline)
+    build=$("$py" -m pip install --dry-run --quiet --report - "${torch_args[@]}" 2>/dev/null \
+            | "$py" scripts/torch_build.py || true)
+    if [ "$build" = cuda ]; then
       echo "bootstrap.sh: torch==2.13.0 would resolve to the CUDA build here; using the CPU build from" \
            "https://download.pytorch.org/whl/cpu" >&2
       torch_args+=(--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
