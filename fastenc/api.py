@@ -21,7 +21,7 @@ from .cache import CacheKey, EmbeddingCache, key as cache_key
 from .config import EncoderConfig, get_size
 from .errors import CheckpointError, ConfigError, InputError, NumericsError
 from .fileio import content_identity
-from .inputs import check_finite, check_prompt, check_token_inputs, prompt_list
+from .inputs import DeviceChecks, check_prompt, prompt_list
 from .model import T5Encoder
 from .targets import TARGETS, Target, get_target
 
@@ -170,10 +170,12 @@ class Encoder(FollowsWeights, nn.Module):
         """``input_ids`` [B, L] (+ ``attention_mask`` [B, L] of 0/1) -> embeddings [B, L, P].
 
         Ids are range-checked and masks checked for 0/1 on every device; without autograd, large batches
-        run in micro-batches (:meth:`micro_batch`); a non-finite output raises :class:`NumericsError`."""
-        check_token_inputs(input_ids, attention_mask, self.config.vocab_size)
-        ids = input_ids.to(self.device, torch.long)  # [B, L]
-        mask = attention_mask.to(self.device) if attention_mask is not None else None  # [B, L]
+        run in micro-batches (:meth:`micro_batch`); a non-finite output raises :class:`NumericsError`.
+        CPU tensors (ids as a tokenizer builds them) are checked at once; CUDA tensors on the device,
+        without a host sync: a failure raises at the next call once the device got there, or at
+        :meth:`synchronize` (see :class:`fastenc.inputs.DeviceChecks`)."""
+        checks = self._checks
+        ids, mask, ticket = checks.inputs(input_ids, attention_mask, self.config.vocab_size, self.device)  # [B, L]
         batch, seq = ids.shape
         step = batch if torch.is_grad_enabled() or isinstance(self.model, GraphRunner) else self.micro_batch(seq)
         if batch <= step:
@@ -185,8 +187,20 @@ class Encoder(FollowsWeights, nn.Module):
                 if out is None:
                     out = part.new_empty((batch, *part.shape[1:]))
                 out[s:s + step] = part
-        check_finite(out, self.dtype)
+        checks.result(out, ticket, self.dtype)
         return out
+
+    @property
+    def _checks(self) -> DeviceChecks:
+        checks = self.__dict__.get("_device_checks")
+        if checks is None:
+            checks = self.__dict__.setdefault("_device_checks", DeviceChecks())
+        return checks
+
+    def synchronize(self) -> None:
+        """Wait for the device-side checks of earlier calls and raise the first failure they found (the
+        :class:`InputError` or :class:`NumericsError` a host check raises, naming the call)."""
+        self._checks.raise_ready(wait=True)
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self._forward_placed(ids, mask)  # op table + CUDA graphs follow the weights (backends/placement.py)
@@ -306,6 +320,7 @@ class Encoder(FollowsWeights, nn.Module):
             sel = torch.tensor(todo)
             try:
                 out = self(ids[sel], mask[sel] if target.masked else None)  # [b, L, P]
+                self.synchronize()  # checked before anything is cached
                 out = target.finish(out, mask[sel])  # what the pipeline does to the encoder's output
             except NumericsError as exc:
                 raise NumericsError(f"{exc} (prompts from index {offset})") from None

@@ -8,6 +8,7 @@ counts on a GPU and are skipped without CUDA."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 import fastenc
+import fastenc.errors
+import fastenc.inputs
 import fastenc.backends as backends
 from fastenc.api import parse_dtype
 from fastenc.backends import CUDA_DEFAULTS, cuda_default, follow_backend, probe, resolve_backend
@@ -360,3 +363,146 @@ def test_gpu_offload_round_trips_capture_once(tmp_path):
             got = enc(ids)
         assert rel_err(got, want) <= 2e-2
     assert enc.graphs is runner and runner.captures == 1  # replayed (same blocks back) or eager, never recaptured
+
+
+# ---- (d) no host syncs on the device path; checks of device tensors reported without one ----------------
+
+HOST_READS = ("item", "cpu", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+
+
+def _count_host_reads(monkeypatch, only_cuda: bool = False):
+    """Count calls of every torch.Tensor method that reads a value back to the host."""
+    counts: collections.Counter = collections.Counter()
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _real=real, _name=name, **kwargs):
+            if not only_cuda or self.is_cuda:
+                counts[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return counts
+
+
+@pytest.fixture
+def device_tensors(monkeypatch):
+    """CPU tensors treated as device tensors (checked the way CUDA ones are)."""
+    from fastenc import inputs
+
+    monkeypatch.setattr(inputs, "HOST_DEVICE_TYPES", frozenset())
+
+
+def _mask(B=2, L=20, dtype=torch.float32):
+    mask = torch.ones(B, L, dtype=dtype)
+    mask[1, 15:] = 0
+    return mask
+
+
+def test_the_device_path_reads_nothing_back_per_call(device_tensors, monkeypatch):
+    enc, runner = _offloaded()
+    mask = _mask()
+    with torch.no_grad():
+        want = enc.model(IDS, mask)
+    with torch.inference_mode():
+        enc(IDS, mask)  # captured; the status buffer made
+        counts = _count_host_reads(monkeypatch)
+        outs = [enc(IDS, mask) for _ in range(5)]
+    assert sum(counts.values()) == 0, dict(counts)
+    assert runner.stats.replays == 6
+    for out in outs:
+        torch.testing.assert_close(out, want)
+
+
+def test_the_counter_sees_the_host_path_read_back(monkeypatch):
+    enc, _ = _offloaded()
+    with torch.inference_mode():
+        enc(IDS, _mask())
+        counts = _count_host_reads(monkeypatch)
+        enc(IDS, _mask())
+    assert counts["__bool__"] == 2 and counts["__float__"] == 2  # ids, mask; the result's min and max
+
+
+def _bad_ids():
+    ids = IDS.clone()
+    ids[1, 3] = 600  # TINY's vocabulary is 512
+    return ids
+
+
+def test_device_checks_raise_the_host_message_at_the_next_call(device_tensors):
+    enc, _ = _offloaded()
+    with pytest.raises(fastenc.errors.InputError) as host:
+        fastenc.inputs.check_token_inputs(_bad_ids(), None, 512)
+    with torch.inference_mode():
+        out = enc(_bad_ids())  # returns: nothing was read back
+        assert torch.isfinite(out).all()  # the forward ran on ids clamped into the vocabulary
+        with pytest.raises(fastenc.errors.InputError) as err:
+            enc(IDS)
+    assert str(err.value) == f"{host.value} (found on cpu after call 1 returned; input_ids [2, 20])"
+    assert str(err.value) == ("input_ids out of range [0, 512): input_ids[1, 3] = 600 (found on cpu after call 1 "
+                              "returned; input_ids [2, 20])")
+    with torch.inference_mode():
+        enc(IDS)  # a good call after the failure was reported
+        enc.synchronize()
+
+
+@pytest.mark.parametrize("dtype,value,shown", [(torch.float32, 0.5, "0.5"), (torch.long, 2, "2"),
+                                               (torch.int32, -1, "-1")])
+def test_device_mask_checks_at_synchronize(device_tensors, dtype, value, shown):
+    enc, _ = _offloaded()
+    mask = _mask(dtype=dtype)
+    mask[0, 2] = value
+    with torch.inference_mode():
+        enc(IDS, mask)
+    with pytest.raises(fastenc.errors.InputError) as err:
+        enc.synchronize()
+    assert str(err.value) == (f"attention_mask must hold only 0 and 1: attention_mask[0, 2] = {shown} (found on cpu "
+                              "after call 1 returned; input_ids [2, 20])")
+    enc.synchronize()  # reported once
+
+
+def test_device_result_checks_name_the_rows(device_tensors):
+    enc, _ = _offloaded()
+    with torch.no_grad():
+        enc.model.final_norm.weight[5] = float("nan")  # in place: every row
+    with torch.inference_mode():
+        enc(IDS)
+    with pytest.raises(fastenc.errors.NumericsError) as err:
+        enc.synchronize()
+    assert str(err.value) == ("the encoder output holds non-finite values (NaN/inf) in 2 of 2 inputs (first: row 0); "
+                              "the weights or the compute dtype (float32) overflow - check the checkpoint, or use "
+                              "dtype='fp32' (found on cpu after call 1 returned; input_ids [2, 20])")
+    with torch.inference_mode():
+        enc(IDS[:1])
+    with pytest.raises(fastenc.errors.NumericsError, match=r"in 1 of 1 inputs .* after call 2 returned"):
+        enc(IDS)  # or at the next call
+
+
+@pytest.mark.gpu
+def test_gpu_calls_make_no_host_sync(tmp_path, monkeypatch):
+    from fastenc.model import T5Encoder
+    from reference import TINY, rel_err
+
+    torch.manual_seed(0)
+    fastenc.save(T5Encoder(TINY), tmp_path / "tiny")
+    enc = fastenc.load(tmp_path / "tiny", backend="triton", device="cuda", dtype="bf16", cache=False)
+    ids, mask = IDS.cuda(), _mask().cuda()
+    with torch.inference_mode():
+        want = enc.model(ids, mask)
+        enc(ids, mask)  # capture, status buffer
+        counts = _count_host_reads(monkeypatch, only_cuda=True)
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+        try:
+            outs = [enc(ids, mask) for _ in range(5)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert sum(counts.values()) == 0, dict(counts)
+    enc.synchronize()
+    for out in outs:
+        assert rel_err(out, want) <= 2e-2
+    bad = ids.clone()
+    bad[1, 3] = TINY.vocab_size
+    with torch.inference_mode():
+        enc(bad)
+    with pytest.raises(fastenc.errors.InputError, match=r"input_ids\[1, 3\] = 512 \(found on cuda:0 after call"):
+        enc.synchronize()
