@@ -14,6 +14,7 @@ import torch
 import fastenc
 from fastenc.errors import CheckpointError, ConfigError
 from test_train_support import PROMPTS, TEXT_DIM, fresh_accelerate_state, world  # noqa: F401 (fixtures)
+from test_train_support import live_and_cached
 from train import cache_teacher
 from train.__main__ import main as train_main
 from train.config import TrainConfig
@@ -162,26 +163,20 @@ def test_teacher_cache_matches_live_teacher_and_needs_no_teacher(world, tmp_path
         assert cache_teacher.main(["--config", str(cfg_file)]) == 0  # nothing to add
     assert "already holds all" in caplog.text
 
-    # live teacher: same settings, no cache
-    live_raw = json.loads(json.dumps(raw))
-    live_raw["teacher"]["cache"] = None
-    live = Trainer(TrainConfig.from_dict(live_raw)).fit().losses
-    # cache only: no teacher path, and a CLIP folder that does not exist (pooled vectors come from the cache)
+    # live teacher (same settings, no cache); cache only: no teacher path, and a CLIP folder that does not
+    # exist (pooled vectors come from the cache)
+    live, tr = live_and_cached(raw, tmp_path / "cached", clip_path=str(tmp_path / "no-clip"))
+    assert tr.teacher._live is None and tr.teacher.clip is None
+    assert tr.result.losses == live
+
+    # a prompt the cache lacks, with no teacher to encode it: refused before training, naming it
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(True)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("a prompt nobody cached\n")
     cached_raw = json.loads(json.dumps(raw))
     cached_raw["teacher"]["path"] = None
     cached_raw["dit"]["clip_path"] = str(tmp_path / "no-clip")
-    cached_raw["run"]["output_dir"] = str(tmp_path / "cached")
-    tr = Trainer(TrainConfig.from_dict(cached_raw))
-    cached = tr.fit().losses
-    assert tr.teacher._live is None and tr.teacher.clip is None
-    assert cached == live
-
-    # a prompt the cache lacks, with no teacher to encode it: refused before training, naming it
-    extra = tmp_path / "extra.txt"
-    extra.write_text("a prompt nobody cached\n")
     cached_raw["data"]["components"]["extra"] = {"paths": [str(extra)]}
     AcceleratorState._reset_state(True)
     with pytest.raises(ConfigError, match="lacks 1 of the training prompts .*'a prompt nobody cached'"):

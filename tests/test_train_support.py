@@ -241,6 +241,28 @@ def build_world(root: Path, *, vae: bool = False) -> World:
     return World(root, tok, student, teacher, flux, pixart, data, wan, ltx, umt5_student)
 
 
+def live_and_cached(raw: dict, out: Path, **dit) -> tuple[list[float], object]:
+    """``raw`` (a config with teacher.path and teacher.cache) trained twice: with the live teacher (no cache),
+    and from the cache alone (no teacher.path; ``dit`` updates that run's dit section). Returns the live run's
+    losses and the fitted cache-only trainer (its losses in ``.result``)."""
+    from accelerate.state import AcceleratorState
+
+    from train.config import TrainConfig
+    from train.loop import Trainer
+
+    live_raw = json.loads(json.dumps(raw))
+    live_raw["teacher"]["cache"] = None
+    live = Trainer(TrainConfig.from_dict(live_raw)).fit().losses
+    AcceleratorState._reset_state(True)
+    cached_raw = json.loads(json.dumps(raw))
+    cached_raw["teacher"]["path"] = None
+    cached_raw["dit"].update(dit)
+    cached_raw["run"]["output_dir"] = str(out)
+    tr = Trainer(TrainConfig.from_dict(cached_raw))
+    tr.result = tr.fit()
+    return live, tr
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate's process state is a singleton: each test builds its own Accelerator. The tiny models

@@ -13,6 +13,7 @@ import torch
 import fastenc
 from fastenc.errors import ConfigError
 from test_train_support import PROMPTS, TEXT_DIM, fresh_accelerate_state, world  # noqa: F401 (fixtures)
+from test_train_support import live_and_cached
 from train.__main__ import main as train_main
 from train.config import KINDS, TrainConfig
 from train.loop import Trainer
@@ -275,17 +276,12 @@ def test_teacher_cache_serves_video_kinds_like_the_live_teacher(world, tmp_path,
     assert cache_teacher.main(["--config", str(cfg_file), "--dtype", "fp32"]) == 0
     held = TeacherCache(cache)
     assert "" in held and held.meta.masked == (kind == "wan") and held.meta.dim == TEXT_DIM
-    live_raw = json.loads(json.dumps(raw))
-    live_raw["teacher"]["cache"] = None
-    live = Trainer(TrainConfig.from_dict(live_raw)).fit().losses
-    AcceleratorState._reset_state(True)
-    cached_raw = json.loads(json.dumps(raw))
-    cached_raw["teacher"]["path"] = None
-    cached_raw["run"]["output_dir"] = str(tmp_path / "cached")
-    tr = Trainer(TrainConfig.from_dict(cached_raw))
-    assert tr.fit().losses == live and tr.teacher._live is None
+    live, tr = live_and_cached(raw, tmp_path / "cached")
+    assert tr.result.losses == live and tr.teacher._live is None
     # the embedding baseline reads the DiT's text width from its config.json without loading it
     AcceleratorState._reset_state(True)
-    emb = Trainer(TrainConfig.from_dict({**cached_raw, "run": {**cached_raw["run"], "loss": "embedding",
-                                                               "output_dir": str(tmp_path / "emb")}}))
+    emb_raw = json.loads(json.dumps(raw))
+    emb_raw["teacher"]["path"] = None
+    emb_raw["run"].update(loss="embedding", output_dir=str(tmp_path / "emb"))
+    emb = Trainer(TrainConfig.from_dict(emb_raw))
     assert emb.dit is None and emb.text_dim == TEXT_DIM
