@@ -20,7 +20,7 @@ import triton
 
 import fastenc
 from fastenc.errors import BackendUnavailable
-from fastenc.kernels import TritonOps, attention, gated_ffn, graphs, linear_relu, rms_norm, triton_ops
+from fastenc.kernels import TritonOps, attention, gated_ffn, graphs, linear_relu, offline, rms_norm, triton_ops
 from fastenc.model import T5Encoder
 from fastenc.ops import TORCH_OPS, relative_position_bucket
 from reference import TINY, Reference, cos_per_token, rel_err, write_distillt5
@@ -374,48 +374,55 @@ def test_kernel_bench_skips_without_gpu(capsys):
 # -- the GPU build, checked without a GPU ----------------------------------------------
 
 def _ptxas() -> Path:
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return offline.ptxas()
 
 
 def _hopper_build_available() -> bool:
-    return _ptxas().exists()
+    return offline.have_ptxas()
+
+
+NO_PTXAS = f"triton's bundled ptxas is missing ({offline.ptxas()}): the GPU build cannot be checked here"
 
 
 def _record_launch(op: str):
-    """One bf16 launch of ``op`` at the base student's widths, recorded instead of run."""
-    bf = torch.bfloat16
-    if op == "rms_norm":
-        kernel, call = rms_norm._KERNEL, lambda: rms_norm.add_rms_norm(
-            torch.randn(2, 8, 768).to(bf), torch.randn(2, 8, 768).to(bf), torch.ones(768, dtype=bf), 1e-6)
-    elif op in ("attention", "attention_fp32"):  # recorded, not run: the base student's L = 512 costs nothing
-        dt = torch.float32 if op == "attention_fp32" else bf
-        q, k, v = (t.cpu() for t in _qkv(2, 512, 12, 64, dt))
-        bias = TritonOps("cpu").position_bias(torch.randn(32, 12), 512, torch.ones(2, 512), 32, 128, dt)
-        kernel, call = attention.kernel_for(dt), lambda: attention.rel_attention(q, k, v, bias)
-    elif op == "gated_ffn":
-        kernel, call = gated_ffn._KERNEL, lambda: gated_ffn.gated_ffn(
-            torch.randn(16, 768).to(bf), torch.randn(4096, 768).to(bf), "gelu_new", bf)
-    else:
-        kernel, call = linear_relu._KERNEL, lambda: linear_relu.linear_relu(
-            torch.randn(16, 768).to(bf), torch.randn(4096, 768).to(bf))
-    with kernel.recording() as calls:
-        call()
-    assert len(calls) == 1
-    return kernel, calls[0]
+    """One bf16 launch of ``op`` at the base student's widths, recorded instead of run (``attention_fp32``:
+    the fp32 attention launch)."""
+    if op == "attention_fp32":
+        return offline.record_launch("attention", torch.float32)
+    return offline.record_launch(op, torch.bfloat16)
 
 
-@pytest.mark.skipif(not CUDA and not _hopper_build_available(), reason="triton has no NVIDIA backend here")
-@pytest.mark.parametrize("op", ["rms_norm", "attention", "gated_ffn", "linear_relu"])
-def test_kernels_compile_for_hopper(op):
-    """The launchers' bf16 launch compiles for sm_90 (first autotune config) and the matrix
-    kernels use Hopper's warpgroup MMA (wgmma): the GPU path is built even where none runs."""
-    kernel, (args, kwargs) = _record_launch(op)
-    compiled = kernel.compile_for(args, kwargs, arch=90, UPCAST=False)
-    assert compiled.asm.get("cubin")
-    if op != "rms_norm":
-        assert "warp_group_dot" in compiled.asm["ttgir"]
-    # built with the JIT's divisibility specialisation: 16-aligned pointers are known to be
-    assert "tt.divisibility = 16" in compiled.asm["ttir"]
+@pytest.mark.skipif(not offline.have_ptxas(), reason=NO_PTXAS)
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("op", offline.OPS)
+def test_every_config_compiles_and_fits_shared_memory(op, arch):
+    """Every autotune config of each bf16 kernel (attention with the mask the graph runner passes) compiles
+    for sm_80 and sm_90 and asks for no more shared memory than one block may use there (163 / 227 KB):
+    the autotuner never meets a config that cannot run on these GPUs. The matrix kernels use the matrix
+    units: Hopper's warpgroup MMA (wgmma) on sm_90 for tiles of 64 rows or more (a warpgroup's least),
+    mma.sync otherwise and on sm_80; pointers aligned to 16 bytes are known to be."""
+    kernel, launch = _record_launch(op)
+    assert (op == "rms_norm") != bool(kernel.all_configs)  # rms_norm alone is not autotuned
+    for config in kernel.all_configs or [None]:
+        compiled = kernel.compile_for(*launch, arch=arch, config=config, UPCAST=False)
+        label = (op, arch, offline.describe(config))
+        assert compiled.asm.get("cubin"), label
+        assert 0 < compiled.metadata.shared <= offline.SMEM_PER_BLOCK[arch], (label, compiled.metadata.shared)
+        assert "tt.divisibility = 16" in compiled.asm["ttir"], label
+        if op != "rms_norm":
+            wgmma = arch == 90 and config.kwargs["BLOCK_M"] >= 64
+            assert ("warp_group_dot" in compiled.asm["ttgir"]) == wgmma, label
+            assert "mma" in compiled.asm["ptx"], label
+
+
+def test_the_compile_check_knows_each_architectures_shared_memory():
+    assert offline.SMEM_PER_BLOCK[80] == 163 * 1024 and offline.SMEM_PER_BLOCK[90] == 227 * 1024
+    assert offline.SMEM_PER_BLOCK[86] == offline.SMEM_PER_BLOCK[89] == 99 * 1024
+    build = offline.Build("gated_ffn", "bf16", 86, "128x128x32 w8 s3", shared=99 * 1024 + 1)
+    assert not build.fits and offline.Build("gated_ffn", "bf16", 80, "", shared=99 * 1024 + 1).fits
+    assert not offline.Build("gated_ffn", "bf16", 80, "", shared=1, error="CompilationError: x").fits
+    with pytest.raises(ValueError, match="unknown op 'softmax'"):
+        offline.record_launch("softmax", torch.bfloat16)
 
 
 def _jit_binder_specialization(fn, args, kwargs):
@@ -468,7 +475,7 @@ def _ptxas_spill_stores(ptx: str, tmp_path: Path) -> list[int]:
     return [int(n) for n in re.findall(r"(\d+) bytes spill stores", run.stderr)]
 
 
-@pytest.mark.skipif(not _hopper_build_available(), reason="triton's bundled ptxas is not here")
+@pytest.mark.skipif(not _hopper_build_available(), reason=NO_PTXAS)
 def test_fp32_attention_tiles_do_not_spill_on_hopper(tmp_path):
     """fp32 attention (IEEE dot, no tensor cores) gets its own tiles: none spills registers on sm_90."""
     kernel, (args, kwargs) = _record_launch("attention_fp32")

@@ -210,6 +210,8 @@ class Kernel:
         self.elsize = elsize
         self._smem = smem
         all_configs = list(configs or [])
+        #: every GPU config (what autotuning chooses among; :attr:`configs` is one of them when it is off)
+        self.all_configs = all_configs
         #: the config run without autotuning (``FASTENC_AUTOTUNE=0``, the first-contact probe)
         self.single = single_config(all_configs, self.smem_bytes if smem is not None else None)
         tune = autotune_enabled() if autotune is None else autotune
