@@ -296,7 +296,7 @@ def test_a_real_kernel_tunes_once_per_device_kind(monkeypatch, tmp_path):
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
     want = torch.relu(x.float() @ w.float().t())
-    fresh = [Kernel(real.fn, configs=real.configs, key=real._key, interpret_meta=real.interpret_meta,
+    fresh = [Kernel(real.fn, configs=real.all_configs, key=real._key, interpret_meta=real.interpret_meta,
                     smem=real._smem, elsize=real.elsize, autotune=True) for _ in range(2)]
     tuned = _common.tunings()
     for i, kernel in enumerate(fresh):
@@ -307,7 +307,8 @@ def test_a_real_kernel_tunes_once_per_device_kind(monkeypatch, tmp_path):
         assert _common.tunings() == tuned + 1  # the second instance ran the first one's recorded choice
         tuning.forget()
     kind = tuning.device_kind(torch.cuda.current_device())
-    assert kind.smem_per_block > 48 * 1024 and _table(kind)["kernels"][real.tuning_id]
+    assert kind.smem_per_block > 48 * 1024 and _table(kind)["kernels"][fresh[0].tuning_id]
+    assert fresh[0].tuning_id == fresh[1].tuning_id
 
 
 if __name__ == "__main__":
