@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -19,9 +20,10 @@ from .backends.graph import GRAPH_BACKENDS, GraphRunner
 from .backends.placement import FollowsWeights
 from .cache import CacheKey, EmbeddingCache, key as cache_key
 from .config import EncoderConfig, get_size
-from .errors import CheckpointError, ConfigError, InputError, NumericsError
+from .errors import (CheckpointError, ConfigError, FastencError, InputError, NumericsError, is_out_of_memory,
+                     out_of_memory)
 from .fileio import content_identity
-from .inputs import DeviceChecks, check_prompt, prompt_list
+from .inputs import DeviceChecks, check_device, check_prompt, prompt_list
 from .model import T5Encoder
 from .targets import TARGETS, Target, get_target
 
@@ -385,7 +387,29 @@ def tokenizer_identity(tokenizer: object) -> str:
 def _build_random(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype, seed: int) -> T5Encoder:
     with torch.device("meta"):
         model = T5Encoder(cfg)
-    model.to_empty(device=device)
+    count = sum(p.numel() for p in model.parameters())
+    with _memory_guard(f"the {cfg.name} encoder (random init, {count / 1e6:,.0f}M parameters in float32 on "
+                       f"{device})", count * 4):
+        model.to_empty(device=device)
+        _init_random(model, cfg, seed)
+        return model.cast(dtype)
+
+
+@contextlib.contextmanager
+def _memory_guard(what: str, nbytes: int):
+    """Memory exhaustion inside (MemoryError, torch's "not enough memory", CUDA's out of memory) becomes
+    one :class:`~fastenc.errors.OutOfMemory` naming ``what`` and the ``nbytes`` it needed."""
+    try:
+        yield
+    except FastencError:
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory(what, nbytes, exc) from None
+        raise
+
+
+def _init_random(model: T5Encoder, cfg: EncoderConfig, seed: int) -> None:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -400,7 +424,6 @@ def _build_random(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype, 
             p.copy_(torch.randn(p.shape, generator=gen) * std)
         for block in model.blocks:  # T5 scales queries by d_kv**-0.5 at init (no 1/sqrt(d) in attention)
             block.attn.qkv.weight[: cfg.inner_dim].mul_(cfg.d_kv**-0.5)
-    return model.cast(dtype)
 
 
 def _param_dtypes(model: T5Encoder) -> dict[str, torch.dtype]:
@@ -424,8 +447,11 @@ def _load_weights(path: Path, size: str | None, device: torch.device,
     with torch.device("meta"):  # cfg was checked against the tensors' shapes: nothing large is built here
         model = T5Encoder(cfg)
     expected = {n: p.shape for n, p in model.named_parameters()}
-    state = weights.load_state_dict(source, cfg, layout, prefix, expected, dtype=dtype, device=device)
-    model.load_state_dict(state, strict=True, assign=True)
+    count = sum(p.numel() for p in model.parameters())
+    with _memory_guard(f"{path}: the {cfg.name} encoder's weights ({count / 1e6:,.0f}M parameters in "
+                       f"{str(dtype).removeprefix('torch.')} on {device})", count * dtype.itemsize):
+        state = weights.load_state_dict(source, cfg, layout, prefix, expected, dtype=dtype, device=device)
+        model.load_state_dict(state, strict=True, assign=True)
     model.weights_identity = identity  # content identity for the embedding cache key
     log.info("loaded %s checkpoint (%s layout) from %s", cfg.name, layout, path)
     return model, WeightsOrigin("checkpoint", _param_dtypes(model), path=path.resolve(), identity=identity, stats=stats)
@@ -479,12 +505,7 @@ def _check_load_args(checkpoint, *, size, random_init, backend, device, tokenize
     if not isinstance(cache, (bool, EmbeddingCache)):
         raise ConfigError(f"cache must be True, False or an EmbeddingCache, got {type(cache).__name__}")
     if device is not None:
-        if not isinstance(device, (str, torch.device)):
-            raise ConfigError(f"device must be a string or torch.device, got {type(device).__name__}")
-        try:
-            torch.device(device)
-        except (RuntimeError, ValueError, TypeError):
-            raise ConfigError(f"unknown device {device!r:.60}; use 'cpu', 'cuda' or 'cuda:N'") from None
+        check_device(device, "device", "pass device='cpu' or leave it out")
 
 
 def load(
@@ -601,6 +622,8 @@ def save(encoder: Encoder | T5Encoder, directory: str | os.PathLike) -> Path:
             "backend='torch')), or copy the export folder itself")
     if not isinstance(model, nn.Module) or not isinstance(getattr(model, "config", None), EncoderConfig):
         raise ConfigError(f"fastenc.save takes a fastenc.Encoder or T5Encoder, got {type(encoder).__name__}")
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory).strip():
+        raise ConfigError(f"fastenc.save: directory must be a folder path (str or os.PathLike), got {directory!r:.60}")
     on_meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
     if on_meta is not None:
         raise ConfigError(f"fastenc.save: the encoder's weights are on the meta device ({on_meta}; accelerate's "

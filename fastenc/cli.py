@@ -134,15 +134,18 @@ def check_device(device: str | None) -> None:
         raise BackendUnavailable(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
-def check_output(flag: str, path: str | os.PathLike, *, folder: bool) -> None:
-    """Fail before any work when ``path`` cannot be written: under a file, in a read-only folder, wrong kind."""
+def check_output(flag: str, path: str | os.PathLike, *, folder: bool, parents: bool = False) -> None:
+    """Fail before any work when ``path`` cannot be written: under a file, in a read-only folder, wrong kind,
+    in a folder that does not exist (unless ``parents``: the caller creates them and says so)."""
+    from .fileio import check_parent
+
     path = Path(path).expanduser()
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path}: exists and is not a folder")
     if not folder and path.is_dir():
         raise ConfigError(f"{flag} {path}: is a folder; give a file name")
-    if not folder and not os.path.lexists(path.parent.absolute()):  # a typo is not a request for new folders
-        raise ConfigError(f"{flag} {path}: the folder {path.parent} does not exist (create it first)")
+    if not parents:
+        check_parent(flag, path)  # a typo is not a request for new folders (nor is a new folder's missing parent)
     ancestor = path if folder else path.parent
     ancestor = ancestor.absolute()
     while not ancestor.exists() and ancestor.parent != ancestor:

@@ -35,6 +35,44 @@ def plain_file_name(name: object, suffix: str = "") -> bool:
             and "\\" not in name and "\0" not in name and not os.path.isabs(name) and name.endswith(suffix))
 
 
+def check_parent(flag: str, path: str | os.PathLike) -> None:
+    """``path`` (a file or folder fastenc is told to write) must be in a folder that exists: a typo is not a
+    request for new folders, so missing parents are never created (one ConfigError naming ``flag``)."""
+    parent = Path(path).expanduser().absolute().parent
+    if not os.path.lexists(parent):
+        from .errors import ConfigError
+
+        raise ConfigError(f"{flag} {path}: the folder {Path(path).expanduser().parent} does not exist (create it "
+                          "first)")
+
+
+def check_utf8_path(path: str | bytes | os.PathLike, error: type[Exception] | None = None) -> None:
+    """Refuse a path whose name is not valid UTF-8 (a folder made from bytes in another encoding): safetensors
+    and tokenizers take only UTF-8 paths, and would call the file unreadable or invalid. The one ``error``
+    (ConfigError by default) shows the path with its bytes escaped, as in ``/data/caf\\xe9``."""
+    text = os.fsdecode(os.fspath(path))
+    try:
+        text.encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = os.fsencode(text)  # the bytes on disk (Python keeps undecodable bytes as surrogates)
+    except UnicodeEncodeError:  # lone surrogates that no file system gave: a str built in Python
+        shown, why = text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace"), "a lone surrogate"
+    else:
+        shown = raw.decode("utf-8", "backslashreplace")
+        try:
+            raw.decode("utf-8")
+            why = "a lone surrogate"
+        except UnicodeDecodeError as exc:
+            why = f"byte 0x{raw[exc.start]:02x} at position {exc.start}"
+    if error is None:
+        from .errors import ConfigError as error
+    raise error(f"{shown}: the path is not valid UTF-8 ({why}); fastenc reads checkpoints and tokenizers "
+                "through UTF-8 paths only: rename it, or link to it from a UTF-8 name")
+
+
 def umask_mode(mode: int = 0o666) -> int:
     """``mode`` with the process umask applied (what ``open()`` would create)."""
     umask = os.umask(0)

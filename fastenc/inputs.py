@@ -16,7 +16,28 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import FastencError, InputError, NumericsError
+from .errors import BackendUnavailable, ConfigError, FastencError, InputError, NumericsError
+
+
+def check_device(device: object, what: str = "device", advice: str = "use 'cpu'") -> torch.device:
+    """``device`` as a :class:`torch.device` that exists here: a wrong type or name is one ConfigError, a
+    CUDA device this machine lacks one BackendUnavailable naming ``what`` (torch's own refusal is an
+    AssertionError deep inside ``.to()``)."""
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"{what} must be a device such as 'cpu' or 'cuda:0' (a string or torch.device), "
+                          f"got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{what} must be a device such as 'cpu' or 'cuda:0', got {device!r:.60}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(f"{what} {str(device)!r}: no CUDA device is visible here (torch sees no GPU); "
+                                     f"{advice}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BackendUnavailable(f"{what} {str(device)!r}: no such CUDA device (this machine has "
+                                     f"{torch.cuda.device_count()})")
+    return device
 
 
 def check_prompt(prompt: object, index: int) -> str:

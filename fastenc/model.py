@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import EncoderConfig
+from .errors import ConfigError
 from .ops import TORCH_OPS, TorchOps
 
 
@@ -103,6 +104,8 @@ class T5Encoder(nn.Module):
     """Token ids [B, L] -> embeddings [B, L, output_dim] (projected for students, hidden states for xxl)."""
 
     def __init__(self, cfg: EncoderConfig, ops: TorchOps = TORCH_OPS):
+        if not isinstance(cfg, EncoderConfig):
+            raise ConfigError(f"T5Encoder takes an EncoderConfig (e.g. fastenc.SIZES['base']), got {type(cfg).__name__}")
         super().__init__()
         self.config = cfg
         self.ops = ops

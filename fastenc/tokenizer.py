@@ -17,15 +17,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import processors
 
 from .config import max_length_for, read_json_object
-from .errors import ConfigError, InputError
-from .fileio import atomic_write, looks_local, not_a_file
+from .errors import ConfigError
+from .fileio import atomic_write, check_utf8_path, looks_local, not_a_file
+from .inputs import prompt_list
 
 logger = logging.getLogger("fastenc")
 
@@ -165,7 +166,11 @@ class Tokenizer:
         a ``tokenizer.json`` whose model is not Unigram (e.g. SD3's CLIP tokenizers) is skipped.
         A path that does not exist but looks like ``owner/name`` is fetched from the hub.
         """
+        if not isinstance(source, (str, os.PathLike)) or not os.fspath(source).strip():
+            raise ConfigError(f"tokenizer must be a folder, file or hub id (str or os.PathLike), got {source!r:.60}")
         path = Path(source).expanduser()
+        if path.exists():
+            check_utf8_path(path)
         if path.is_file():
             return cls.from_spiece(path) if path.suffix == ".model" else cls.from_file(path)
         if path.is_dir():
@@ -211,20 +216,9 @@ class Tokenizer:
         Prompts longer than ``L`` tokens are cut to ``L - 1`` tokens plus ``</s>``, with a warning
         unless ``warn=False`` (the count is in the result either way).
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise InputError("Tokenizer got an empty prompt list")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise InputError(f"prompts[{i}] is {type(prompt).__name__}, expected str")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise InputError(f"prompts[{i}] holds a lone surrogate U+{ord(prompt[exc.start]):04X} at character "
-                                 f"{exc.start}: not valid Unicode text (decode its source with errors='replace')"
-                                 ) from None
+        if isinstance(prompts, Iterator):  # a generator of prompts, taken whole as before
+            prompts = list(prompts)
+        prompts = prompt_list(prompts)  # a str or a sequence of valid str, else one InputError
         length = max_length_for(target) if max_length is None else max_length
         if not isinstance(length, int) or isinstance(length, bool) or length < max(1, self._num_special):
             raise ConfigError(f"max_length must be an integer >= {max(1, self._num_special)}, got {length!r}")

@@ -31,8 +31,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import MAX_PROJECTION_DIM, MODEL_TYPES, EncoderConfig, read_json_object
-from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write, content_identity, looks_local, missing_path_message, plain_file_name
+from .errors import CheckpointError, ConfigError, is_out_of_memory, out_of_memory
+from .fileio import (atomic_write, check_utf8_path, content_identity, looks_local, missing_path_message,
+                     plain_file_name)
 from .inputs import all_finite
 
 log = logging.getLogger("fastenc")
@@ -79,6 +80,8 @@ def open_safetensors(file: Path):
     except IsADirectoryError:
         raise CheckpointError(f"{file}: is a directory, not a safetensors file") from None
     except Exception as exc:  # SafetensorError, OSError, ValueError, ... from the header parser
+        if is_out_of_memory(exc):  # the mmap of a valid file did not fit (a memory cap): not a damaged file
+            raise out_of_memory(f"mapping {file}", os.path.getsize(file), exc) from None
         raise CheckpointError(f"{file}: not a readable safetensors file ({str(exc)[:200]})") from None
 
 
@@ -338,7 +341,9 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, *, subfolder: str | None =
     text = os.fspath(checkpoint)
     path = Path(os.path.expanduser(text))
     if path.exists():
-        return path / subfolder if subfolder else path
+        path = path / subfolder if subfolder else path
+        check_utf8_path(path, CheckpointError)
+        return path
     if not isinstance(checkpoint, str) or looks_local(text) or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", text):
         raise CheckpointError(missing_path_message(text))
     from .hub import download_checkpoint  # offline: fails at once, naming the `hf download` command

@@ -130,7 +130,7 @@ def test_properties_decode_and_save(tok: Tokenizer, hf, tmp_path: Path) -> None:
 
 
 def test_bad_prompts(tok: Tokenizer) -> None:
-    with pytest.raises(InputError, match="empty prompt list"):
+    with pytest.raises(InputError, match="^prompts is empty$"):
         tok([])
     with pytest.raises(InputError, match=r"prompts\[1\] is int, expected str"):
         tok(["a cat", 3])  # type: ignore[list-item]

@@ -285,6 +285,7 @@ def test_failed_run_leaves_no_partial_repository(exported, tmp_path):
     bad = tmp_path / "not-a-tokenizer"
     bad.mkdir()
     (bad / "tokenizer.json").write_text("{ not json")
+    (tmp_path / "new").mkdir()
     with pytest.raises(FastencError, match="tokenizer"):
         write_triton_repo(TritonRepoRequest(exported["export"], tmp_path / "new" / "repo", tokenizer=str(bad)))
     assert list((tmp_path / "new").iterdir()) == []  # no repo, no .repo.staging-*

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+from pathlib import Path
 
 from fastenc.cli import check_output
 from fastenc.errors import ConfigError
@@ -17,6 +20,8 @@ from fastenc.errors import ConfigError
 from .boundary import Parser, guarded
 from .config import TrainConfig, apply_override, origin_of, read_config_file
 from .distributed import setup_logging
+
+log = logging.getLogger("fastenc.train")
 
 #: Shortcut flags -> config keys (typed by argparse, so "--output-dir 123" stays a string).
 FLAGS = {
@@ -70,8 +75,15 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
 
 
 def check_output_dir(cfg: TrainConfig, where: str | None) -> None:
-    """The output folder can be made and written (not a file, not under one, not read-only), before any work."""
-    check_output(f"{where}: run.output_dir" if where else "run.output_dir", cfg.run.output_dir, folder=True)
+    """The output folder can be made and written (not a file, not under one, not read-only), before any work.
+    Missing parent folders (``runs/`` of the shipped configs in a fresh checkout) are created, and said."""
+    check_output(f"{where}: run.output_dir" if where else "run.output_dir", cfg.run.output_dir, folder=True,
+                 parents=True)
+    out = Path(cfg.run.output_dir).expanduser().absolute()
+    missing = [p for p in out.parents if not os.path.lexists(p)]
+    if missing:
+        log.warning("train: creating %s for run.output_dir %s (%s)", missing[-1], cfg.run.output_dir,
+                    "it does not exist" if len(missing) == 1 else f"with {len(missing) - 1} folder(s) below it")
 
 
 def main(argv: list[str] | None = None) -> int:

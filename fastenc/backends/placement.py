@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from . import follow_backend, op_table
+from ..errors import ConfigError
+from ..inputs import check_device
 from .graph import GRAPH_BACKENDS
 
 log = logging.getLogger("fastenc")
@@ -122,8 +124,12 @@ class FollowsWeights:
         """``nn.Module.to`` with fastenc's precision rules (see :mod:`fastenc.backends.placement`)."""
         if self._is_graph_backend:
             return super().to(*args, **kwargs)
-        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        try:
+            device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"Encoder.to: {str(exc).splitlines()[0][:160]}") from None
         if device is not None:
+            check_device(device, "Encoder.to", "keep it on 'cpu'")
             super().to(device=device, non_blocking=non_blocking)
         if dtype is not None:
             self.cast(dtype)

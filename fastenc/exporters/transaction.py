@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ConfigError
+from ..fileio import check_parent
 
 log = logging.getLogger("fastenc")
 
@@ -205,6 +206,7 @@ def check_target(out: Path, allowed: frozenset[str], *, maker: str = "an export"
     out = Path(out)
     if os.path.lexists(out) and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
+    check_parent("--out", out)
     resolved = out.resolve()
     if resolved.parent == resolved:
         raise ConfigError(f"--out {out}: the root folder cannot be {maker} folder")

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..config import TARGET_MAX_LENGTH, max_length_for
 from ..errors import CheckpointError, ConfigError
-from ..fileio import umask_mode
+from ..fileio import check_parent, umask_mode
 from .artifacts import (artifact_files, changed_source, check_export, checkpoint_fingerprint, find_artifacts,
                         read_config, read_manifest, source_changed, staged)
 from .contract import ATTENTION_MASK, INPUT_IDS, OUTPUT_NAME, Profile
@@ -306,6 +306,7 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
         raise ConfigError(f"--instance-count must be in 1..{MAX_INSTANCES}, got {req.instance_count!r}")
     if not isinstance(req.threads, int) or req.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: the runtime's default), got {req.threads!r}")
+    check_parent("--out", req.out)  # before anything is read: no missing folder is ever created
     export_dir = Path(req.export_dir)
     manifest = read_manifest(export_dir)
     cfg = read_config(export_dir)
@@ -398,7 +399,6 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
             output_type=output_type, output_dim=cfg.output_dim))
 
     if not out.exists():  # a new repository: staged beside it, then one rename
-        out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
         try:
             write_models(work)
@@ -442,7 +442,8 @@ def add_triton_command(subparsers) -> None:
                     "in the repository are left alone.",
     )
     p.add_argument("export_dir", type=Path, help="directory written by `fastenc export`")
-    p.add_argument("-o", "--out", type=Path, required=True, help="model repository directory (created if missing)")
+    p.add_argument("-o", "--out", type=Path, required=True,
+                   help="model repository directory (created if missing, in a folder that exists)")
     p.add_argument("--encoder-backend", choices=ENCODER_BACKENDS, default="auto",
                    help="auto (tensorrt when the export has an engine, else onnxruntime), onnxruntime, tensorrt, "
                         "python (ONNX Runtime inside the python backend, for servers without the onnxruntime "

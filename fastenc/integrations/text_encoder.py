@@ -32,7 +32,8 @@ from transformers import PretrainedConfig, PreTrainedModel  # PreTrainedModel mu
 from transformers.modeling_outputs import BaseModelOutput  # diffusers looks it up here to pick the load method
 
 from ..api import Encoder, load, parse_dtype, save
-from ..errors import BackendUnavailable, ConfigError, InputError
+from ..errors import ConfigError, InputError
+from ..inputs import check_device
 
 log = logging.getLogger("fastenc")
 
@@ -83,19 +84,9 @@ class T5Replacement(PreTrainedModel):
             self.keep_on = None
             self._out_device = None
             return self
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ConfigError(f"keep_on/pin_device must be a device such as 'cpu' or 'cuda:0', got {device!r}") from None
-        if device.type == "cuda":  # checked here: torch's own refusal is an AssertionError deep in .to()
-            if not torch.cuda.is_available():
-                raise BackendUnavailable(f"keep_on/pin_device {str(device)!r}: no CUDA device is visible here "
-                                         "(torch sees no GPU); pin to 'cpu'")
-            if device.index is None:
-                device = torch.device("cuda", torch.cuda.current_device())
-            elif device.index >= torch.cuda.device_count():
-                raise BackendUnavailable(f"keep_on/pin_device {str(device)!r}: no such CUDA device (this machine "
-                                         f"has {torch.cuda.device_count()})")
+        device = check_device(device, "keep_on/pin_device", "pin to 'cpu'")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.keep_on = device
         self.encoder.to(device)
         log.info("fastenc encoder pinned to %s (%s backend, %s): pipeline moves leave it there", device,
