@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="75,80,86,89,90")
     p.add_argument("--dtype", default="bf16,fp16,fp32")
-    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="compiler processes (1: in this process)")
     args = p.parse_args(argv)
     if not offline.have_ptxas():
         print(f"skipped: triton's bundled ptxas is missing ({offline.ptxas()})")
@@ -49,8 +50,11 @@ def main(argv=None) -> int:
         p.error(f"unknown arch {unknown}; choose from {sorted(offline.SMEM_PER_BLOCK)}")
     dtypes = args.dtype.split(",")
     jobs = [(op, dt, arch) for op in offline.OPS for dt in dtypes for arch in archs]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(zip(jobs, pool.map(_one, jobs)))
+    if args.jobs <= 1:
+        results = {job: _one(job) for job in jobs}
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            results = dict(zip(jobs, pool.map(_one, jobs)))
 
     bad = []
     head = f"{'kernel':12} {'dtype':5} {'config':22} " + " ".join(f"{f'sm_{a} KB':>9}" for a in archs)

@@ -425,6 +425,49 @@ def test_the_compile_check_knows_each_architectures_shared_memory():
         offline.record_launch("softmax", torch.bfloat16)
 
 
+def _compile_matrix():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compile_matrix.py"
+    spec = importlib.util.spec_from_file_location("compile_matrix", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("case", ["fits", "untuned over", "none fits", "fails", "no ptxas"])
+def test_the_compile_matrix_script_reports_what_does_not_fit(case, monkeypatch, capsys):
+    """scripts/compile_matrix.py's table and verdict, with the compiler replaced by chosen results."""
+    script = _compile_matrix()
+
+    def fake_build(op, dtype, arch, config=None, launch=None):
+        result = offline.Build(op, dtype, arch, offline.describe(config), shared=8 * 1024)
+        single = launch[0].single if launch else None
+        if op == "gated_ffn" and (case == "none fits" or (case == "untuned over" and config is single)):
+            result.shared = 100 * 1024  # over sm_86's 99 KB
+        if op == "linear_relu" and case == "fails" and config is single:
+            result.error = "CompilationError: unsupported"
+        return result
+
+    monkeypatch.setattr(offline, "build", fake_build)
+    monkeypatch.setattr(offline, "have_ptxas", lambda: case != "no ptxas")
+    rc = script.main(["--arch", "80,86", "--dtype", "bf16", "--jobs", "1"])
+    out = capsys.readouterr().out
+    if case == "no ptxas":
+        assert rc == 2 and out.startswith("skipped: triton's bundled ptxas is missing")
+        return
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
+    assert "sm_86 KB" in out and "/99" in out and rc == (0 if case == "fits" else 1)
+    if case == "fits":
+        assert not problems and " over" not in out
+    elif case == "untuned over":
+        assert problems == ["PROBLEM gated_ffn bf16 sm_86: the untuned config (*) does not fit"]
+    elif case == "none fits":
+        assert problems == ["PROBLEM gated_ffn bf16 sm_86: no config fits 99 KB",
+                            "PROBLEM gated_ffn bf16 sm_86: the untuned config (*) does not fit"]
+    else:  # the failed build on each architecture, and the untuned config that does not run there
+        assert "FAIL" in out and len(problems) == 4 and all(p.startswith("PROBLEM linear_relu bf16 ") for p in problems)
+        assert sum("CompilationError: unsupported" in p for p in problems) == 2
+
+
 def _jit_binder_specialization(fn, args, kwargs):
     """What triton's own launch binder computes (internal API, same in 3.6 and 3.7; None if it moved)."""
     try:
