@@ -19,7 +19,7 @@ import torch
 import triton
 
 import fastenc
-from fastenc.errors import BackendUnavailable
+from fastenc.errors import BackendUnavailable, ConfigError
 from fastenc.kernels import TritonOps, attention, gated_ffn, graphs, linear_relu, offline, rms_norm, triton_ops
 from fastenc.model import T5Encoder
 from fastenc.ops import TORCH_OPS, relative_position_bucket
@@ -421,8 +421,9 @@ def test_the_compile_check_knows_each_architectures_shared_memory():
     build = offline.Build("gated_ffn", "bf16", 86, "128x128x32 w8 s3", shared=99 * 1024 + 1)
     assert not build.fits and offline.Build("gated_ffn", "bf16", 80, "", shared=99 * 1024 + 1).fits
     assert not offline.Build("gated_ffn", "bf16", 80, "", shared=1, error="CompilationError: x").fits
-    with pytest.raises(ValueError, match="unknown op 'softmax'"):
+    with pytest.raises(ConfigError) as err:
         offline.record_launch("softmax", torch.bfloat16)
+    assert str(err.value) == "unknown op 'softmax'; choose from rms_norm, attention, gated_ffn, linear_relu"
 
 
 def _compile_matrix():
