@@ -65,7 +65,7 @@ class Bench:
         return [t, t, t]
 
 
-def stub_kernel(monkeypatch=None) -> tuple[Kernel, FakeJit, Bench]:
+def stub_kernel() -> tuple[Kernel, FakeJit, Bench]:
     """The stub kernel as fastenc builds one, with triton's real autotuner over :class:`FakeJit`."""
     kernel = Kernel(_stub_tuned_kernel, configs=CONFIGS, key=["N"], autotune=True)
     assert kernel.autotuned  # compiled (not interpreted) on CUDA tensors, as on a GPU
