@@ -6,6 +6,8 @@
 - :mod:`.linear_relu`: GEMM with a ReLU (or other activation) epilogue
 - :mod:`.ops`: :class:`TritonOps`, the op table the model runs with
 - :mod:`.graphs`: CUDA-graph capture of the whole forward per (batch, seq) bucket
+- :mod:`.tuning`: autotuning choices per GPU kind, kept between processes under fastenc's cache folder
+- :mod:`.offline`: the kernels' launches compiled for an NVIDIA architecture without a GPU (shared-memory check)
 
 CUDA tensors run compiled kernels; CPU tensors run the same kernel sources through triton's
 interpreter (slow; for tests), see :mod:`._common`.
