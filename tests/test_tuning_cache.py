@@ -26,6 +26,7 @@ from fastenc.kernels import _common, tuning
 from fastenc.kernels._common import Kernel
 
 CUDA0, CUDA1 = torch.device("cuda:0"), torch.device("cuda:1")
+DEVICE_KIND = tuning.device_kind  # the real one (the fixture below chooses the facts)
 H100 = tuning.DeviceKind("NVIDIA H100 80GB HBM3", "9.0", 232448)
 A10 = tuning.DeviceKind("NVIDIA A10", "8.6", 101376)
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=2) for b in (16, 32, 64)]
@@ -117,6 +118,20 @@ def test_the_key_changes_with_capability_and_shared_memory(two_gpus):
     assert A10.label() == "NVIDIA A10 (sm_86, 99 KB shared memory per block)"
     assert tuning.kind_of(1) == tuning.kind_of(1) == A10 and tuning.kind_of(0) == H100
     assert two_gpus == [1, 0]  # read once per GPU and process
+
+
+def test_device_kind_reads_the_gpus_properties(monkeypatch):
+    from types import SimpleNamespace
+
+    import triton.runtime
+
+    props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, shared_memory_per_block_optin=232448)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    assert DEVICE_KIND(0) == tuning.DeviceKind("NVIDIA H200", "9.0", 232448)
+    del props.shared_memory_per_block_optin  # a torch that does not report it: triton's driver does
+    utils = SimpleNamespace(get_device_properties=lambda index: {"max_shared_mem": 101376})
+    monkeypatch.setattr(triton.runtime, "driver", SimpleNamespace(active=SimpleNamespace(utils=utils)))
+    assert DEVICE_KIND(0).smem_per_block == 101376
 
 
 def test_kernel_ids_follow_source_configs_and_key():
