@@ -356,13 +356,17 @@ def test_gpu_offload_round_trips_capture_once(tmp_path):
         want = enc(ids)
     runner = enc.graphs
     assert runner.captures == 1
-    for _ in range(5):  # what enable_model_cpu_offload does around each call
+    captures = []
+    for _ in range(8):  # what enable_model_cpu_offload does around each call
         enc.to("cpu")
         enc.to("cuda")
         with torch.inference_mode():
             got = enc(ids)
         assert rel_err(got, want) <= 2e-2
-    assert enc.graphs is runner and runner.captures == 1  # replayed (same blocks back) or eager, never recaptured
+        captures.append(runner.captures)
+    # replayed (the same blocks came back) or eager; at most one more capture, for blocks that come back
+    # the same from the second round trip on (the load allocated its own), and none after that
+    assert enc.graphs is runner and captures[-1] <= 2 and captures[-1] == captures[2], captures
 
 
 # ---- (d) no host syncs on the device path; checks of device tensors reported without one ----------------
