@@ -292,8 +292,10 @@ def run_student(args, say) -> list[Row]:
             ids = sample_ids(cfg.vocab_size, B, L, dev)
             with torch.inference_mode():
                 # tune this shape's kernels first, launched exactly as the graph runner will launch them
-                # (bucket, mask): triton's benchmarking buffers stay out of the peak-memory window
+                # (bucket, mask), and as given (its eager calls while weights settle; the cos check below):
+                # triton's benchmarking buffers stay out of the peak-memory window
                 model(*graph_inputs(enc.graphs, ids))
+                model(ids)
                 user = measure("fastenc", lambda: enc(ids), args.size, params, B, L, args,
                                note="triton kernels + CUDA graphs (peak includes the graph capture)")
                 graphs = measure("fastenc-graphs", lambda: enc.graphs(ids), args.size, params, B, L, args,
