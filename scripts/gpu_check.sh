@@ -12,8 +12,8 @@
 #   1. environment: GPU, driver, versions; a 1-second smoke run of one compiled kernel
 #   2. GPU tests (at most 140 s): tests/test_kernels.py at L = 77/333/512 in fp32/fp16/bf16 (+ the whole-model
 #      and graph tests), tests/test_device_follow.py (graphs after .to, invalidation, threads/streams, offload
-#      round trip in a tiny Flux pipeline when diffusers is importable), tests/test_gpu_first_contact.py and
-#      tests/test_tuning_cache.py; kernels compile one config each (FASTENC_AUTOTUNE=0: nothing is autotuned
+#      round trip in a tiny Flux pipeline when diffusers is importable), tests/test_gpu_first_contact.py,
+#      tests/test_tuning_cache.py and tests/test_gpu_hot_path.py (no host sync per call); kernels compile one config each (FASTENC_AUTOTUNE=0: nothing is autotuned
 #      here; the offline compile checks are left to CI). At the limit pytest gets SIGINT, so it still writes its summary and $OUT/gpu_tests.xml. TensorRT
 #      is not on that machine: its runner's logic is tested on the CPU only (tests/test_tensorrt.py)
 #   3. python -m bench.gpu (the rest): every candidate at B = 1, L = 512 first (fastenc triton + CUDA graphs,
@@ -86,7 +86,7 @@ T=$(limit 140 300)
 workers=$($PY -c "import os; print(max(1, min(6, (os.cpu_count() or 2) // 2)))")
 xdist=""
 $PY -c "import xdist" >/dev/null 2>&1 && xdist="-n $workers"
-FASTENC_AUTOTUNE=0 timeout -s INT -k 20 "$T" $PY -m pytest -q -rs $xdist -p no:cacheprovider --timeout 90 --junitxml="$OUT/gpu_tests.xml" tests/test_kernels.py tests/test_device_follow.py tests/test_gpu_first_contact.py tests/test_tuning_cache.py -k "(not (test_add_rms_norm or test_gated_ffn or test_linear_relu or test_attention_fp32) or 77 or 333 or 512) and not (every_config or compile_matrix or spill)" > "$OUT/gpu_tests.log" 2>&1
+FASTENC_AUTOTUNE=0 timeout -s INT -k 20 "$T" $PY -m pytest -q -rs $xdist -p no:cacheprovider --timeout 90 --junitxml="$OUT/gpu_tests.xml" tests/test_kernels.py tests/test_device_follow.py tests/test_gpu_first_contact.py tests/test_tuning_cache.py tests/test_gpu_hot_path.py -k "(not (test_add_rms_norm or test_gated_ffn or test_linear_relu or test_attention_fp32) or 77 or 333 or 512) and not (every_config or compile_matrix or spill)" > "$OUT/gpu_tests.log" 2>&1
 status=$?
 tail -n 40 "$OUT/gpu_tests.log"
 [ "$status" -eq 124 ] && say "GPU tests stopped at their ${T} s limit (pytest was interrupted; $OUT/gpu_tests.xml has what ran)"
