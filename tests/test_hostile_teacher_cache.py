@@ -179,3 +179,20 @@ def test_training_and_cache_teacher_say_it_in_one_line_before_loading_models(wor
     assert cache_teacher.main(["--config", cfg]) == 2
     assert one_line(capsys) == f"train.cache_teacher: error: {expected}"
     assert TEXT_DIM == index["meta"]["dim"]
+
+
+def test_force_deletes_only_the_caches_own_files(tmp_path):
+    from train.teacher_cache import clear
+
+    folder = build(tmp_path / "cache")
+    (folder / ".part-g001-r000.json").write_text("{}")  # an interrupted run's leftover
+    (folder / "notes.txt").write_text("mine")
+    (folder / "shard-g000-r000-00009.safetensors.bak").write_text("mine")
+    (folder / "shard-g009-r000-00000.safetensors").mkdir()  # a folder with a shard's name: never deleted
+    outside = tmp_path / "outside.safetensors"
+    outside.write_text("mine")
+    (folder / "shard-g008-r000-00000.safetensors").symlink_to(outside)
+    assert clear(folder) == 5  # index.json, two shards, the part file, the link (not its target)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "shard-g000-r000-00009.safetensors.bak",
+                                                        "shard-g009-r000-00000.safetensors"]
+    assert outside.read_text() == "mine"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from .data import all_prompts, load_components
 from .distributed import setup_logging, use_cpu
 from .student import TORCH_DTYPES, load_tokenizer
 from .teacher import load_live_teacher, teacher_forward, tokenize
-from .teacher_cache import INDEX_NAME, CacheMeta, TeacherCache, tokenizer_fingerprint, write_index, write_shards
+from .teacher_cache import (INDEX_NAME, CacheMeta, TeacherCache, clear, tokenizer_fingerprint, write_index,
+                            write_shards)
 
 log = logging.getLogger("fastenc.train")
 
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts per shard, rounded up to whole batches (default 256)")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"],
                    help="storage dtype (default: the existing cache's, else bf16)")
-    p.add_argument("--force", action="store_true", help="delete an existing cache and rebuild it")
+    p.add_argument("--force", action="store_true",
+                   help="delete an existing cache's own files (index and shards; nothing else) and rebuild it")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks of unexpected errors")
     return p
 
@@ -67,9 +68,9 @@ def run(args: argparse.Namespace) -> Path:
 
     existing, generation, entries = None, 0, {}
     if TeacherCache.present(out):
-        if args.force:
+        if args.force:  # the cache's own files only: anything else in the folder stays
             if state.is_main_process:
-                shutil.rmtree(out)
+                log.info("cache_teacher: --force: deleted %d files of the old cache in %s", clear(out), out)
             state.wait_for_everyone()
         else:
             existing = TeacherCache(out)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,6 +115,25 @@ def write_index(directory: Path, meta: CacheMeta, entries: dict[str, list], gene
     index = {"format": FORMAT, "version": VERSION, "generation": generation, "meta": asdict(meta),
              "count": len(entries), "shards": shards, "sizes": sizes, "entries": entries}
     return atomic_write(directory / INDEX_NAME, lambda p: p.write_text(json.dumps(index) + "\n"))
+
+
+#: Names write_shards and cache_teacher give their files; clear() deletes nothing else.
+SHARD_NAME = re.compile(r"shard-g\d{3}-r\d{3}-\d{5}\.safetensors")
+PART_NAME = re.compile(r"\.part-g\d{3}-r\d{3}\.json")
+
+
+def clear(directory: Path) -> int:
+    """Delete a teacher cache's own files from ``directory``: ``index.json``, the shards (``shard-gNNN-rNNN-
+    NNNNN.safetensors``) and the ``.part-*.json`` of an interrupted run; never a folder, a file of another
+    name, or what a link points to. The folder itself stays. Returns how many files were deleted."""
+    removed = 0
+    for entry in os.scandir(directory):
+        name = entry.name
+        if (name == INDEX_NAME or SHARD_NAME.fullmatch(name) or PART_NAME.fullmatch(name)) \
+                and not entry.is_dir(follow_symlinks=False):
+            os.unlink(entry.path)  # a link is removed itself, its target left alone
+            removed += 1
+    return removed
 
 
 class TeacherCache:
