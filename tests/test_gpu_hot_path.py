@@ -510,3 +510,16 @@ def test_gpu_calls_make_no_host_sync(tmp_path, monkeypatch):
         enc(bad)
     with pytest.raises(fastenc.errors.InputError, match=r"input_ids\[1, 3\] = 512 \(found on cuda:0 after call"):
         enc.synchronize()
+
+
+def test_runner_settings_are_checked():
+    from fastenc.errors import ConfigError
+    from fastenc.kernels.graphs import CudaGraphRunner
+    from fastenc.model import T5Encoder
+    from reference import TINY
+
+    model = T5Encoder(TINY)
+    with pytest.raises(ConfigError, match=r"^stable_calls must be >= 1, got 0$"):
+        CudaGraphRunner(model, stable_calls=0)
+    with pytest.raises(ConfigError, match=r"^max_graphs must be >= 1, got 0$"):
+        CudaGraphRunner(model, max_graphs=0)

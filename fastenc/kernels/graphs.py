@@ -50,6 +50,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 log = logging.getLogger("fastenc")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -152,9 +154,9 @@ class CudaGraphRunner(nn.Module):
     ):
         super().__init__()
         if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+            raise ConfigError(f"max_graphs must be >= 1, got {max_graphs}")
         if stable_calls < 1:
-            raise ValueError(f"stable_calls must be >= 1, got {stable_calls}")
+            raise ConfigError(f"stable_calls must be >= 1, got {stable_calls}")
         self.model = model
         self.batch_buckets = tuple(sorted(set(batch_buckets)))
         self.seq_buckets = tuple(sorted(set(seq_buckets)))
