@@ -457,20 +457,27 @@ def _load_weights(path: Path, size: str | None, device: torch.device,
     return model, WeightsOrigin("checkpoint", _param_dtypes(model), path=path.resolve(), identity=identity, stats=stats)
 
 
+def tokenizer_beside(checkpoint_dir: Path) -> Path | None:
+    """The folder whose tokenizer.json :func:`load` takes when no tokenizer is passed: the checkpoint's own,
+    else its ``tokenizer_2/`` or ``tokenizer/`` (a pipeline folder); None when there is none."""
+    from .tokenizer import _check_regular
+
+    for sub in ("", "tokenizer_2", "tokenizer"):
+        candidate = checkpoint_dir / sub / "tokenizer.json"
+        _check_regular(candidate)  # there but a FIFO, a folder, a link to /dev/zero: said, not ignored
+        if candidate.is_file():
+            return checkpoint_dir / sub
+    return None
+
+
 def _find_tokenizer(tokenizer, checkpoint_dir: Path | None):
     from tokenizers import Tokenizer as _HFTokenizer
 
-    from .tokenizer import Tokenizer, _check_regular
+    from .tokenizer import Tokenizer
 
     if tokenizer is None:
-        if checkpoint_dir is None:
-            return None
-        for sub in ("", "tokenizer_2", "tokenizer"):
-            candidate = checkpoint_dir / sub / "tokenizer.json"
-            _check_regular(candidate)  # there but a FIFO, a folder, a link to /dev/zero: said, not ignored
-            if candidate.is_file():
-                return Tokenizer.from_pretrained(checkpoint_dir / sub)
-        return None
+        folder = tokenizer_beside(checkpoint_dir) if checkpoint_dir is not None else None
+        return Tokenizer.from_pretrained(folder) if folder is not None else None
     if isinstance(tokenizer, (str, os.PathLike)):
         return Tokenizer.from_pretrained(tokenizer)
     if isinstance(tokenizer, _HFTokenizer):  # a tokenizers.Tokenizer: wrapped (a copy: its padding is not changed)

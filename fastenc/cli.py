@@ -211,9 +211,10 @@ def checkpoint_from_args(args) -> str | None:
     return checkpoint
 
 
-def load_from_args(args, **extra):
-    """fastenc.load from the model flags; errors speak in flags."""
-    checkpoint = checkpoint_from_args(args)
+def load_from_args(args, checkpoint: str | None = "", **extra):
+    """fastenc.load from the model flags (``checkpoint``: what :func:`checkpoint_from_args` gave, when the
+    caller already asked); errors speak in flags."""
+    checkpoint = checkpoint_from_args(args) if checkpoint == "" else checkpoint
     check_device(args.device)
     from . import load
 
@@ -306,11 +307,20 @@ def cmd_encode(args) -> int:
                           "nothing to encode: give prompts, or token ids with --ids")
     check_prompts(args.prompts)
     ids = read_ids(args.ids) if args.ids else None  # checked before the model is loaded
-    enc = load_from_args(args)
+    checkpoint = checkpoint_from_args(args)
+    where = "none beside the checkpoint" if checkpoint is not None else "random weights come without one"
+    no_tokenizer = ConfigError(f"no tokenizer for these prompts ({where}): pass --tokenizer DIR (a folder with "
+                               "tokenizer.json, e.g. Flux's tokenizer_2), or token ids with --ids")
+    if ids is None and args.tokenizer is None:  # said before the model (and its cpu plan) is built
+        from .api import tokenizer_beside
+
+        local = Path(os.path.expanduser(checkpoint)) if checkpoint is not None else None
+        if local is None or (local.exists() and tokenizer_beside(local if local.is_dir() else local.parent) is None):
+            raise no_tokenizer
+    enc = load_from_args(args, checkpoint)
     if ids is None:
         if enc.tokenizer is None:
-            raise ConfigError("no tokenizer for these prompts (none beside the checkpoint): pass --tokenizer DIR "
-                              "(a folder with tokenizer.json, e.g. Flux's tokenizer_2), or token ids with --ids")
+            raise no_tokenizer
         out = enc.encode(args.prompts, target=args.target)
         embeds, mask = out.embeds, out.mask
     else:

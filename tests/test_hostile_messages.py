@@ -185,3 +185,26 @@ def test_public_functions_answer_bad_arguments_with_a_fastenc_error(ck, call, er
     with pytest.raises(error) as info:
         call(enc)
     assert str(info.value).startswith(message), str(info.value)
+
+
+# ---------------------------------------------------------------------------- said before any work
+
+
+@pytest.mark.parametrize("model_args, where", [
+    (["--checkpoint", "{bare}"], "none beside the checkpoint"),
+    (["--size", "xl", "--random-init"], "random weights come without one"),
+])
+def test_prompts_without_a_tokenizer_are_refused_before_the_model_is_built(model_args, where, tmp_path, capsys,
+                                                                            monkeypatch):
+    bare = write_checkpoint(tmp_path / "bare")  # config.json + model.safetensors, no tokenizer.json
+    import fastenc.api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the missing tokenizer was said")
+
+    monkeypatch.setattr(fastenc.api, "load", refuse)
+    monkeypatch.setattr(fastenc, "load", refuse)
+    argv = ["encode", *[a.format(bare=bare) for a in model_args], "a prompt", "-o", str(tmp_path / "o.safetensors")]
+    assert main(argv) == 2
+    assert one_line(capsys) == (f"fastenc: error: no tokenizer for these prompts ({where}): pass --tokenizer DIR (a "
+                                "folder with tokenizer.json, e.g. Flux's tokenizer_2), or token ids with --ids")
