@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TARGET_MAX_LENGTH, max_length_for
+from ..targets import get_target
 from ..errors import CheckpointError, ConfigError
 from ..fileio import check_parent, umask_mode
 from .artifacts import (artifact_files, changed_source, check_export, checkpoint_fingerprint, find_artifacts,
@@ -312,6 +313,11 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
     cfg = read_config(export_dir)
     target = req.target or manifest.get("target", "flux-dev")
     max_length = max_length_for(target)
+    row = get_target(target)
+    if row.zero_padding or row.clean is not None:  # the tokenizer and ensemble pass the encoder's output on as is
+        raise ConfigError(f"target {target}: its pipeline cleans the prompts and zeroes the embeddings past each "
+                          "prompt, which this repository's tokenizer and ensemble do not do; serve it with "
+                          f"fastenc.load(...).encode(prompts, target={target!r}) or pick another --target")
 
     backend = req.encoder_backend
     if backend == "auto":
