@@ -115,9 +115,10 @@ def add_model_args(p: argparse.ArgumentParser, *, backends: bool = True) -> None
                             "else torch)")
     g.add_argument("--device", type=device_arg, metavar=DEVICE_METAVAR,
                    help="where the model runs (default: cuda when a GPU is visible, else cpu)")
-    g.add_argument("--dtype", choices=DTYPES,
+    g.add_argument("--dtype", choices=DTYPES + ("int8",) if backends else DTYPES,
                    help="compute precision (default: bf16 on a GPU; on the CPU the backend's own: cpu = bf16 + "
-                        "int8, torch = fp32)")
+                        "int8, torch = fp32)" + ("; int8 runs the dynamic-int8 ONNX artifact `fastenc export --int8` "
+                                                 "builds (--backend onnxruntime)" if backends else ""))
 
 
 def check_device(device: str | None) -> None:
@@ -216,6 +217,10 @@ def load_from_args(args, checkpoint: str | None = "", **extra):
     caller already asked); errors speak in flags."""
     checkpoint = checkpoint_from_args(args) if checkpoint == "" else checkpoint
     check_device(args.device)
+    if args.dtype == "int8" and getattr(args, "backend", "auto") != "onnxruntime":
+        raise ConfigError("--dtype int8 runs the int8 ONNX artifact of `fastenc export --int8`: pass --backend "
+                          "onnxruntime and the export folder as --checkpoint (the cpu backend's int8 GEMMs need no "
+                          "flag: it is the default on the CPU)")
     from . import load
 
     return load(checkpoint, size=args.size, random_init=args.random_init, backend=getattr(args, "backend", "auto"),

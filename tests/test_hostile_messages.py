@@ -208,3 +208,27 @@ def test_prompts_without_a_tokenizer_are_refused_before_the_model_is_built(model
     assert main(argv) == 2
     assert one_line(capsys) == (f"fastenc: error: no tokenizer for these prompts ({where}): pass --tokenizer DIR (a "
                                 "folder with tokenizer.json, e.g. Flux's tokenizer_2), or token ids with --ids")
+
+
+def test_the_cli_runs_the_int8_onnx_artifact_and_says_where_int8_belongs(ck, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from fastenc.exporters.pipeline import ExportRequest, export
+
+    out = tmp_path / "export"
+    export(ExportRequest(out=out, checkpoint=str(ck), int8=True, max_batch=1, max_seq=120, target="pixart-alpha",
+                         verify=False))
+    enc = fastenc.load(out, backend="onnxruntime", dtype="int8", cache=False)
+    assert enc.model.artifact.name == "encoder.int8.onnx"
+    got = tmp_path / "int8.safetensors"
+    assert main(["encode", "--checkpoint", str(out), "--backend", "onnxruntime", "--dtype", "int8", *IDS,
+                 "--target", "pixart-alpha", "-o", str(got)]) == 0
+    from safetensors.torch import load_file
+
+    want = enc(torch.tensor([[3, 4, 1] + [0] * 117]), torch.tensor([[1, 1, 1] + [0] * 117]))
+    assert torch.equal(load_file(got)["text_embeddings"], want)
+    capsys.readouterr()
+    assert main(["encode", "--checkpoint", str(ck), "--dtype", "int8", *IDS, "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert one_line(capsys) == (
+        "fastenc: error: --dtype int8 runs the int8 ONNX artifact of `fastenc export --int8`: pass --backend "
+        "onnxruntime and the export folder as --checkpoint (the cpu backend's int8 GEMMs need no flag: it is the "
+        "default on the CPU)")
