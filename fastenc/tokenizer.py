@@ -113,6 +113,10 @@ class Tokenizer:
             except ConfigError as exc:  # special tokens then default to T5's <pad> and </s>
                 logger.warning("ignoring unreadable tokenizer config (%s)", exc)
         pad, eos = _special_token(config, "pad_token", "<pad>"), _special_token(config, "eos_token", "</s>")
+        for key, token in (("pad_token", pad), ("eos_token", eos)):
+            if key in config and tok.token_to_id(token) is None:  # the config named it: say which file and key
+                raise ConfigError(f"{cfg_path}: {key} {token!r} is not a token of {path} (a tokenizer_config.json "
+                                  "from another tokenizer?)")
         try:
             return cls(tok, pad_token=pad, eos_token=eos)
         except ConfigError as exc:

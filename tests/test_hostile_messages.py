@@ -5,6 +5,7 @@ lacks, a wrong type) with one FastencError subclass, never AssertionError, TypeE
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -232,3 +233,17 @@ def test_the_cli_runs_the_int8_onnx_artifact_and_says_where_int8_belongs(ck, tmp
         "fastenc: error: --dtype int8 runs the int8 ONNX artifact of `fastenc export --int8`: pass --backend "
         "onnxruntime and the export folder as --checkpoint (the cpu backend's int8 GEMMs need no flag: it is the "
         "default on the CPU)")
+
+
+def test_an_unknown_special_token_in_tokenizer_config_names_the_file_and_key(tmp_path):
+    make_t5_tokenizer_json(tmp_path)
+    cfg = tmp_path / "tokenizer_config.json"
+    cfg.write_text(json.dumps({"pad_token": "<PAD>", "eos_token": "</s>"}))
+    with pytest.raises(ConfigError) as info:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(info.value) == (f"{cfg}: pad_token '<PAD>' is not a token of {tmp_path / 'tokenizer.json'} (a "
+                               "tokenizer_config.json from another tokenizer?)")
+    cfg.write_text(json.dumps({"eos_token": {"content": "[SEP]"}}))
+    with pytest.raises(ConfigError) as info:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(info.value).startswith(f"{cfg}: eos_token '[SEP]' is not a token of ")
