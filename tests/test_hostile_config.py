@@ -419,7 +419,7 @@ def test_unusable_tokenizer_json_is_skipped_with_a_clear_error(tmp_path, content
     ({"random_init": 1, "size": "small"}, "random_init must be True or False, got 1"),
     ({"random_init": True, "size": "small", "seed": -1}, "seed must be a non-negative integer, got -1"),
     ({"random_init": True, "size": 3}, "size must be a string, got int"),
-    ({"random_init": True, "device": "nonsense"}, "unknown device 'nonsense'; use 'cpu', 'cuda' or 'cuda:N'"),
+    ({"random_init": True, "device": "nonsense"}, "device must be a device such as 'cpu' or 'cuda:0', got 'nonsense'"),
     ({"random_init": True, "backend": None}, "backend must be a string, got NoneType"),
     ({"random_init": True, "cache": "yes"}, "cache must be True, False or an EmbeddingCache, got str"),
     ({"random_init": True, "tokenizer": 5}, "tokenizer must be a folder, file or hub id, a fastenc.Tokenizer or a "
