@@ -64,6 +64,7 @@ def ensure_export(checkpoint: Path, out: Path, *, int8: bool = False, aoti: bool
         raise BackendUnavailable(f"fastenc.exporters is not available ({exc})") from None
     req = ExportRequest(out=out, checkpoint=str(checkpoint), dtype=dtype, int8=int8, aoti=aoti, trt=trt,
                         max_batch=max_batch, max_seq=max_seq, device=device, verify=False)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the bench cache's own folder (export never creates parents)
     try:
         export(req)
     except BackendUnavailable:
