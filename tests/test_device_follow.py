@@ -440,7 +440,7 @@ def test_bench_gpu_arguments(bench_gpu):
     assert args.shapes == [(1, 512), (8, 77)] and args.candidates == ["fastenc", "t5-xxl"]
     assert args.compile_budget == 30.0 and args.ort_shape == (2, 64) and args.out_dir == bench_gpu.RESULTS_DIR
     default = bench_gpu.parse_args([])
-    assert default.shapes == [(1, 512), (1, 77), (8, 77), (8, 512)]  # the target row first and default.candidates == list(bench_gpu.CANDIDATES)
+    assert default.shapes == [(1, 512), (1, 77), (8, 77), (8, 512)] and default.candidates == list(bench_gpu.CANDIDATES)
     for bad in (["--shapes", "1x513"], ["--shapes", "0x77"], ["--shapes", "1by77"], ["--candidates", "fastenc,tensorrt"],
                 ["--reps", "0"], ["--compile-budget", "-1"]):
         with pytest.raises(SystemExit) as exc:
