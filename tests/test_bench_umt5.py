@@ -36,7 +36,7 @@ def test_tiny_run_times_teacher_and_student_and_scales_the_teacher_to_full_depth
     assert "tiny-umt5-xxl at all 4 layers, scaled from 3 measured" in text and "RANDOM weights" in text
     measured = float(next(r["p50"] for r in rows if r["model"] == teacher.name and r["metric"] == "latency"))
     scaled = next(cols for cols in map(str.split, text.splitlines()) if cols[:2] == ["tiny-umt5-xxl", "torch"])
-    assert float(scaled[4]) == pytest.approx(measured * 4 / 3, rel=0.01)
+    assert float(scaled[4]) == pytest.approx(measured * 4 / 3, rel=0.01, abs=0.051)  # printed to 0.1 ms
 
 
 def test_a_teacher_the_machine_cannot_hold_is_refused_before_anything_is_built(monkeypatch, capsys):
