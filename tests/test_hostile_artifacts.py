@@ -275,15 +275,3 @@ def test_onnxruntime_sessions_do_not_spin_and_use_torchs_threads(exported):
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
     assert options.intra_op_num_threads == torch.get_num_threads() and options.inter_op_num_threads == 1
-
-
-def test_a_target_whose_pipeline_changes_the_output_is_refused_by_triton_repo(copy, tmp_path):
-    """Wan cleans its prompts and zeroes the embeddings past each prompt: a repository whose tokenizer and
-    ensemble pass the encoder's output on as is would serve other tensors than encode(target='wan')."""
-    out = tmp_path / "repo"
-    with pytest.raises(ConfigError) as err:
-        write_triton_repo(TritonRepoRequest(export_dir=copy, out=out, target="wan"))
-    assert str(err.value) == ("target wan: its pipeline cleans the prompts and zeroes the embeddings past each "
-                              "prompt, which this repository's tokenizer and ensemble do not do; serve it with "
-                              "fastenc.load(...).encode(prompts, target='wan') or pick another --target")
-    assert not out.exists()

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import fastenc
 from fastenc.errors import CheckpointError, ConfigError
 from fastenc.exporters import ExportRequest, export
+from fastenc.targets import get_target
 from fastenc.exporters.triton_repo import TritonRepoRequest, add_triton_command, encoder_config, write_triton_repo
 from helpers import make_t5_tokenizer_json
 from reference import TINY, Reference, write_distillt5
@@ -107,16 +109,38 @@ def exported(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repos(exported):
-    """`served`: two python-backend ensembles (PixArt with the mask, Flux-schnell without) in one repository;
-    `production`: the onnxruntime_onnx repository the bundled server cannot load."""
+def wan_exported(tmp_path_factory):
+    """A tiny umT5 encoder (transformers' UMT5EncoderModel, every layer its own bias table) with a tokenizer,
+    exported for Wan (512 tokens, batch up to 4)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("triton-wan")
+    torch.manual_seed(0)
+    hf = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=512, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        relative_attention_max_distance=20, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        is_encoder_decoder=False, use_cache=False)).eval()
+    ckpt = root / "umt5"
+    hf.save_pretrained(ckpt, safe_serialization=True)
+    make_t5_tokenizer_json(ckpt)
+    out = root / "export"
+    export(ExportRequest(out=out, checkpoint=str(ckpt), max_batch=4, max_seq=512, target="wan", verify=False))
+    return {"root": root, "ckpt": ckpt, "export": out}
+
+
+@pytest.fixture(scope="module")
+def repos(exported, wan_exported):
+    """`served`: three python-backend ensembles (PixArt with the mask, Flux-schnell without, Wan with its
+    finish step) in one repository; `production`: the onnxruntime_onnx repository the bundled server cannot load."""
     served = exported["root"] / "repo"
     pixart = write_triton_repo(TritonRepoRequest(exported["export"], served, encoder_backend="python",
                                                  target="pixart-alpha", name="fastenc"))
     flux = write_triton_repo(TritonRepoRequest(exported["export"], served, encoder_backend="python",
                                                name="fastenc_flux"))
+    wan = write_triton_repo(TritonRepoRequest(wan_exported["export"], served, encoder_backend="python",
+                                              name="fastenc_wan"))
     production = write_triton_repo(TritonRepoRequest(exported["export"], exported["root"] / "prod"))
-    return {"served": served, "pixart": pixart, "flux": flux, "production": production}
+    return {"served": served, "pixart": pixart, "flux": flux, "wan": wan, "production": production}
 
 
 # ---------------------------------------------------------------------------- configs
@@ -129,7 +153,7 @@ def test_every_config_parses_as_model_config(triton_venv, repos, tmp_path):
                                   output_type="TYPE_BF16", output_dim=4096, model_file="encoder.trt10.8.sm90.bf16.plan",
                                   instance_kind="gpu", delay_us=100))
     paths = sorted(repos["served"].glob("*/config.pbtxt")) + sorted(repos["production"].root.glob("*/config.pbtxt"))
-    assert len(paths) == 9
+    assert len(paths) == 13
     parsed = parse_configs([*paths, trt])
     assert not [p for p, c in parsed.items() if "error" in c], parsed
     by_name = {(Path(p).parts[-3], c["name"]): c for p, c in parsed.items()}
@@ -155,6 +179,20 @@ def test_every_config_parses_as_model_config(triton_venv, repos, tmp_path):
     flux_tok = by_name[("repo", "fastenc_flux_tokenizer")]
     assert flux_tok["parameters"]["max_length"] == "256" and flux_tok["parameters"]["pass_mask"] == "false"
     assert by_name[("repo", "fastenc_encoder")]["backend"] == "python"
+
+    # wan: the encoder's output goes through the finish step, which zeroes the padding
+    assert repos["pixart"].finish is None and repos["flux"].finish is None
+    assert repos["wan"].finish == repos["served"] / "fastenc_wan_finish"
+    wan = by_name[("repo", "fastenc_wan")]
+    assert wan["steps"] == ["fastenc_wan_tokenizer", "fastenc_wan_encoder", "fastenc_wan_finish"]
+    assert wan["outputs"] == {"text_embeddings": ["TYPE_FP32", [-1, 32]], "attention_mask": ["TYPE_INT32", [-1]]}
+    finish = by_name[("repo", "fastenc_wan_finish")]
+    assert finish["backend"] == "python" and finish["parameters"] == {"target": "wan"}
+    assert finish["inputs"] == {"encoder_embeddings": ["TYPE_FP32", [-1, 32]], "attention_mask": ["TYPE_INT32", [-1]]}
+    assert finish["outputs"] == {"text_embeddings": ["TYPE_FP32", [-1, 32]]}
+    wan_tok = by_name[("repo", "fastenc_wan_tokenizer")]
+    assert wan_tok["parameters"]["target"] == "wan" and wan_tok["parameters"]["max_length"] == "512"
+    assert wan_tok["parameters"]["pass_mask"] == "true"
 
 
 def test_parser_rejects_a_bad_config(triton_venv, tmp_path):
@@ -266,6 +304,42 @@ def test_server_matches_python_api(server, reference, model, target, tmp_path):
     assert np.array_equal(got["attention_mask"], want.mask.numpy())
     err = np.abs(got["text_embeddings"] - want.embeds.numpy()).max()
     assert err <= 1e-4, f"max abs error {err}"
+
+
+#: Prompts Wan's prompt_clean changes: HTML entities (escaped twice) and runs of whitespace.
+WAN_PROMPTS = ["a  cat &amp;amp; a\tdog  ", "A photo of a red fox sitting in the snow, highly detailed."]
+
+
+def test_server_serves_wan_as_its_pipeline_feeds_the_transformer(server, wan_exported, tmp_path):
+    """Prompts cleaned by the tokenizer model, the padding zeroed by the finish step: the ensemble returns
+    what encode(target='wan') does, and that differs from the encoder's raw output on uncleaned prompts."""
+    run = infer(server, "fastenc_wan", WAN_PROMPTS, tmp_path / "out.npz")
+    assert run.returncode == 0, run.stderr + server["log"].read_text()[-4000:]
+    got = np.load(tmp_path / "out.npz")
+    enc = fastenc.load(wan_exported["ckpt"], device="cpu", dtype="fp32", cache=False)
+    want = enc.encode(WAN_PROMPTS, target="wan")
+    assert got["text_embeddings"].shape == tuple(want.embeds.shape) == (2, 512, 32)
+    assert np.array_equal(got["attention_mask"], want.mask.numpy())
+    err = np.abs(got["text_embeddings"] - want.embeds.numpy()).max()
+    assert err <= 1e-4, f"max abs error {err}"
+    pad = got["attention_mask"] == 0
+    assert pad.any() and not got["text_embeddings"][pad].any()  # every padded row exactly zero
+    raw = enc.tokenizer(WAN_PROMPTS, max_length=512, warn=False).input_ids  # [2, 512] without prompt_clean
+    cleaned = enc.tokenizer(get_target("wan").prepare(WAN_PROMPTS), max_length=512, warn=False).input_ids
+    assert get_target("wan").prepare(WAN_PROMPTS)[0] == "a cat & a dog"
+    assert not torch.equal(raw[0], cleaned[0]) and torch.equal(raw[1], cleaned[1])  # so the cleaning was served
+
+
+def test_replacing_a_wan_repository_drops_its_finish_step(wan_exported, tmp_path):
+    out = tmp_path / "r"
+    first = write_triton_repo(TritonRepoRequest(wan_exported["export"], out))
+    assert first.finish is not None and (first.finish / "1" / "model.py").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["fastenc", "fastenc_encoder", "fastenc_finish",
+                                                     "fastenc_tokenizer"]
+    second = write_triton_repo(TritonRepoRequest(wan_exported["export"], out, target="pixart-alpha", force=True))
+    assert second.finish is None
+    assert sorted(p.name for p in out.iterdir()) == ["fastenc", "fastenc_encoder", "fastenc_tokenizer"]
+    assert "fastenc_finish" not in (out / "fastenc" / "config.pbtxt").read_text()
 
 
 def test_server_rejects_a_batch_over_max_batch_size(server, tmp_path):

@@ -1,6 +1,7 @@
 """Triton Inference Server model repository from a ``fastenc export`` directory.
 
-Three models (``NAME`` defaults to ``fastenc``)::
+Three models (``NAME`` defaults to ``fastenc``), four for a target whose pipeline zeroes the embeddings
+past each prompt (Wan)::
 
     REPO/NAME_tokenizer/config.pbtxt   python backend: text (TYPE_STRING [1]) -> input_ids, attention_mask,
                        1/model.py                      encoder_attention_mask (TYPE_INT32 [-1])
@@ -8,6 +9,8 @@ Three models (``NAME`` defaults to ``fastenc``)::
     REPO/NAME_encoder/config.pbtxt     onnxruntime_onnx | tensorrt_plan | python (ONNX Runtime, or fastenc's
                        1/encoder.*.onnx[.data] | 1/encoder.*.plan  [+ 1/model.py]   cpu backend: fastenc-cpu)
                        | 1/checkpoint/{config.json,*.safetensors} + 1/model.py
+    REPO/NAME_finish/config.pbtxt      python backend (zero_padding targets only): encoder_embeddings,
+                       1/model.py                      attention_mask -> text_embeddings, padding zeroed
     REPO/NAME/config.pbtxt             ensemble: text -> text_embeddings [-1, P], attention_mask [-1]
                        1/
 
@@ -16,7 +19,8 @@ encoder declares dynamic batching and a dynamic sequence dimension. A repository
 run leaves no partial model (and no empty output folder). The tokenizer pads every prompt
 to the target's length, like :meth:`fastenc.Encoder.encode`; ``encoder_attention_mask`` is the
 mask for PixArt-style targets and all ones for Flux/SD3 (which give T5 no mask), so the ensemble's
-embeddings equal ``fastenc.load(...).encode(prompts, target=...)``.
+embeddings equal ``fastenc.load(...).encode(prompts, target=...)``: the tokenizer cleans the prompts as the
+target's pipeline does (Wan's ``prompt_clean``) and ``NAME_finish`` zeroes what the pipeline zeroes.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ INSTANCE_KINDS = ("auto", "cpu", "gpu")
 TEXT = "text"
 ENCODER_MASK = "encoder_attention_mask"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+ENCODER_EMBEDDINGS = "encoder_embeddings"  # the encoder's output inside an ensemble with a finish step
 #: Triton data type of each artifact dtype's output (dynamic int8 keeps float32 activations).
 OUTPUT_TYPES = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "bf16": "TYPE_BF16", "int8": "TYPE_FP32"}
 _ONNX_ELEM_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16"}  # onnx.TensorProto enum values
@@ -87,6 +92,7 @@ class TritonRepo:
     ensemble: Path
     tokenizer: Path
     encoder: Path
+    finish: Path | None  # the zero-padding step (targets whose pipeline zeroes the padding), else None
     encoder_platform: str  # onnxruntime_onnx | tensorrt_plan | python
     artifact: Path  # the exported file (or, for fastenc-cpu, the checkpoint) the encoder serves
     target: str
@@ -160,8 +166,21 @@ def encoder_config(name: str, *, platform: str, max_batch_size: int, output_type
     return text + _parameters(parameters or {})
 
 
+def finish_config(name: str, *, max_batch_size: int, target: str, output_type: str, output_dim: int,
+                  delay_us: int) -> str:
+    """The python-backend step that zeroes the embeddings past each prompt (on the CPU, like the tokenizer)."""
+    return (
+        f"name: {_q(name)}\nbackend: \"python\"\nmax_batch_size: {max_batch_size}\n"
+        + _tensors("input", [(ENCODER_EMBEDDINGS, output_type, [-1, output_dim]), (ATTENTION_MASK, "TYPE_INT32", [-1])])
+        + _tensors("output", [(OUTPUT_NAME, output_type, [-1, output_dim])])
+        + _dynamic_batching(delay_us)
+        + _instance_group("cpu")
+        + _parameters({"target": target})
+    )
+
+
 def ensemble_config(name: str, *, tokenizer: str, encoder: str, max_batch_size: int, output_type: str,
-                    output_dim: int) -> str:
+                    output_dim: int, finish: str | None = None) -> str:
     def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
         maps = [f"      input_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in inputs.items()]
         maps += [f"      output_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in outputs.items()]
@@ -170,8 +189,12 @@ def ensemble_config(name: str, *, tokenizer: str, encoder: str, max_batch_size: 
     steps = [
         step(tokenizer, {TEXT: TEXT},
              {INPUT_IDS: INPUT_IDS, ATTENTION_MASK: ATTENTION_MASK, ENCODER_MASK: ENCODER_MASK}),
-        step(encoder, {INPUT_IDS: INPUT_IDS, ATTENTION_MASK: ENCODER_MASK}, {OUTPUT_NAME: OUTPUT_NAME}),
+        step(encoder, {INPUT_IDS: INPUT_IDS, ATTENTION_MASK: ENCODER_MASK},
+             {OUTPUT_NAME: ENCODER_EMBEDDINGS if finish else OUTPUT_NAME}),
     ]
+    if finish:
+        steps.append(step(finish, {ENCODER_EMBEDDINGS: ENCODER_EMBEDDINGS, ATTENTION_MASK: ATTENTION_MASK},
+                          {OUTPUT_NAME: OUTPUT_NAME}))
     return (
         f"name: {_q(name)}\nplatform: \"ensemble\"\nmax_batch_size: {max_batch_size}\n"
         + _tensors("input", [(TEXT, "TYPE_STRING", [1])])
@@ -313,11 +336,7 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
     cfg = read_config(export_dir)
     target = req.target or manifest.get("target", "flux-dev")
     max_length = max_length_for(target)
-    row = get_target(target)
-    if row.zero_padding or row.clean is not None:  # the tokenizer and ensemble pass the encoder's output on as is
-        raise ConfigError(f"target {target}: its pipeline cleans the prompts and zeroes the embeddings past each "
-                          "prompt, which this repository's tokenizer and ensemble do not do; serve it with "
-                          f"fastenc.load(...).encode(prompts, target={target!r}) or pick another --target")
+    zero_padding = get_target(target).zero_padding  # then a finish step zeroes the padding, as the pipeline does
 
     backend = req.encoder_backend
     if backend == "auto":
@@ -367,7 +386,8 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
     elif backend == "fastenc-cpu":
         parameters = {"checkpoint": CHECKPOINT_DIR, "backend": "cpu", "threads": str(req.threads)}
 
-    names = {"ensemble": req.name, "tokenizer": f"{req.name}_tokenizer", "encoder": f"{req.name}_encoder"}
+    names = {"ensemble": req.name, "tokenizer": f"{req.name}_tokenizer", "encoder": f"{req.name}_encoder",
+             "finish": f"{req.name}_finish"}
     out = Path(req.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
@@ -398,11 +418,19 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
             delay_us=req.max_queue_delay_us, instance_count=req.instance_count, preferred_batch_sizes=preferred,
             parameters=parameters))
 
+        if zero_padding:
+            fin_dir = tmp / names["finish"]
+            (fin_dir / "1").mkdir(parents=True)
+            (fin_dir / "1" / "model.py").write_text(_model_source("finish_model.py"), encoding="utf-8")
+            (fin_dir / "config.pbtxt").write_text(finish_config(
+                names["finish"], max_batch_size=max_batch, target=target, output_type=output_type,
+                output_dim=cfg.output_dim, delay_us=req.max_queue_delay_us))
+
         ens_dir = tmp / names["ensemble"]
         (ens_dir / "1").mkdir(parents=True)
         (ens_dir / "config.pbtxt").write_text(ensemble_config(
             names["ensemble"], tokenizer=names["tokenizer"], encoder=names["encoder"], max_batch_size=max_batch,
-            output_type=output_type, output_dim=cfg.output_dim))
+            output_type=output_type, output_dim=cfg.output_dim, finish=names["finish"] if zero_padding else None))
 
     if not out.exists():  # a new repository: staged beside it, then one rename
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -419,12 +447,15 @@ def write_triton_repo(req: TritonRepoRequest) -> TritonRepo:
             for name in names.values():  # swap each model directory in; an old one is removed only after
                 old = tmp / f"{name}.old"
                 if (out / name).exists():
-                    os.replace(out / name, old)
-                os.replace(tmp / name, out / name)
-    log.info("Triton repository %s: %s (ensemble), %s, %s (%s serving %s)", out, *names.values(), platform,
-             artifact.name)
+                    os.replace(out / name, old)  # also this name's finish step when the new target has none
+                if (tmp / name).exists():
+                    os.replace(tmp / name, out / name)
+    log.info("Triton repository %s: %s (ensemble), %s, %s (%s serving %s)%s", out, names["ensemble"],
+             names["tokenizer"], names["encoder"], platform, artifact.name,
+             f", {names['finish']}" if zero_padding else "")
     return TritonRepo(root=out, ensemble=out / names["ensemble"], tokenizer=out / names["tokenizer"],
-                      encoder=out / names["encoder"], encoder_platform=platform, artifact=artifact, target=target,
+                      encoder=out / names["encoder"], finish=out / names["finish"] if zero_padding else None,
+                      encoder_platform=platform, artifact=artifact, target=target,
                       max_length=max_length, max_batch_size=max_batch)
 
 
@@ -444,8 +475,9 @@ def add_triton_command(subparsers) -> None:
         description="Write three Triton models from a `fastenc export` directory: NAME_tokenizer (python backend), "
                     "NAME_encoder (onnxruntime_onnx, tensorrt_plan, or a python-backend model running ONNX Runtime or "
                     "fastenc's cpu backend) "
-                    "and the NAME ensemble (text in, text_embeddings and attention_mask out). Other models already "
-                    "in the repository are left alone.",
+                    "and the NAME ensemble (text in, text_embeddings and attention_mask out); for a target whose "
+                    "pipeline zeroes the embeddings past each prompt (wan) also NAME_finish (python backend), which "
+                    "does that. Other models already in the repository are left alone.",
     )
     p.add_argument("export_dir", type=Path, help="directory written by `fastenc export`")
     p.add_argument("-o", "--out", type=Path, required=True,
@@ -498,5 +530,7 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
         f"  {repo.tokenizer.name:<24} python: {repo.target}, {repo.max_length} tokens\n"
         f"  {repo.encoder.name:<24} {repo.encoder_platform}: {repo.artifact.name}, "
         f"max_batch_size {repo.max_batch_size}\n"
+        + (f"  {repo.finish.name:<24} python: the padding zeroed, as the {repo.target} pipeline does\n"
+           if repo.finish is not None else "")
     )
     return 0

@@ -3,7 +3,9 @@
 Outputs (TYPE_INT32 [B, L]): ``input_ids``, ``attention_mask`` (1 = token incl. </s>, 0 = padding) and
 ``encoder_attention_mask`` — the mask the encoder gets: the attention mask for targets whose pipeline
 passes it to T5 (PixArt), all ones otherwise (Flux, SD3), as ``fastenc.Encoder.encode`` does.
-Parameters (config.pbtxt): ``max_length``, ``pass_mask`` ("true"/"false"), ``tokenizer_file``, ``target``,
+Prompts are first cleaned as the target's pipeline cleans them (Wan's ``prompt_clean``; the others keep
+them as they are). Parameters (config.pbtxt): ``max_length``, ``pass_mask`` ("true"/"false"), ``tokenizer_file``,
+``target``,
 ``max_prompt_bytes`` (longer prompts are refused before tokenisation; default 65536, far above the 512
 tokens T5 keeps). A request that is not a [B, 1] batch of UTF-8 strings within that size gets an error
 response naming the problem; the other requests of the batch are served.
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from fastenc.targets import get_target
 from fastenc.tokenizer import Tokenizer
 
 log = logging.getLogger("fastenc")
@@ -39,7 +42,8 @@ class TritonPythonModel:
         self.max_length = int(_param(config, "max_length"))
         self.pass_mask = _param(config, "pass_mask", "false").lower() == "true"
         self.max_prompt_bytes = int(_param(config, "max_prompt_bytes", "65536"))
-        log.info("fastenc tokenizer: %s, %d tokens, encoder mask %s", _param(config, "target", "?"),
+        self.target = get_target(_param(config, "target"))
+        log.info("fastenc tokenizer: %s, %d tokens, encoder mask %s", self.target.name,
                  self.max_length, "passed" if self.pass_mask else "all ones")
 
     def _prompt(self, i, value):
@@ -59,7 +63,7 @@ class TritonPythonModel:
                 text = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()  # [B, 1] of bytes
                 if text.ndim != 2 or text.shape[0] < 1 or text.shape[1] != 1:
                     raise ValueError(f"text must be a [batch >= 1, 1] tensor of strings, got {list(text.shape)}")
-                prompts = [self._prompt(i, t) for i, t in enumerate(text.reshape(-1))]
+                prompts = self.target.prepare([self._prompt(i, t) for i, t in enumerate(text.reshape(-1))])
                 batch = self.tokenizer(prompts, max_length=self.max_length, warn=False)  # truncates like the pipelines
                 ids = batch.input_ids.numpy().astype(np.int32)  # [B, L]
                 mask = batch.attention_mask.numpy().astype(np.int32)  # [B, L]
