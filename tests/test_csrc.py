@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastenc
+import fastenc.targets
 from helpers import PROMPTS, make_t5_spiece_model
 from reference import TINY, Reference, write_distillt5
 
@@ -109,7 +110,11 @@ def assert_one_error_line(run: subprocess.CompletedProcess, *fragments: str) -> 
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("target", ["pixart-alpha", "flux-schnell"])
+#: Every target the package's 256 tokens hold: masked (PixArt-α, Mochi) and not (Flux, LTX-Video, CogVideoX).
+CPP_TARGETS = ["pixart-alpha", "flux-schnell", "mochi", "ltx-video", "cogvideox"]
+
+
+@pytest.mark.parametrize("target", CPP_TARGETS)
 def test_matches_python_api(exe, assets, target):
     run, out = embed(exe, assets, "--target", target)
     assert run.returncode == 0, run.stderr
@@ -197,7 +202,13 @@ def test_shape_outside_the_package_profile(exe, assets):
 
 def test_usage_errors(exe, assets, tmp_path):
     run, _ = embed(exe, assets, "--target", "sdxl")
-    assert_one_error_line(run, "unknown target 'sdxl'", "pixart-alpha")
+    assert_one_error_line(run, "unknown target 'sdxl'; choose one of "
+                          + ", ".join(t for t in fastenc.targets.TARGETS if t != "wan"))  # the Python table's rows
+    assert run.stderr.strip().endswith("mochi")
+    run, _ = embed(exe, assets, "--target", "wan")
+    assert_one_error_line(run, "target 'wan': its pipeline cleans the prompts (ftfy, HTML entities, whitespace) and "
+                          "zeroes the embeddings past each prompt, which fastenc-embed does not do; use the Python "
+                          "API (encode(prompts, target=\"wan\")) or `fastenc triton-repo --target wan`")
     run = subprocess.run([str(exe), "--model", str(assets["package"]), "--tokenizer", str(assets["spiece"]),
                           "-o", str(tmp_path / "o.txt"), "a cat"], capture_output=True, text=True, timeout=60)
     assert_one_error_line(run, ".safetensors or .npy")

@@ -27,9 +27,11 @@ required:
   -o, --output PATH    .safetensors (text_embeddings f32 [B,L,P], input_ids i64, attention_mask i64)
                        or .npy (text_embeddings only)
 options:
-  --target NAME        flux-dev (512), flux-schnell (256), sd3 (256), pixart-alpha (120); default flux-dev
+  --target NAME        flux-dev (512), flux-schnell (256), sd3 / sd3.5 (256), pixart-alpha (120),
+                       pixart-sigma (300), chroma (512), ltx-video (128), cogvideox (226), mochi (256);
+                       default flux-dev
   --max-length N       pad/truncate to N tokens instead of the target's length
-  --mask MODE          auto (the target's rule: only pixart-alpha passes the mask), on, off; default auto
+  --mask MODE          auto (the target's rule: PixArt, Chroma and Mochi pass the mask), on, off; default auto
   --prompts-file PATH  read prompts from a file, one per line (added after the PROMPT arguments)
   --batch-size N       encode at most N prompts per call (default: all at once)
   --threads N          CPU threads for the AOTInductor runner (default: libtorch's choice)

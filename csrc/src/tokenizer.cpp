@@ -18,16 +18,29 @@ struct Target {
   bool masked;
 };
 
-constexpr std::array<Target, 4> kTargets{{
+// fastenc/targets.py's rows (name, max_sequence_length, whether the pipeline passes the mask to T5),
+// without wan, whose pipeline also cleans the prompts and zeroes the embeddings past each prompt.
+constexpr std::array<Target, 10> kTargets{{
     {"flux-dev", 512, false},
     {"flux-schnell", 256, false},
     {"sd3", 256, false},
+    {"sd3.5", 256, false},
     {"pixart-alpha", 120, true},
+    {"pixart-sigma", 300, true},
+    {"chroma", 512, true},
+    {"ltx-video", 128, false},
+    {"cogvideox", 226, false},
+    {"mochi", 256, true},
 }};
 
 const Target& find_target(const std::string& target) {
   for (const auto& t : kTargets) {
     if (target == t.name) return t;
+  }
+  if (target == "wan") {
+    throw Error("target 'wan': its pipeline cleans the prompts (ftfy, HTML entities, whitespace) and zeroes the "
+                "embeddings past each prompt, which fastenc-embed does not do; use the Python API "
+                "(encode(prompts, target=\"wan\")) or `fastenc triton-repo --target wan`");
   }
   throw Error("unknown target '" + target + "'; choose one of " + known_targets());
 }
