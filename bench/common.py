@@ -210,6 +210,36 @@ def cos_sim(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(out.float().cpu(), ref.float().cpu(), dim=-1).mean())
 
 
+@dataclass
+class PlannedCpu:
+    """fastenc's default CPU path as ``fastenc.load`` gives it: the model with the cpu plan for this machine
+    (searched once per source, then cached) inside an Encoder, so the plan's engine (OpenVINO or the op
+    table) serves each call."""
+
+    encoder: object  # fastenc.Encoder
+    dtype: str  # "bf16", "bf16+int8", "fp32", ...
+    weights_bytes: int  # the torch weights (an OpenVINO engine holds its own packed copy besides)
+    note: str  # the plan in force and what it cost
+
+
+def planned_cpu(model: T5Encoder, source: str, *, emulated_bf16: bool = False) -> PlannedCpu:
+    """``model`` (float, CPU) turned into fastenc's default CPU path in place (see :class:`PlannedCpu`)."""
+    import fastenc
+    from fastenc.backends import cpu_fast_path
+    from fastenc.backends.cpu_plan import prepare_planned
+
+    precision = "bf16" if cpu_fast_path()[0] or emulated_bf16 else "fp32"  # as fastenc.load picks it
+    t0 = time.perf_counter()
+    prepare_planned(model, source=source, precision=precision)
+    encoder = fastenc.Encoder(model, backend="cpu", source=source, requested_backend="auto", plan_source=source)
+    plan = model.cpu_plan
+    int8_bytes = model.ops.int8_bytes if plan.chosen.engine == "eager" and plan.chosen.int8 else 0
+    return PlannedCpu(encoder, plan.chosen.precision + ("+int8" if plan.int8_weights else ""),
+                      tensor_bytes(model) + int8_bytes,
+                      f"plan ready in {time.perf_counter() - t0:.1f} s (searched in {plan.tune_s:.1f} s when not "
+                      f"cached): {plan.chosen.name}")
+
+
 def tensor_bytes(module: nn.Module) -> int:
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):

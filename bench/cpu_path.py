@@ -105,18 +105,9 @@ def build_candidate(name: str, o: dict, threads: int):
 
         source = source_fingerprint(o["checkpoint"])
     if name == "cpu":  # what fastenc.load gives: the Encoder with the plan for this machine (cached after a search)
-        import fastenc
-        from fastenc.backends import cpu_fast_path
-        from fastenc.backends.cpu_plan import prepare_planned
-
-        precision = "bf16" if cpu_fast_path()[0] or o.get("emulated") else "fp32"  # as fastenc.load picks it
-        t0 = time.perf_counter()
-        prepare_planned(model32, source=source, precision=precision)
-        enc = fastenc.Encoder(model32, backend="cpu", source=source, requested_backend="auto", plan_source=source)
-        plan = model32.cpu_plan
-        note = (f"plan ready in {time.perf_counter() - t0:.1f} s (searched in {plan.tune_s:.1f} s when not cached): "
-                f"{plan.chosen.name}")
-        return (lambda ids: enc(ids)), _label("cpu", enc.model, enc.dtype), note
+        planned = common.planned_cpu(model32, source, emulated_bf16=bool(o.get("emulated")))
+        enc = planned.encoder
+        return (lambda ids: enc(ids)), _label("cpu", enc.model, enc.dtype), planned.note
     if name == "cpu-bf16":
         from fastenc.backends import cpu as fcpu
 

@@ -168,10 +168,9 @@ class Builder:
         model = self.model(name, torch.float32)
         ckpt = self.args.checkpoints.get(name)
         source = fcpu.source_fingerprint(ckpt) if ckpt else f"bench:{name}:seed{self.args.seed}"
-        fcpu.prepare(model, source=source)
+        planned = common.planned_cpu(model, source)  # what fastenc.load gives: the plan's engine serves
         gc.collect()
-        return Runner(model, "bf16+int8", common.tensor_bytes(model) + model.ops.int8_bytes,
-                      note=model.int8_plan.summary(model.config))
+        return Runner(planned.encoder, planned.dtype, planned.weights_bytes, note=planned.note)
 
     def _triton(self, name: str) -> Runner:
         if not self.cuda:

@@ -141,8 +141,8 @@ def build_stage(kind: str, args, device: torch.device) -> Stage:
             return Stage("fastenc student (cpu)", args.student, "torch", "fp32", model)
         source = fcpu.source_fingerprint(args.student_checkpoint) if args.student_checkpoint else \
             f"bench:{args.student}:seed{args.seed}"
-        fcpu.prepare(model, source=source)
-        return Stage("fastenc student (cpu)", args.student, "cpu", "bf16+int8", model)
+        planned = common.planned_cpu(model, source)  # what fastenc.load gives: the plan's engine serves
+        return Stage("fastenc student (cpu)", args.student, "cpu", planned.dtype, planned.encoder)
     raise Skip(f"unknown set-up {kind!r}")
 
 

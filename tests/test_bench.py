@@ -55,6 +55,7 @@ def test_latency_quick_tiny_grid_writes_csv_table_and_plot(tmp_path, capsys, mon
     assert {"torch", "onnxruntime"} <= backends
     if fcpu.fast_path_supported()[0]:
         assert "cpu" in backends
+        assert "plan ready in" in text  # the cpu rows time what fastenc.load gives: the plan's engine
     for model in ("tiny", "tiny-xxl"):
         for backend in backends:
             got = {(r["metric"], r["batch"]) for r in rows if r["model"] == model and r["backend"] == backend}
