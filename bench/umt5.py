@@ -1,13 +1,14 @@
 """The text stage of Wan: its umT5-XXL encoder against a base-size umT5 student, time and memory.
 
-    python -m bench.umt5 [--teacher-layers N] [--backends transformers,torch,cpu] [--batch 1] [--seq 512]
+    python -m bench.umt5 [--teacher-layers N] [--backends transformers,torch,cpu,triton] [--batch 1] [--seq 512]
                          [--device cpu|cuda] [--threads N] [--quick] [--save]
 
 The teacher is Wan's text encoder with random weights (umT5-XXL: d_model 4096, 24 layers, 64 heads, every
 layer its own relative-attention-bias table, vocabulary 256,384: 5.7 B parameters, 22.7 GB in fp32); the
 student is umt5-base (768 wide, 12 layers, the same vocabulary) under a projector to Wan's text width 4096.
 Both encode ``--seq`` tokens (Wan's 512 by default) through each backend: ``transformers`` is
-``UMT5EncoderModel`` (what ``WanPipeline`` runs), ``torch`` and ``cpu`` are fastenc's. Speed and memory do
+``UMT5EncoderModel`` (what ``WanPipeline`` runs), ``torch``, ``cpu`` (the CPU) and ``triton`` (a CUDA GPU:
+fastenc's kernels under CUDA graphs) are fastenc's; the default is those the device runs. Speed and memory do
 not depend on the weights' values.
 
 Free memory is checked before anything is built: when the machine cannot hold the teacher the run stops
@@ -42,7 +43,9 @@ TINY = (EncoderConfig(d_model=128, d_ff=256, num_layers=4, num_heads=4, d_kv=32,
                       per_layer_bias=True, name="tiny-umt5-xxl"),
         EncoderConfig(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=512, projection_dim=128,
                       per_layer_bias=True, name="tiny-umt5"))
-BACKENDS = ("transformers", "torch", "cpu")
+BACKENDS = ("transformers", "torch", "cpu", "triton")
+#: The backends run when --backends is not given, per device type.
+DEFAULT_BACKENDS = {"cpu": ("transformers", "torch", "cpu"), "cuda": ("transformers", "torch", "triton")}
 WAN_LENGTH = 512  # the wan target's max_sequence_length
 HEADROOM = 1.3  # weights x this must fit in the available memory (activations, allocator slack)
 
@@ -99,7 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="python -m bench.umt5", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher-layers", type=positive_int, default=None,
                    help="time this many of umT5-XXL's 24 layers (default: all; --quick: 2)")
-    p.add_argument("--backends", help=f"comma-separated subset of {','.join(BACKENDS)} (default: all; "
+    p.add_argument("--backends", help=f"comma-separated subset of {','.join(BACKENDS)} (default: "
+                                      "transformers,torch,cpu on the CPU, transformers,torch,triton on a GPU; "
                                       "--quick: transformers,torch)")
     p.add_argument("--batch", type=latency._ints, default=None, help="default 1")
     p.add_argument("--seq", type=latency._ints, default=None, help=f"default {WAN_LENGTH} (the wan target's length)")
@@ -124,12 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     layers = full.num_layers if args.teacher_layers is None else args.teacher_layers
     if layers > full.num_layers:
         p.error(f"--teacher-layers must be in 1..{full.num_layers}, got {layers}")
-    backends = args.backends.split(",") if args.backends else list(BACKENDS)
+    if args.device not in (None, "cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {args.device!r}")
+    backends = args.backends.split(",") if args.backends else list(DEFAULT_BACKENDS[args.device or "cpu"])
     for b in backends:
         if b not in BACKENDS:
             p.error(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-    if args.device not in (None, "cpu", "cuda"):
-        p.error(f"--device must be cpu or cuda, got {args.device!r}")
     teacher = teacher_config(full, layers)
     # what bench.latency's grid reads
     args.full, args.teacher_cfg, args.student_cfg = full, teacher, student

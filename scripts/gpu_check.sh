@@ -20,6 +20,9 @@
 #      torch eager bf16, T5-XXL eager bf16, torch.compile max-autotune with up to 240 s), then B = 1/8,
 #      L = 77/512, then ONNX Runtime CPU with what is left; CSV to $OUT/gpu-<gpu>.csv (commit it as
 #      bench/results/gpu-<gpu>.csv), the summary against the targets last.
+#   4. python -m bench.umt5 --device cuda (at most 80 s, kept from step 3): Wan's umT5-XXL (4 of its 24 layers,
+#      scaled to all) against the base-size umT5 student, transformers and fastenc triton, bf16; CSV to
+#      $OUT/umt5-gpu.csv (its rows go to bench/results/umt5.csv).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -93,11 +96,19 @@ tail -n 40 "$OUT/gpu_tests.log"
 say "GPU tests exit status: $status"
 
 say "3. benchmark (bench/gpu.py)"
-T=$(limit 400 5)
+T=$(limit 400 85)
 B=$(( T - 15 ))
 timeout -k 10 "$T" $PY -m bench.gpu --out-dir "$OUT" --reps 30 --warmup 5 --time-limit "$B" \
     --compile-budget 240 --ort-budget 60 2>&1
 status=$?
 [ "$status" -eq 124 ] && say "benchmark stopped at its ${T} s limit"
-say "benchmark exit status: $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+say "benchmark exit status: $status"
+
+say "4. Wan's text stage (bench/umt5.py)"
+T=$(limit 80 5)
+timeout -k 10 "$T" $PY -m bench.umt5 --device cuda --teacher-layers 4 --backends transformers,triton --reps 10 \
+    --max-seconds 15 --csv "$OUT/umt5-gpu.csv" 2>&1
+status=$?
+[ "$status" -eq 124 ] && say "bench.umt5 stopped at its ${T} s limit"
+say "bench.umt5 exit status: $status; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 say "done in $(( $(date +%s) - START )) s"

@@ -4,6 +4,7 @@ size only where the machine holds it, which the benchmark checks before building
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,15 @@ def test_usage_errors_are_one_line(capsys):
     with pytest.raises(SystemExit):
         umt5.main(["--backends", "onnxruntime"])
     assert "unknown backend 'onnxruntime'; choose from transformers, torch, cpu" in capsys.readouterr().err
+
+
+def test_default_backends_are_the_ones_the_device_runs():
+    assert umt5.parse_args(["--tiny"]).backends == ["transformers", "torch", "cpu"]
+    assert umt5.parse_args(["--tiny", "--device", "cuda"]).backends == ["transformers", "torch", "triton"]
+    assert umt5.parse_args(["--tiny", "--device", "cuda", "--quick"]).backends == ["transformers", "torch"]
+
+
+def test_the_gpu_check_times_wans_text_stage_on_the_gpu():
+    text = (Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh").read_text()
+    line = next(line for line in text.splitlines() if "-m bench.umt5" in line)
+    assert "--device cuda" in line and "--backends transformers,triton" in line and line.lstrip().startswith("timeout")
