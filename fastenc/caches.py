@@ -4,7 +4,7 @@ Everything lives under one root: ``$FASTENC_CACHE_DIR``, else ``$XDG_CACHE_HOME/
 ``~/.cache/fastenc``:
 
 * ``cpu-plans/``   the ``cpu`` backend's plans, one small JSON per checkpoint (see
-  :func:`fastenc.backends.cpu.plan_cache_dir`), and the OpenVINO graphs of plans that run OpenVINO
+  :func:`fastenc.backends.cpu.plan_cache_dir`), and the OpenVINO graph of each plan that runs OpenVINO
   (IR, the weights in the compute precision: half the fp32 checkpoint's size in bf16);
 * ``gpu-probes/``  the triton kernels' first-contact verdicts, one small JSON per GPU kind (name, compute
   capability, driver, torch and triton versions; see :mod:`fastenc.backends.probe`);
@@ -43,8 +43,8 @@ TMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}\.safetensors")
 #: :func:`fastenc.fileio.atomic_write` (``.<name>.<8 chars>.tmp``).
 PLAN_NAME = re.compile(r"(engine-)?[0-9a-f]{24}\.json")
 PLAN_TMP_NAME = re.compile(r"\.(engine-)?[0-9a-f]{24}\.json\.[a-z0-9_]{8}\.tmp")
-#: The OpenVINO graphs a plan runs (:mod:`fastenc.backends.cpu_openvino`): ``engine-<24 hex>.{ids,mask}.{xml,bin}``
-#: and their temporaries (``.engine-<24 hex>.{ids,mask}.<8 hex>.tmp.{xml,bin}``).
+#: The OpenVINO graph a plan runs (:mod:`fastenc.backends.cpu_openvino`): ``engine-<24 hex>.mask.{xml,bin}`` (and
+#: the ``.ids.`` graphs earlier versions kept too) and their temporaries (``.engine-<24 hex>.mask.<8 hex>.tmp.*``).
 GRAPH_NAME = re.compile(r"engine-[0-9a-f]{24}\.(ids|mask)\.(xml|bin)")
 GRAPH_TMP_NAME = re.compile(r"\.engine-[0-9a-f]{24}\.(ids|mask)\.[0-9a-f]{8}\.tmp\.(xml|bin)")
 #: What the GPU probe writes (:mod:`fastenc.backends.probe`): ``<24 hex>.json`` and atomic_write's temporaries.

@@ -157,7 +157,7 @@ def collect(*, probe: bool = False) -> dict[str, str]:
 
         here = machine()
         from .backends.cpu import plan_cache_dir
-        from .backends.cpu_openvino import GRAPH_NAMES, graph_files
+        from .backends.cpu_openvino import graph_files
 
         found = [(key, plan) for key, plan in cached_plans() if plan.machine == here]
         plans = [plan for _, plan in found]
@@ -168,9 +168,8 @@ def collect(*, probe: bool = False) -> dict[str, str]:
                               for k in m.ms)
             best = next((m for m in plan.measured if m.candidate == plan.chosen), None)
             fid = f"; cos {best.cos:.5f} / worst {best.worst:.5f}" if best is not None else ""
-            graphs = [f for masked in GRAPH_NAMES for f in graph_files(plan_cache_dir() / found[i][0], masked)
-                      if f.is_file()]
-            kept = f"; OpenVINO graphs cached, {sum(f.stat().st_size for f in graphs) / 1e6:.0f} MB" if graphs else ""
+            graphs = [f for f in graph_files(plan_cache_dir() / found[i][0]) if f.is_file()]
+            kept = f"; OpenVINO graph cached, {sum(f.stat().st_size for f in graphs) / 1e6:.0f} MB" if graphs else ""
             info[f"cpu plan {i + 1}"] = f"{plan.chosen.name} ({times}{fid}; searched in {plan.tune_s:.0f} s{kept})"
     if probe and cuda and _version("triton"):  # the first-contact check of the triton kernels, per GPU
         info.update(gpu_probe_report())

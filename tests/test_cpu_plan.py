@@ -283,56 +283,63 @@ def test_importing_fastenc_first_keeps_openmp_threads_from_spinning(given, code,
     assert out == want
 
 
-def test_a_cached_openvino_plan_reads_its_graphs_instead_of_converting(monkeypatch, caplog):
-    """The first load saves each converted graph beside the plan; later loads read it (no tracing), check it
-    against the model, and a damaged or foreign graph is converted again and rewritten, never served."""
+def test_a_cached_openvino_plan_reads_its_graph_instead_of_converting(monkeypatch, caplog):
+    """The first load saves the converted graph (ids + mask: one compiled model serves calls with and without
+    a mask) beside the plan; later loads read it (no tracing), check it against the model, and a damaged or
+    foreign graph is converted again and rewritten, never served; an earlier version's ids-only graph goes."""
     monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({"openvino bf16": 1.0, "openvino fp32": 1.0}))
     path = fcpu.plan_cache_dir().parent / "ckpt"
     fastenc.save(common.build_model(TINY, seed=7), path)
     first = fastenc.load(path, backend="cpu", cache=False)
     engine = first.model.cpu_engine
-    assert engine is not None and engine.from_cache == {False: False, True: False}  # the search ran both
-    xml, bin_ = cpu_openvino.graph_files(engine.graph_cache, False)
+    assert engine is not None and engine.from_cache is False  # the search converted it
+    xml, bin_ = cpu_openvino.graph_files(engine.graph_cache)
     assert xml.is_file() and bin_.is_file() and not list(xml.parent.glob(".*.tmp.*"))
+    assert sorted(p.name for p in xml.parent.iterdir() if p.suffix in (".xml", ".bin")) == sorted([xml.name, bin_.name])
     ids = torch.randint(2, TINY.vocab_size, (2, 23))
     mask = torch.ones_like(ids)
     mask[0, 15:] = 0
     with torch.inference_mode():
         want, want_masked = first(ids), first(ids, attention_mask=mask)
-    assert all(p.is_file() for p in cpu_openvino.graph_files(engine.graph_cache, True))
+    with torch.inference_mode():  # no mask: all ones through the same graph
+        full = first(ids, attention_mask=torch.ones_like(ids))
+    torch.testing.assert_close(full, want, rtol=0, atol=0)
     listed = [v for k, v in fastenc.info.collect(probe=True).items() if k.startswith("cpu plan ")]
-    assert len(listed) == 1 and "OpenVINO graphs cached" in listed[0]
+    assert len(listed) == 1 and "OpenVINO graph cached" in listed[0]
+    legacy = [xml.with_name(xml.name.replace(".mask.", ".ids.")), bin_.with_name(bin_.name.replace(".mask.", ".ids."))]
+    for p in legacy:  # what an earlier version kept beside it
+        p.write_bytes(b"old")
 
-    def converted(masked):
+    def converted():
         raise AssertionError("converted again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(cpu_openvino.OpenVinoEngine, "_convert", lambda self, masked: converted(masked))
+        patch.setattr(cpu_openvino.OpenVinoEngine, "_convert", lambda self: converted())
         second = fastenc.load(path, backend="cpu", cache=False)
-        assert second.model.cpu_engine.from_cache == {False: True}  # the mask graph: on first use
+        assert second.model.cpu_engine.from_cache is True
         with torch.inference_mode():
             torch.testing.assert_close(second(ids), want, rtol=0, atol=0)
             torch.testing.assert_close(second(ids, attention_mask=mask)[mask.bool()], want_masked[mask.bool()],
                                        rtol=0, atol=0)
-        assert second.model.cpu_engine.from_cache == {False: True, True: True}
+    assert not any(p.exists() for p in legacy)
 
     other = fcpu.plan_cache_dir().parent / "other"  # another checkpoint's graph put in this one's place
     fastenc.save(common.build_model(TINY, seed=8), other)
     foreign = fastenc.load(other, backend="cpu", cache=False).model.cpu_engine
-    foreign_xml, foreign_bin = cpu_openvino.graph_files(foreign.graph_cache, False)
+    foreign_xml, foreign_bin = cpu_openvino.graph_files(foreign.graph_cache)
     bin_.write_bytes(foreign_bin.read_bytes())
     caplog.clear()
     third = fastenc.load(path, backend="cpu", cache=False)
-    assert third.model.cpu_engine.from_cache == {False: False}
+    assert third.model.cpu_engine.from_cache is False
     assert "disagrees with the model; converting again" in caplog.text
     with torch.inference_mode():
         torch.testing.assert_close(third(ids), want, rtol=0, atol=0)
     xml.write_text("<net")  # unreadable: converted again, with one warning naming the file
     caplog.clear()
     fourth = fastenc.load(path, backend="cpu", cache=False)
-    assert fourth.model.cpu_engine.from_cache == {False: False}
+    assert fourth.model.cpu_engine.from_cache is False
     assert f"the cached OpenVINO graph {xml} is unreadable" in caplog.text
-    assert cpu_openvino.graph_files(engine.graph_cache, False)[0].read_text().startswith("<?xml")
+    assert cpu_openvino.graph_files(engine.graph_cache)[0].read_text().startswith("<?xml")
 
 
 def test_a_plan_that_does_not_run_openvino_keeps_no_graph_and_cache_clear_deletes_them(monkeypatch):
@@ -348,7 +355,7 @@ def test_a_plan_that_does_not_run_openvino_keeps_no_graph_and_cache_clear_delete
     monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({"openvino bf16": 1.0, "openvino fp32": 1.0}))
     plan_mod.prepare_planned(common.build_model(TINY, seed=9), source="test:graphs", shapes=SHAPES)
     graphs = sorted(p.name for p in folder.iterdir() if p.suffix in (".xml", ".bin"))
-    assert len(graphs) == 4 and all(caches.GRAPH_NAME.fullmatch(n) for n in graphs)
+    assert len(graphs) == 2 and all(caches.GRAPH_NAME.fullmatch(n) for n in graphs)
     (folder / "notes.xml").write_text("the user's")
     (cache,) = [c for c in caches.cache_dirs() if c.name == "cpu-plans"]
     assert {p.name for p in cache.owned()} >= set(graphs)

@@ -4,8 +4,10 @@ The one model definition is converted straight from the torch module (``openvino
 traces :class:`fastenc.model.T5Encoder` with the reference op table; no file is written), with
 batch and sequence dynamic, so one compiled model serves every shape. OpenVINO prepacks the
 weights at compile time and runs them through oneDNN (AMX / AVX512 / AVX2 as the CPU has); the
-inference precision is bf16 where the CPU has it natively, else fp32. Two graphs exist at most:
-ids only (Flux, SD3: no mask) and ids + mask (PixArt), the second converted on first use.
+inference precision is bf16 where the CPU has it natively, else fp32. One graph takes ids and mask:
+a call without a mask (Flux, SD3) passes all ones, which computes the same numbers as no mask at the
+same speed, and a second compiled model would hold another packed copy of the weights (about 2.6x
+their bf16 size).
 
 The engine copies the weights at conversion (``share_weights=False``) and remembers the version
 counters of the parameters it was made from: a weight edited in place after that makes the engine
@@ -13,11 +15,12 @@ step aside (the op-table path runs) instead of serving stale numbers.
 
 Converting costs seconds (tracing the module); with ``graph_cache`` (the plan's cache name, given by
 :mod:`.cpu_plan` for a checkpoint it planned) each converted graph is saved once as OpenVINO IR beside
-the plan (``<key>.ids.xml`` / ``.bin``, ``<key>.mask.*``; the weights in the compute precision: bf16
+the plan (``<key>.mask.xml`` / ``.bin``; the weights in the compute precision: bf16
 weights round exactly as OpenVINO's bf16 inference rounds fp32 ones, so the graph read back computes
 the same numbers) and later loads read it instead, so a cached plan only compiles. A graph read back is checked
 against the bound model on a short input before it serves; one that disagrees (damaged, or written by
-something else) is converted again and rewritten.
+something else) is converted again and rewritten. An ids-only graph an earlier version kept beside it
+(``<key>.ids.*``) is deleted.
 """
 
 from __future__ import annotations
@@ -42,15 +45,15 @@ log = logging.getLogger("fastenc")
 
 #: openvino Type name -> the label fastenc prints
 PRECISIONS = {"bf16": "bf16", "f32": "fp32"}
-#: the graph cache's file stem per graph (ids only, ids + mask)
-GRAPH_NAMES = {False: "ids", True: "mask"}
+#: the graph cache's file stem: the one graph (ids + mask); "ids": the ids-only graph earlier versions kept too
+GRAPH_NAME, LEGACY_GRAPH_NAMES = "mask", ("ids",)
 #: a graph read from the cache serves only if every token of the check input keeps this cos-sim to the model
 CHECK_MIN_COS = 0.999
 
 
-def graph_files(prefix: Path, masked: bool) -> tuple[Path, Path]:
-    """The (xml, bin) pair of the cached ``masked`` graph for the plan cache name ``prefix``."""
-    stem = f"{prefix.name}.{GRAPH_NAMES[masked]}"
+def graph_files(prefix: Path, name: str = GRAPH_NAME) -> tuple[Path, Path]:
+    """The (xml, bin) pair of the cached graph for the plan cache name ``prefix``."""
+    stem = f"{prefix.name}.{name}"
     return prefix.parent / f"{stem}.xml", prefix.parent / f"{stem}.bin"
 
 
@@ -84,17 +87,12 @@ def _bf16_weights(graph, min_elements: int = 4096) -> None:
             target.replace_source_output(widened.output(0))
 
 
-class _Ids(nn.Module):
+class _IdsMask(nn.Module):
     def __init__(self, model: T5Encoder):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, P]
-        return self.model(input_ids)
-
-
-class _IdsMask(_Ids):
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # [B, L] x2 -> [B, L, P]
         return self.model(input_ids, attention_mask)
 
 
@@ -120,12 +118,12 @@ class OpenVinoEngine:
         self.version = ov.__version__.split("-")[0]
         self._core = ov.Core()
         self._lock = threading.Lock()
-        self._requests: dict[bool, object] = {}
         self.build_s = 0.0
         self.graph_cache = Path(graph_cache) if graph_cache is not None else None
-        self.from_cache: dict[bool, bool] = {}  # graph -> read from the graph cache (not converted)
+        self.from_cache = False  # the graph was read from the graph cache (not converted)
         self.bind(model)
-        self._compile(masked=False)
+        self._forget(LEGACY_GRAPH_NAMES)
+        self._request = self._compile()
 
     def bind(self, model: T5Encoder) -> None:
         """Follow ``model``'s parameters from now on (call after casting them: in bf16 inference the
@@ -142,15 +140,15 @@ class OpenVinoEngine:
         m = copy.deepcopy(self._source, memo={id(self._source.ops): TORCH_OPS})  # not the int8 tables
         return m.float().eval()
 
-    def _convert(self, masked: bool):
+    def _convert(self):
         """Trace a float copy of the bound model into an OpenVINO graph, its output in the compute precision."""
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
         m = self._float_copy()
         ids = torch.randint(2, m.config.vocab_size, (2, 8))
-        wrapper = _IdsMask(m) if masked else _Ids(m)
-        example = (ids, torch.ones_like(ids)) if masked else (ids,)
+        wrapper = _IdsMask(m)
+        example = (ids, torch.ones_like(ids))
         shapes = [ov.PartialShape([-1, -1])] * len(example)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the converter's tracing warns about its own deprecations
@@ -160,11 +158,11 @@ class OpenVinoEngine:
         ppp.output(0).tensor().set_element_type(ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32)
         return ppp.build()
 
-    def _read_graph(self, masked: bool):
+    def _read_graph(self):
         """The cached graph, or None when there is none (or it cannot be read: then it is converted again)."""
         if self.graph_cache is None:
             return None
-        xml, bin_ = graph_files(self.graph_cache, masked)
+        xml, bin_ = graph_files(self.graph_cache)
         if not (xml.is_file() and bin_.is_file()):
             return None
         try:
@@ -174,7 +172,7 @@ class OpenVinoEngine:
                         xml, str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
             return None
 
-    def _save_graph(self, graph, masked: bool) -> None:
+    def _save_graph(self, graph) -> None:
         """Write ``graph`` (already compiled: it may be changed) as IR under the cache names, its weights in
         the compute precision: both files on temporary names first, then renamed (the weights before the
         xml, so an xml in place always has its complete weights)."""
@@ -182,7 +180,7 @@ class OpenVinoEngine:
 
         if self.precision == "bf16":
             _bf16_weights(graph)
-        xml, bin_ = graph_files(self.graph_cache, masked)
+        xml, bin_ = graph_files(self.graph_cache)
         tmp_xml = xml.parent / f".{xml.stem}.{secrets.token_hex(4)}.tmp.xml"
         tmp_bin = tmp_xml.with_suffix(".bin")
         try:
@@ -197,37 +195,39 @@ class OpenVinoEngine:
             tmp_bin.unlink(missing_ok=True)
 
     def forget_graphs(self) -> None:
-        """Delete this engine's cached graphs (the plan did not choose it)."""
+        """Delete this engine's cached graph (the plan did not choose it)."""
+        self._forget((GRAPH_NAME, *LEGACY_GRAPH_NAMES))
+
+    def _forget(self, names) -> None:
         if self.graph_cache is None:
             return
-        for masked in GRAPH_NAMES:
-            for path in graph_files(self.graph_cache, masked):
+        for name in names:
+            for path in graph_files(self.graph_cache, name):
                 try:
                     path.unlink(missing_ok=True)
                 except OSError:
                     pass
 
-    def _compile(self, masked: bool):
+    def _compile(self):
         t0 = time.perf_counter()
-        graph = self._read_graph(masked)
+        graph = self._read_graph()
         cached = graph is not None
         if graph is None:
-            graph = self._convert(masked)
+            graph = self._convert()
         request = self._compile_graph(graph)
-        if cached and not self._agrees(request, masked):
+        if cached and not self._agrees(request):
             log.warning("fastenc: cpu backend: the cached OpenVINO graph %s disagrees with the model; converting "
-                        "again", graph_files(self.graph_cache, masked)[0])
+                        "again", graph_files(self.graph_cache)[0])
             cached = False
-            graph = self._convert(masked)
+            del graph, request
+            graph = self._convert()
             request = self._compile_graph(graph)
         if not cached and self.graph_cache is not None:
-            self._save_graph(graph, masked)
+            self._save_graph(graph)
         del graph
-        self._requests[masked] = request
-        self.from_cache[masked] = cached
+        self.from_cache = cached
         self.build_s += time.perf_counter() - t0
-        log.info("fastenc: cpu backend: OpenVINO %s %s graph%s %s in %.1f s", self.version,
-                 PRECISIONS[self.precision], " (with mask)" if masked else "",
+        log.info("fastenc: cpu backend: OpenVINO %s %s graph %s in %.1f s", self.version, PRECISIONS[self.precision],
                  "read from the cache and compiled" if cached else "converted and compiled", time.perf_counter() - t0)
         return request
 
@@ -236,14 +236,13 @@ class OpenVinoEngine:
                   "INFERENCE_PRECISION_HINT": self.precision}
         return self._core.compile_model(graph, "CPU", config).create_infer_request()
 
-    def _agrees(self, request, masked: bool) -> bool:
+    def _agrees(self, request) -> bool:
         """Whether ``request`` computes what the bound model does, token by token, on a short fixed input."""
         cfg = self._source.config
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(2, cfg.vocab_size, (1, 12), generator=gen)  # [1, 12]
-        mask = torch.ones_like(ids) if masked else None
-        if mask is not None:
-            mask[:, -3:] = 0  # padding, as PixArt's prompts have
+        mask = torch.ones_like(ids)
+        mask[:, -3:] = 0  # padding, as PixArt's prompts have
         training = self._source.training
         try:
             with torch.no_grad():
@@ -251,7 +250,7 @@ class OpenVinoEngine:
         finally:
             self._source.train(training)
         out = self._run(request, ids, mask).float()
-        keep = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        keep = mask.bool()
         cos = torch.nn.functional.cosine_similarity(out[keep], ref[keep], dim=-1)
         return bool(torch.isfinite(out[keep]).all() and cos.min() >= CHECK_MIN_COS)
 
@@ -269,17 +268,15 @@ class OpenVinoEngine:
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.stale():
             return None
-        masked = mask is not None
-        with self._lock:  # one infer request per graph: calls from several threads take turns
-            request = self._requests.get(masked) or self._compile(masked)
-            return self._run(request, ids, mask)
+        with self._lock:  # one infer request: calls from several threads take turns
+            return self._run(self._request, ids, mask)
 
     def _run(self, request, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         import openvino as ov
 
-        feed = [ids.to(torch.int64).numpy()]
-        if mask is not None:
-            feed.append(mask.to(torch.int64).numpy())
+        ids64 = ids.to(torch.int64)
+        mask64 = torch.ones_like(ids64) if mask is None else mask.to(torch.int64)  # all ones: the same as no mask
+        feed = [ids64.numpy(), mask64.numpy()]
         shape = (*ids.shape, self.output_dim)
         out = torch.empty(shape, dtype=self.dtype)  # [B, L, P]: OpenVINO writes it in place (no copy)
         if self.dtype == torch.bfloat16:  # numpy has no bf16: the bytes, typed on the OpenVINO side
