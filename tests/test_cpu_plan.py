@@ -23,6 +23,7 @@ from fastenc.backends import cpu_plan as plan_mod
 from fastenc.backends import cpu_openvino
 from fastenc.backends.cpu_openvino import OpenVinoEngine
 from fastenc.backends.cpu_plan import Candidate, CpuPlan, Measured
+from fastenc.caches import human
 
 from reference import TINY
 from test_cpu_backend import OUTLIER_CFG, outlier_model
@@ -361,3 +362,36 @@ def test_a_plan_that_does_not_run_openvino_keeps_no_graph_and_cache_clear_delete
     assert {p.name for p in cache.owned()} >= set(graphs)
     caches.clear(["cpu-plans"])
     assert sorted(p.name for p in folder.iterdir()) == ["notes.xml"]
+
+
+def test_openvino_is_skipped_before_anything_is_converted_when_memory_is_short(monkeypatch, caplog):
+    """Converting holds about 3.5x the fp32 weights and reading a cached graph about 2x: with less memory
+    available the search skips OpenVINO (said in its table) and a cached OpenVINO plan runs the op table."""
+    model = common.build_model(TINY, seed=11)
+    fp32 = 4 * sum(p.numel() for p in model.parameters())
+    def converted(self):
+        raise AssertionError("converted although memory is short")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_openvino, "available_memory", lambda: int(3.0 * fp32))
+        patch.setattr(cpu_openvino.OpenVinoEngine, "_convert", converted)
+        patch.setattr(plan_mod, "time_round_robin", fake_times({}))
+        plan, engine = plan_mod.tune(model, shapes=SHAPES)
+    ov = next(mm for mm in plan.measured if mm.candidate == OV)
+    assert ov.note == (f"skipped: OpenVINO needs about {human(3.5 * fp32)} to convert and compile the model; "
+                       f"{human(int(3.0 * fp32))} is available") and not ov.ms
+    assert engine is None and plan.chosen.engine == "eager"
+    assert "skipped: OpenVINO needs about" in plan.table()
+
+    # a plan that runs OpenVINO, with its graph cached, then memory runs short
+    monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({"openvino bf16": 1.0, "openvino fp32": 1.0}))
+    plan_mod.prepare_planned(common.build_model(TINY, seed=11), source="test:memory", shapes=SHAPES)
+    monkeypatch.setattr(cpu_openvino, "available_memory", lambda: int(1.5 * fp32))
+    caplog.clear()
+    again = plan_mod.prepare_planned(common.build_model(TINY, seed=11), source="test:memory", shapes=SHAPES)
+    assert again.cpu_engine is None and again.cpu_plan.chosen.engine == "openvino"
+    assert (f"the cpu plan runs OpenVINO, which failed here (BackendUnavailable: OpenVINO needs about "
+            f"{human(2.0 * fp32)} to compile the cached graph") in caplog.text
+    ids = torch.randint(2, TINY.vocab_size, (1, 9))
+    with torch.inference_mode():
+        assert torch.isfinite(again(ids).float()).all()  # the op table serves

@@ -49,6 +49,22 @@ PRECISIONS = {"bf16": "bf16", "f32": "fp32"}
 GRAPH_NAME, LEGACY_GRAPH_NAMES = "mask", ("ids",)
 #: a graph read from the cache serves only if every token of the check input keeps this cos-sim to the model
 CHECK_MIN_COS = 0.999
+#: The memory building the engine takes at its peak, in multiples of the model's fp32 weight bytes: converting
+#: (a float copy, the traced graph, the compiled model) and reading a cached graph (the graph and the compiled
+#: model). Measured for the base student (3.1x and 1.5x above the process before), rounded up.
+CONVERT_PEAK, READ_PEAK = 3.5, 2.0
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def graph_files(prefix: Path, name: str = GRAPH_NAME) -> tuple[Path, Path]:
@@ -109,6 +125,16 @@ class OpenVinoEngine:
             raise BackendUnavailable(why)
         if precision not in PRECISIONS:
             raise BackendUnavailable(f"openvino engine precision must be one of {', '.join(PRECISIONS)}")
+        self.graph_cache = Path(graph_cache) if graph_cache is not None else None
+        cached = self.graph_cache is not None and all(p.is_file() for p in graph_files(self.graph_cache))
+        need = (READ_PEAK if cached else CONVERT_PEAK) * 4 * sum(p.numel() for p in model.parameters())
+        free = available_memory()
+        if free is not None and free < need:  # checked before anything is copied or converted
+            from ..caches import human
+
+            raise BackendUnavailable(f"OpenVINO needs about {human(need)} to "
+                                     f"{'compile the cached graph' if cached else 'convert and compile the model'}; "
+                                     f"{human(free)} is available")
         import openvino as ov
 
         self.precision = precision
@@ -119,7 +145,6 @@ class OpenVinoEngine:
         self._core = ov.Core()
         self._lock = threading.Lock()
         self.build_s = 0.0
-        self.graph_cache = Path(graph_cache) if graph_cache is not None else None
         self.from_cache = False  # the graph was read from the graph cache (not converted)
         self.bind(model)
         self._forget(LEGACY_GRAPH_NAMES)

@@ -343,6 +343,9 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
                 with torch.inference_mode():
                     fid[ov_c] = fidelity([engine(i, m) for i, m in inputs], refs, inputs)
                 say(f"built {ov_c.name} in {engine.build_s:.1f} s")
+            except BackendUnavailable as exc:  # e.g. not enough memory to convert: skipped, said in the table
+                engine = None
+                measured.append(Measured(ov_c, note=f"skipped: {exc}"))
             except Exception as exc:  # a runtime that fails to convert or compile is one note, not the load
                 engine = None
                 measured.append(Measured(ov_c, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
