@@ -40,6 +40,7 @@ from torch import nn
 from ..errors import BackendUnavailable
 from ..model import T5Encoder
 from ..ops import TORCH_OPS
+from .params import ParamSlots
 
 log = logging.getLogger("fastenc")
 
@@ -154,11 +155,8 @@ class OpenVinoEngine:
         """Follow ``model``'s parameters from now on (call after casting them: in bf16 inference the
         rounded weights give the same graph, and a later edit of any of them retires the engine)."""
         self._source = model
-        self._versions = self._param_versions(model)
-
-    @staticmethod
-    def _param_versions(model: nn.Module) -> tuple:
-        return tuple((p.data_ptr(), p._version) for p in model.parameters())
+        self._params = ParamSlots(model)
+        self._versions = self._params.versions()
 
     def _float_copy(self) -> T5Encoder:
         """A float32 copy of the bound model on the reference op table: what is traced, then dropped."""
@@ -288,7 +286,7 @@ class OpenVinoEngine:
         return f"OpenVINO {self.version} {PRECISIONS[self.precision]}"
 
     def stale(self) -> bool:
-        return self._param_versions(self._source) != self._versions
+        return self._params.versions() != self._versions
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.stale():

@@ -35,18 +35,13 @@ from . import follow_backend, op_table
 from ..errors import ConfigError
 from ..inputs import check_device
 from .graph import GRAPH_BACKENDS
+from .params import ParamSlots
 
 log = logging.getLogger("fastenc")
 
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def param_signature(module: nn.Module) -> tuple:
-    """``((data_ptr, dtype, device), ...)`` over ``module``'s parameters: equal exactly when every
-    parameter still lives in the same storage, dtype and device."""
-    return tuple((p.data_ptr(), p.dtype, p.device) for p in module.parameters())
 
 
 class FollowsWeights:
@@ -67,7 +62,8 @@ class FollowsWeights:
         d["_kept_fast_path_logged"] = False
         d["_graph_runner"] = graphs
         d["_active"] = None if self._is_graph_backend else self._placement()
-        d["_cpu_signature"] = param_signature(self.model) if backend == "cpu" else None
+        d["_params"] = ParamSlots(self.model)  # read on every cpu call: its slots, not a module walk
+        d["_cpu_signature"] = self._params.signature() if backend == "cpu" else None
         if graphs is None and not self._is_graph_backend:
             self._sync_graphs(backend, self._placement()[0])
 
@@ -197,7 +193,7 @@ class FollowsWeights:
                 # the plan made at load (or by an earlier move) is reused; else one is searched and cached on disk
                 source = self._plan_source or getattr(self, "source", None)
                 prepare_planned(model, source=source, plan=getattr(model, "cpu_plan", None))
-                self.__dict__["_cpu_signature"] = param_signature(model)
+                self.__dict__["_cpu_signature"] = self._params.signature()
             else:
                 model.ops = op_table(name, placed[0])
             if name != self._backend:
@@ -210,7 +206,7 @@ class FollowsWeights:
     def _installed(self, placed: tuple[torch.device, torch.dtype]) -> bool:
         """The installed op table is the one for ``placed`` (the cpu path's int8 weights: for these storages)."""
         return placed == self._active and (self._backend != "cpu"
-                                           or param_signature(self.model) == self._cpu_signature)
+                                           or self._params.signature() == self._cpu_signature)
 
     def _sync_graphs(self, name: str, device: torch.device) -> None:
         wanted = name == "triton" and device.type == "cuda" and self.cuda_graphs

@@ -50,6 +50,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..backends.params import REGISTRATIONS as _REGISTRATIONS  # one process-wide count of registrations
+from ..backends.params import watch_registrations as _watch_registrations
 from ..errors import ConfigError
 
 log = logging.getLogger("fastenc")
@@ -58,21 +60,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 #: Consecutive calls a parameter signature must be seen on before graphs are captured for it.
 STABLE_CALLS = 2
 
-_REGISTRATIONS = [0]  # parameters and submodules registered anywhere in this process (see _watch_registrations)
-_WATCHING: list = []
-
-
-def _registered(*args) -> None:
-    _REGISTRATIONS[0] += 1
-
-
-def _watch_registrations() -> None:
-    """Count parameter and submodule registrations process-wide (torch's global registration hooks), once."""
-    if not _WATCHING:
-        from torch.nn.modules import module as _module
-
-        _WATCHING.append(_module.register_module_parameter_registration_hook(_registered))
-        _WATCHING.append(_module.register_module_module_registration_hook(_registered))
 SEQ_BUCKETS = (32, 64, 77, 128, 256, 512)
 
 
