@@ -2,7 +2,9 @@
 
 The one model definition is converted straight from the torch module (``openvino.convert_model``
 traces :class:`fastenc.model.T5Encoder` with the reference op table; no file is written), with
-batch and sequence dynamic, so one compiled model serves every shape. OpenVINO prepacks the
+batch and sequence dynamic, so one compiled model serves every shape (and must: OpenVINO 2026.4's
+static-shape compile of this graph under the bf16 hint computes other numbers, cos 0.93-0.97 to the
+dynamic one at 1x120 / 1x512, for fastenc's graph and its ONNX export alike). OpenVINO prepacks the
 weights at compile time and runs them through oneDNN (AMX / AVX512 / AVX2 as the CPU has); the
 inference precision is bf16 where the CPU has it natively, else fp32. One graph takes ids and mask:
 a call without a mask (Flux, SD3) passes all ones, which computes the same numbers as no mask at the
