@@ -246,8 +246,8 @@ def _answer_pairs(driver, count: int, pictures: dict[bytes, str], rule, token: s
     from selenium.webdriver.support.ui import WebDriverWait
 
     seen = []
-    for _ in range(count):
-        progress = driver.find_element(By.ID, "progress")
+    for _ in range(count):  # each pair's page: waited for (a key press or Start navigates; the click returns first)
+        progress = WebDriverWait(driver, 15).until(ec.presence_of_element_located((By.ID, "progress")))
         prompt = driver.find_element(By.ID, "prompt").text
         left = _encoder_of(driver.find_element(By.ID, "img-A").get_attribute("src"), pictures, token)
         right = _encoder_of(driver.find_element(By.ID, "img-B").get_attribute("src"), pictures, token)
