@@ -47,6 +47,16 @@ class ParamSlots:
                                    if p is not None]
         return [p for m, n in slots if (p := m._parameters.get(n)) is not None]
 
+    def first(self) -> torch.Tensor | None:
+        """The first parameter: O(1) while nothing was registered since the slots were walked."""
+        if self._slots and self._at == REGISTRATIONS[0]:
+            m, n = self._slots[0]
+            p = m._parameters.get(n)
+            if p is not None:
+                return p
+        params = self.tensors()
+        return params[0] if params else None
+
     def signature(self) -> tuple:
         """``((data_ptr, dtype, device), ...)``: equal exactly while every parameter keeps its storage, dtype
         and device."""

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..backends.params import REGISTRATIONS as _REGISTRATIONS  # one process-wide count of registrations
-from ..backends.params import watch_registrations as _watch_registrations
+from ..backends.params import ParamSlots
 from ..errors import ConfigError
 
 log = logging.getLogger("fastenc")
@@ -153,8 +153,7 @@ class CudaGraphRunner(nn.Module):
         self._graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
         self._pool = None
         self._lock = threading.RLock()  # re-entered by quiesced() -> reset()
-        self._slots: list[tuple[nn.Module, str]] | None = None  # (module, parameter name) of every parameter
-        self._slots_at = -1  # _REGISTRATIONS when _slots was walked
+        self._params = ParamSlots(model)  # the parameters, read without walking the modules
         self._captured_for: tuple | None = None  # parameter signature the live graphs were captured against
         self._done = None  # CUDA event recorded after the last replay's output copy
         self.stable_calls = stable_calls
@@ -163,7 +162,6 @@ class CudaGraphRunner(nn.Module):
         self._seen_moves: tuple[int, int] | None = None  # _moves() when _seen was read
         self._streak = 0  # consecutive sightings of _seen
         self._misses = 0  # consecutive calls with live graphs for another signature
-        _watch_registrations()
         self._look()  # the creation is the first sighting of the weights where they are now
         self._streak = 1
 
@@ -185,33 +183,15 @@ class CudaGraphRunner(nn.Module):
         if signature != self._seen:
             self._seen, self._streak = signature, 0
 
-    def _param_tensors(self) -> list[torch.Tensor]:
-        slots = self._slots
-        if slots is not None and self._slots_at == _REGISTRATIONS[0]:  # no parameter or submodule swapped since
-            try:
-                return [m._parameters[n] for m, n in slots]
-            except KeyError:  # a parameter was removed: walk the modules again
-                pass
-        self._slots_at = _REGISTRATIONS[0]
-        slots = [(m, n) for m in self.model.modules() for n, p in m._parameters.items() if p is not None]
-        self._slots = slots
-        return [m._parameters[n] for m, n in slots]
-
     def signature(self) -> tuple:
         """``((data_ptr, dtype, device), ...)`` of the model's parameters, read now (~20 us for the
         base student): the graphs are valid exactly while this equals what they were captured against."""
-        return tuple([(p.data_ptr(), p.dtype, p.device) for p in self._param_tensors()])
+        return self._params.signature()
 
     def device(self) -> torch.device:
         """Where the first parameter lives (O(1) while no parameter or submodule was registered anew)."""
-        slots = self._slots
-        if slots and self._slots_at == _REGISTRATIONS[0]:
-            m, n = slots[0]
-            p = m._parameters.get(n)
-            if p is not None:
-                return p.device
-        params = self._param_tensors()
-        return params[0].device if params else torch.device("cpu")
+        first = self._params.first()
+        return first.device if first is not None else torch.device("cpu")
 
     def buckets(self, batch: int, seq: int) -> tuple[int, int] | None:
         bb, lb = bucket_for(batch, self.batch_buckets), bucket_for(seq, self.seq_buckets)
@@ -368,7 +348,7 @@ class CudaGraphRunner(nn.Module):
         with self._lock:
             self._drop()
             self._captured_for = None
-            self._slots = None
+            self._params = ParamSlots(self.model)
             self._seen = None
             self._look()
 
