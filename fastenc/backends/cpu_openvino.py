@@ -238,23 +238,31 @@ class OpenVinoEngine:
         graph = self._read_graph()
         cached = graph is not None
         if graph is None:
-            graph = self._convert()
+            graph = self._converted_and_kept()
         request = self._compile_graph(graph)
         if cached and not self._agrees(request):
             log.warning("fastenc: cpu backend: the cached OpenVINO graph %s disagrees with the model; converting "
                         "again", graph_files(self.graph_cache)[0])
             cached = False
             del graph, request
-            graph = self._convert()
+            graph = self._converted_and_kept()
             request = self._compile_graph(graph)
-        if not cached and self.graph_cache is not None:
-            self._save_graph(graph)
         del graph
         self.from_cache = cached
         self.build_s += time.perf_counter() - t0
         log.info("fastenc: cpu backend: OpenVINO %s %s graph %s in %.1f s", self.version, PRECISIONS[self.precision],
                  "read from the cache and compiled" if cached else "converted and compiled", time.perf_counter() - t0)
         return request
+
+    def _converted_and_kept(self):
+        """A converted graph; with a graph cache, saved and read back, so this load serves the very graph later
+        loads read (a graph read from IR compiles a little apart from the converted one: last-bit differences)."""
+        graph = self._convert()
+        if self.graph_cache is None:
+            return graph
+        self._save_graph(graph)
+        saved = self._read_graph()
+        return saved if saved is not None else graph  # not writable: the converted one (converted again next load)
 
     def _compile_graph(self, graph):
         config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",

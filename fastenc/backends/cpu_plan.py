@@ -42,7 +42,7 @@ from . import cpu as fcpu
 log = logging.getLogger("fastenc")
 
 #: Bump when the search, the candidates or the plan format change (cached plans are then ignored).
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 #: The fidelity floor: mean cos-sim over tokens and the worst token, to the fp32 model, on held-out inputs.
 MIN_COS = 0.9995
 MIN_WORST = 0.999
@@ -53,18 +53,21 @@ DEFAULT_BUDGET_S = 120.0
 ROUNDS = 3
 #: CPU flags that change which kernels the libraries pick (part of the cache key).
 ISA_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2", "fma")
-ENGINES = ("eager", "openvino")
+ENGINES = ("eager", "openvino", "onnxruntime")
+ENGINE_NAMES = {"eager": "the op table", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
 PRECISIONS = ("bf16", "fp32")
 HELD_OUT_SEED = 20261202  # never the calibration seed of cpu.calibration_ids
+HELD_OUT_TOKENS = 512
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to run the model: ``eager`` (the op table of :mod:`.cpu`) or ``openvino``."""
+    """One way to run the model: ``eager`` (the op table of :mod:`.cpu`), ``openvino`` or ``onnxruntime``
+    (:mod:`.cpu_onnxruntime`: fp32, with the planned int8 weights when ``int8``)."""
 
     engine: str = "eager"
     attention: str = "sdpa"  # eager only
-    int8: bool = False  # eager only: the planned int8 weights
+    int8: bool = False  # eager and onnxruntime: the planned int8 weights
     gelu: str = "exact"  # eager only
     precision: str = "bf16"  # "bf16" (CPUs with native bf16) or "fp32" (the others)
 
@@ -76,6 +79,8 @@ class Candidate:
     def name(self) -> str:
         if self.engine == "openvino":
             return f"openvino {self.precision}"
+        if self.engine == "onnxruntime":
+            return "onnxruntime fp32" + (" + int8 (per-token)" if self.int8 else "")
         parts = [f"eager {self.precision}" + (" + int8" if self.int8 else ""), f"{self.attention} attention"]
         if self.gelu != "exact":
             parts.append(f"{self.gelu} GELU")
@@ -167,10 +172,12 @@ def machine() -> str:
 
 
 def library_versions() -> str:
-    from . import cpu_openvino
+    from . import cpu_onnxruntime, cpu_openvino
 
     ok, version = cpu_openvino.available()
-    return f"torch {torch.__version__}; openvino {version if ok else 'absent'}"
+    ort_ok, ort_version = cpu_onnxruntime.available()
+    return (f"torch {torch.__version__}; openvino {version if ok else 'absent'}; "
+            f"onnxruntime {ort_version if ort_ok else 'absent'}")
 
 
 def default_precision() -> str:
@@ -221,12 +228,13 @@ def cached_plans() -> list[tuple[str, CpuPlan]]:
 
 
 def held_out_inputs(cfg, shapes: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Inputs no plan sees while it is made: one full-length row per longest shape, no mask; and two
+    """Inputs no plan sees while it is made: full-length rows of the longest shape, no mask, at least
+    HELD_OUT_TOKENS tokens in all (the worst token is a tail estimate: too few tokens flatter it); and two
     shorter rows with a mask, the first half padded (``[B, L]`` ids, ``[B, L]`` mask or None)."""
     gen = torch.Generator().manual_seed(HELD_OUT_SEED)
     longest = max(s for _, s in shapes)
     short = max(4, min(longest, 96) - 7)  # a length no tune shape uses
-    ids_long = torch.randint(2, cfg.vocab_size, (1, longest), generator=gen)
+    ids_long = torch.randint(2, cfg.vocab_size, (-(-HELD_OUT_TOKENS // longest), longest), generator=gen)
     ids_short = torch.randint(2, cfg.vocab_size, (2, short), generator=gen)
     mask = torch.ones(2, short, dtype=torch.long)
     mask[0, short // 2:] = 0
@@ -357,7 +365,8 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
     if engine is not None:
         engine.bind(model)
     if "eager" in engines:
-        for i, c in enumerate(eager_candidates(bool(int8_weights), precision)):
+        # int8 op-table candidates only where torch's int8 GEMM is native (else it is a slow reference loop)
+        for i, c in enumerate(eager_candidates(bool(int8_weights) and fcpu.native_int8_mm(), precision)):
             if i and time.perf_counter() - t_start > budget_s:  # the first (plain bf16) is always measured
                 measured.append(Measured(c, note=f"skipped: past the {budget_s:.0f} s tuning budget"))
                 continue
@@ -370,6 +379,9 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
             runners[c] = run
             with torch.inference_mode():
                 fid[c] = fidelity([run(i, m) for i, m in inputs], refs, inputs)
+    ort_engines: dict[Candidate, object] = {}
+    if "onnxruntime" in engines:
+        ort_engines = _ort_candidates(model, precision, int8_weights, inputs, refs, runners, fid, measured, say)
     times = time_round_robin(runners, shapes, cfg, rounds) if runners else {}
     for c in runners:
         cos, worst = fid[c]
@@ -393,7 +405,52 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
         if engine is not None:
             engine.forget_graphs()
         engine = None
+    if chosen.engine == "onnxruntime":
+        engine = ort_engines[chosen]
+        engine.bind(model)
+        if graph_cache is not None:
+            engine.save_graph(graph_cache)
+    for other in ort_engines.values():
+        if other is not engine:
+            other.drop_graph()
     return plan, engine
+
+
+def _ort_candidates(model: T5Encoder, precision: str, int8_weights, inputs, refs, runners, fid, measured,
+                    say) -> dict:
+    """ONNX Runtime fp32, and fp32 + the planned int8 weights (the op table's set, same numerics): built from
+    one export, checked on the held-out inputs, added to ``runners``. Offered where the plan computes in
+    fp32 (a CPU without native bf16); returns candidate -> engine."""
+    from . import cpu_onnxruntime
+
+    out: dict[Candidate, object] = {}
+    base = Candidate("onnxruntime", precision="fp32")
+    if precision != "fp32":
+        return out
+    ok, why = cpu_onnxruntime.available()
+    if not ok:
+        measured.append(Measured(base, note=why))
+        return out
+    wanted = [base] + ([Candidate("onnxruntime", int8=True, precision="fp32")] if int8_weights else [])
+    graph = None
+    for c in wanted:
+        try:
+            if graph is None:
+                graph = cpu_onnxruntime.export_graph(model)
+            e = cpu_onnxruntime.OrtEngine(model, int8_weights=int8_weights if c.int8 else (), base_graph=graph,
+                                          keep_graph=True)
+        except BackendUnavailable as exc:
+            measured.append(Measured(c, note=f"skipped: {exc}"))
+            break
+        except Exception as exc:  # a runtime that fails to export or load is one note, not the load
+            measured.append(Measured(c, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+            break
+        out[c] = e
+        runners[c] = lambda ids, e=e: e(ids)
+        with torch.inference_mode():
+            fid[c] = fidelity([e(i, m) for i, m in inputs], refs, inputs)
+        say(f"built {c.name} in {e.build_s:.1f} s")
+    return out
 
 
 def _install(model: T5Encoder, plan: CpuPlan) -> None:
@@ -401,9 +458,22 @@ def _install(model: T5Encoder, plan: CpuPlan) -> None:
     c = plan.chosen
     attention = c.attention if c.engine == "eager" else "sdpa"
     gelu = c.gelu if c.engine == "eager" else "exact"
-    fcpu.prepare(model, int8=fcpu.Int8Plan(plan.int8_weights, attention=attention), attention=attention, gelu=gelu,
+    weights = plan.int8_weights if c.engine == "eager" else ()  # another engine's fallback: the float op table
+    fcpu.prepare(model, int8=fcpu.Int8Plan(weights, attention=attention), attention=attention, gelu=gelu,
                  dtype=c.dtype)
     model.cpu_plan = plan
+
+
+def _plan_engine(model: T5Encoder, plan: CpuPlan, graph_cache: Path | None):
+    """The engine a cached plan runs (its graph read from ``graph_cache`` where it was kept)."""
+    if plan.chosen.engine == "openvino":
+        from . import cpu_openvino
+
+        return cpu_openvino.OpenVinoEngine(model, precision=_ov_precision(plan.chosen.precision),
+                                           graph_cache=graph_cache)
+    from . import cpu_onnxruntime
+
+    return cpu_onnxruntime.OrtEngine(model, int8_weights=plan.int8_weights, graph_cache=graph_cache)
 
 
 def _ov_precision(precision: str) -> str:
@@ -441,15 +511,12 @@ def prepare_planned(model: T5Encoder, *, source: str | None = None, plan: CpuPla
         if key is not None:
             write_plan(key, plan)
     else:
-        if plan.chosen.engine == "openvino":
-            from . import cpu_openvino
-
+        if plan.chosen.engine in ("openvino", "onnxruntime"):
             try:
-                engine = cpu_openvino.OpenVinoEngine(model, precision=_ov_precision(plan.chosen.precision),
-                                                     graph_cache=graph_cache)
+                engine = _plan_engine(model, plan, graph_cache)
             except Exception as exc:  # the plan's engine is gone (uninstalled, broken): the op-table path runs
-                log.warning("fastenc: the cpu plan runs OpenVINO, which failed here (%s: %s); using the op table",
-                            type(exc).__name__, str(exc).splitlines()[0][:160])
+                log.warning("fastenc: the cpu plan runs %s, which failed here (%s: %s); using the op table",
+                            ENGINE_NAMES[plan.chosen.engine], type(exc).__name__, str(exc).splitlines()[0][:160])
         _install(model, plan)
         if engine is not None:
             engine.bind(model)
