@@ -31,6 +31,7 @@ INT8 = "onnxruntime fp32 + int8 (per-token)"
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTENC_CACHE_DIR", str(tmp_path / "fastenc-cache"))
+    monkeypatch.delenv("FASTENC_CPU_ENGINES", raising=False)  # every engine (conftest leaves ONNX Runtime out)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -24,6 +24,7 @@ from fastenc.backends import cpu_openvino
 from fastenc.backends.cpu_openvino import OpenVinoEngine
 from fastenc.backends.cpu_plan import Candidate, CpuPlan, Measured
 from fastenc.caches import human
+from fastenc.errors import ConfigError
 
 from reference import TINY
 from test_cpu_backend import OUTLIER_CFG, outlier_model
@@ -164,6 +165,26 @@ def test_cache_key_changes_with_cpu_threads_versions_checkpoint_and_shapes(monke
         torch.set_num_threads(1)
 
 
+def test_the_engines_the_search_may_use_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv(plan_mod.ENGINES_ENV, raising=False)
+    assert plan_mod.allowed_engines() == plan_mod.ENGINES
+    everything = plan_mod.plan_key("a", TINY, SHAPES, 0.9995, 0.999)
+    monkeypatch.setenv(plan_mod.ENGINES_ENV, " eager , openvino,eager")
+    assert plan_mod.allowed_engines() == ("eager", "openvino")
+    assert plan_mod.plan_key("a", TINY, SHAPES, 0.9995, 0.999) != everything  # a plan searched without one
+    model = common.build_model(TINY, seed=3)
+    plan, _ = plan_mod.tune(model, shapes=SHAPES, rounds=1, precision="fp32")
+    assert {m.candidate.engine for m in plan.measured} == {"eager", "openvino"}
+    monkeypatch.setenv(plan_mod.ENGINES_ENV, "eager,tensorrt")
+    with pytest.raises(ConfigError) as err:
+        plan_mod.allowed_engines()
+    assert str(err.value) == ("$FASTENC_CPU_ENGINES='eager,tensorrt': 'tensorrt' is not one of eager, openvino, "
+                              "onnxruntime (a comma-separated subset)")
+    monkeypatch.setenv(plan_mod.ENGINES_ENV, " , ")
+    with pytest.raises(ConfigError, match="no engine is not one of"):
+        plan_mod.allowed_engines()
+
+
 @pytest.mark.parametrize("candidate", [OV, EAGER, Candidate("eager", "matmul", gelu="erf"), EAGER_INT8,
                                        Candidate("eager", "sdpa", int8=True, gelu="erf"),
                                        Candidate("onnxruntime", precision="fp32"),
@@ -175,6 +196,7 @@ def test_every_candidate_kind_that_passes_keeps_the_floor_on_outliers_and_unseen
     The op table's int8 candidates are offered here whatever the CPU (same numbers; only slower where
     torch's int8 GEMM is not native); the ONNX Runtime ones are the fp32 plan's (CPUs without bf16)."""
     monkeypatch.setattr(fcpu, "native_int8_mm", lambda: True)
+    monkeypatch.delenv(plan_mod.ENGINES_ENV, raising=False)  # every engine (conftest leaves ONNX Runtime out)
     model = outlier_model()
     ref_model = copy.deepcopy(model)
     plan, engine = plan_mod.tune(model, shapes=((1, 40),), rounds=1, precision=candidate.precision)

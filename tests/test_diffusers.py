@@ -358,11 +358,12 @@ def test_adapter_contract(encoder):
 def fast_path_encoder(dirs, monkeypatch, tmp_path) -> fastenc.Encoder:
     """What ``fastenc.load(path)`` gives on a CPU with native bf16: the ``cpu`` backend, here with the
     op-table plan that runs int8 GEMMs (the planner's timing is replaced so that one wins: the pipeline
-    must see the op table). The CPU feature check is forced on so the default is taken on any x86 CPU."""
+    must see the op table). The CPU feature checks are forced on so the default is taken on any x86 CPU."""
     import fastenc.backends as backends
     from fastenc.backends import cpu_plan
 
     monkeypatch.setattr(backends, "cpu_fast_path", lambda: (True, "forced for this test"))
+    monkeypatch.setattr(cpu_plan.fcpu, "native_int8_mm", lambda: True)  # int8 op-table candidates on any CPU
     monkeypatch.setenv("FASTENC_CACHE_DIR", str(tmp_path / "cache"))  # no plan another test cached
     real = cpu_plan.time_round_robin
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,8 @@ ROUNDS = 3
 ISA_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2", "fma")
 ENGINES = ("eager", "openvino", "onnxruntime")
 ENGINE_NAMES = {"eager": "the op table", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+#: A comma-separated subset of ENGINES the search may use (unset: all that are installed).
+ENGINES_ENV = "FASTENC_CPU_ENGINES"
 PRECISIONS = ("bf16", "fp32")
 HELD_OUT_SEED = 20261202  # never the calibration seed of cpu.calibration_ids
 HELD_OUT_TOKENS = 512
@@ -180,6 +183,20 @@ def library_versions() -> str:
             f"onnxruntime {ort_version if ort_ok else 'absent'}")
 
 
+def allowed_engines() -> tuple[str, ...]:
+    """The engines the search may use: ENGINES, or the subset $FASTENC_CPU_ENGINES names (e.g. a deployment
+    that keeps one runtime out); a name that is not an engine is refused."""
+    raw = os.environ.get(ENGINES_ENV, "").strip()
+    if not raw:
+        return ENGINES
+    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    bad = [n for n in names if n not in ENGINES]
+    if bad or not names:
+        raise ConfigError(f"${ENGINES_ENV}={raw!r}: {', '.join(map(repr, bad)) or 'no engine'} is not one of "
+                          f"{', '.join(ENGINES)} (a comma-separated subset)")
+    return names
+
+
 def default_precision() -> str:
     """bf16 where the CPU has it natively (AMX, AVX512-BF16), else fp32: never emulated bf16."""
     from . import cpu_fast_path
@@ -192,7 +209,7 @@ def plan_key(source: str, cfg, shapes: Sequence[tuple[int, int]], min_cos: float
     flags = cpu_flags()
     isa = ",".join(f for f in ISA_FLAGS if f in flags)
     text = "|".join(map(str, (PLAN_VERSION, source, cfg, tuple(shapes), min_cos, min_worst, fcpu.cpu_model(), isa,
-                              torch.get_num_threads(), library_versions(), precision)))
+                              torch.get_num_threads(), library_versions(), precision, allowed_engines())))
     return "engine-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -309,7 +326,7 @@ def _eager_ops(c: Candidate, shared_int8: fcpu.CpuOps) -> fcpu.CpuOps:
 
 def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[int, int]] = TUNE_SHAPES,
          budget_s: float = DEFAULT_BUDGET_S, min_cos: float = MIN_COS, min_worst: float = MIN_WORST,
-         rounds: int = ROUNDS, engines: Sequence[str] = ENGINES, say: Callable[[str], None] | None = None,
+         rounds: int = ROUNDS, engines: Sequence[str] | None = None, say: Callable[[str], None] | None = None,
          precision: str = "bf16", graph_cache: Path | None = None) -> tuple[CpuPlan, object | None]:
     """Search the plan for ``model`` (float weights on the CPU; cast to ``precision`` in place on return,
     with the chosen op table installed). Returns ``(plan, engine)``: the OpenVINO engine when it won, else
@@ -320,6 +337,7 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
     from . import cpu_openvino
 
     say = say or (lambda text: log.info("fastenc: %s", text))
+    engines = allowed_engines() if engines is None else tuple(engines)
     t_start = time.perf_counter()
     cfg = model.config
     model.eval()
