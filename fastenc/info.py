@@ -157,6 +157,7 @@ def collect(*, probe: bool = False) -> dict[str, str]:
 
         here = machine()
         from .backends.cpu import plan_cache_dir
+        from .backends.cpu_onnxruntime import graph_file as ort_graph_file
         from .backends.cpu_openvino import graph_files
 
         found = [(key, plan) for key, plan in cached_plans() if plan.machine == here]
@@ -168,8 +169,12 @@ def collect(*, probe: bool = False) -> dict[str, str]:
                               for k in m.ms)
             best = next((m for m in plan.measured if m.candidate == plan.chosen), None)
             fid = f"; cos {best.cos:.5f} / worst {best.worst:.5f}" if best is not None else ""
-            graphs = [f for f in graph_files(plan_cache_dir() / found[i][0]) if f.is_file()]
-            kept = f"; OpenVINO graph cached, {sum(f.stat().st_size for f in graphs) / 1e6:.0f} MB" if graphs else ""
+            prefix = plan_cache_dir() / found[i][0]
+            kept = ""
+            for runtime, files in (("OpenVINO", graph_files(prefix)), ("ONNX Runtime", (ort_graph_file(prefix),))):
+                graphs = [f for f in files if f.is_file()]
+                if graphs:
+                    kept += f"; {runtime} graph cached, {sum(f.stat().st_size for f in graphs) / 1e6:.0f} MB"
             info[f"cpu plan {i + 1}"] = f"{plan.chosen.name} ({times}{fid}; searched in {plan.tune_s:.0f} s{kept})"
     if probe and cuda and _version("triton"):  # the first-contact check of the triton kernels, per GPU
         info.update(gpu_probe_report())

@@ -159,6 +159,8 @@ def test_a_cpu_without_native_int8_gets_onnxruntime_int8_and_a_cached_plan_reads
         cos = F.cosine_similarity(first, model(ids), dim=-1)
     assert float(cos.mean()) >= plan_mod.MIN_COS and float(cos.min()) >= plan_mod.MIN_WORST
     assert fastenc.info.describe_backend(enc).startswith("fastenc cpu (ONNX Runtime ")
+    listed = [v for k, v in fastenc.info.collect(probe=True).items() if k.startswith("cpu plan ")]
+    assert len(listed) == 1 and listed[0].startswith(INT8) and "; ONNX Runtime graph cached, " in listed[0]
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
