@@ -545,9 +545,9 @@ def load(
     if name == "cpu":
         if dev.type != "cpu":
             raise ConfigError(f"backend 'cpu' runs on the CPU, not {dev}; pass device='cpu'")
-        if requested not in (None, torch.bfloat16):
-            raise ConfigError(f"backend 'cpu' computes in bf16 (with int8 GEMMs), not {requested}; "
-                              "pass dtype='bf16' or leave it out, or use backend='torch'")
+        if requested not in (None, torch.bfloat16, torch.float32):
+            raise ConfigError(f"backend 'cpu' computes in bf16 or fp32 (with int8 GEMMs), not {requested}; "
+                              "pass dtype='bf16' or 'fp32' or leave it out, or use backend='torch'")
         dt = torch.float32  # loaded in fp32: the int8 plan is checked against it, then cast to bf16
     if checkpoint is None and not random_init and size is not None:  # size="base": the released base student
         from .hub import released_checkpoint
@@ -572,8 +572,9 @@ def load(
         from .backends.cpu_plan import prepare_planned
 
         plan_source = source if random_init else source_fingerprint(path)
-        # bf16 where native; backend='cpu' asked for explicitly keeps bf16 (emulated) on other CPUs, auto does not
-        precision = "bf16" if cpu_fast_path()[0] or backend == "cpu" else "fp32"
+        # the CPU's own precision (bf16 where native, else fp32: never emulated bf16 unless dtype='bf16' asks)
+        precision = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(requested) or \
+            ("bf16" if cpu_fast_path()[0] else "fp32")
         prepare_planned(model, source=plan_source, precision=precision)
     else:
         model.ops = op_table(name, dev)

@@ -240,7 +240,7 @@ def test_an_encoder_whose_weights_change_leaves_the_openvino_engine(monkeypatch)
     model = common.build_model(TINY, seed=6)
     path = fcpu.plan_cache_dir().parent / "ckpt"
     fastenc.save(model, path)
-    enc = fastenc.load(path, backend="cpu", cache=False)
+    enc = fastenc.load(path, backend="cpu", dtype="bf16", cache=False)
     assert enc.model.cpu_plan.chosen == OV and enc.model.cpu_engine is not None
     assert fastenc.info.describe_backend(enc).startswith("fastenc cpu (OpenVINO")
     ids = torch.randint(2, TINY.vocab_size, (1, 16))
@@ -298,6 +298,15 @@ def test_a_cpu_without_native_bf16_gets_an_fp32_plan_never_emulated_bf16(monkeyp
         torch.testing.assert_close(enc(ids), model(ids), rtol=1e-4, atol=1e-4)
     # fp32 asked for explicitly is the torch reference, as before
     assert fastenc.load(tmp_path / "ckpt", dtype="fp32", cache=False).backend == "torch"
+    # backend="cpu" named explicitly plans in the CPU's own precision too; bf16 only when dtype asks for it
+    named = fastenc.load(tmp_path / "ckpt", backend="cpu", cache=False)
+    assert (named.backend, named.dtype, named.model.cpu_plan.chosen.precision) == ("cpu", torch.float32, "fp32")
+    asked = fastenc.load(tmp_path / "ckpt", backend="cpu", dtype="bf16", cache=False)
+    assert (asked.dtype, asked.model.cpu_plan.chosen.precision) == (torch.bfloat16, "bf16")
+    with pytest.raises(ConfigError) as err:
+        fastenc.load(tmp_path / "ckpt", backend="cpu", dtype="fp16", cache=False)
+    assert str(err.value) == ("backend 'cpu' computes in bf16 or fp32 (with int8 GEMMs), not torch.float16; pass "
+                              "dtype='bf16' or 'fp32' or leave it out, or use backend='torch'")
 
 
 @pytest.mark.parametrize("given, code, want", [
@@ -325,7 +334,7 @@ def test_a_cached_openvino_plan_reads_its_graph_instead_of_converting(monkeypatc
     monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({"openvino bf16": 1.0, "openvino fp32": 1.0}))
     path = fcpu.plan_cache_dir().parent / "ckpt"
     fastenc.save(common.build_model(TINY, seed=7), path)
-    first = fastenc.load(path, backend="cpu", cache=False)
+    first = fastenc.load(path, backend="cpu", dtype="bf16", cache=False)
     engine = first.model.cpu_engine
     assert engine is not None and engine.from_cache is False  # the search converted it
     xml, bin_ = cpu_openvino.graph_files(engine.graph_cache)
@@ -350,7 +359,7 @@ def test_a_cached_openvino_plan_reads_its_graph_instead_of_converting(monkeypatc
 
     with monkeypatch.context() as patch:
         patch.setattr(cpu_openvino.OpenVinoEngine, "_convert", lambda self: converted())
-        second = fastenc.load(path, backend="cpu", cache=False)
+        second = fastenc.load(path, backend="cpu", dtype="bf16", cache=False)
         assert second.model.cpu_engine.from_cache is True
         with torch.inference_mode():
             torch.testing.assert_close(second(ids), want, rtol=0, atol=0)
@@ -360,18 +369,18 @@ def test_a_cached_openvino_plan_reads_its_graph_instead_of_converting(monkeypatc
 
     other = fcpu.plan_cache_dir().parent / "other"  # another checkpoint's graph put in this one's place
     fastenc.save(common.build_model(TINY, seed=8), other)
-    foreign = fastenc.load(other, backend="cpu", cache=False).model.cpu_engine
+    foreign = fastenc.load(other, backend="cpu", dtype="bf16", cache=False).model.cpu_engine
     foreign_xml, foreign_bin = cpu_openvino.graph_files(foreign.graph_cache)
     bin_.write_bytes(foreign_bin.read_bytes())
     caplog.clear()
-    third = fastenc.load(path, backend="cpu", cache=False)
+    third = fastenc.load(path, backend="cpu", dtype="bf16", cache=False)
     assert third.model.cpu_engine.from_cache is False
     assert "disagrees with the model; converting again" in caplog.text
     with torch.inference_mode():
         torch.testing.assert_close(third(ids), want, rtol=0, atol=0)
     xml.write_text("<net")  # unreadable: converted again, with one warning naming the file
     caplog.clear()
-    fourth = fastenc.load(path, backend="cpu", cache=False)
+    fourth = fastenc.load(path, backend="cpu", dtype="bf16", cache=False)
     assert fourth.model.cpu_engine.from_cache is False
     assert f"the cached OpenVINO graph {xml} is unreadable" in caplog.text
     assert cpu_openvino.graph_files(engine.graph_cache)[0].read_text().startswith("<?xml")
@@ -384,7 +393,7 @@ def test_a_plan_that_does_not_run_openvino_keeps_no_graph_and_cache_clear_delete
                                                                   "eager fp32, matmul attention": 1.0}))
     path = fcpu.plan_cache_dir().parent / "ckpt"
     fastenc.save(common.build_model(TINY, seed=9), path)
-    fastenc.load(path, backend="cpu", cache=False)
+    fastenc.load(path, backend="cpu", dtype="bf16", cache=False)
     folder = fcpu.plan_cache_dir()
     assert not list(folder.glob("*.xml")) and not list(folder.glob("*.bin"))
     monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({"openvino bf16": 1.0, "openvino fp32": 1.0}))
