@@ -24,7 +24,6 @@ step aside (the op-table path runs), as for the OpenVINO engine.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import tempfile
@@ -38,9 +37,8 @@ import torch
 
 from ..errors import BackendUnavailable
 from ..model import T5Encoder
-from ..ops import TORCH_OPS
 from . import cpu as fcpu
-from .cpu_openvino import CHECK_MIN_COS, available_memory
+from .cpu_openvino import agrees, available_memory, float_copy
 from .params import ParamSlots
 
 log = logging.getLogger("fastenc")
@@ -144,11 +142,6 @@ def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mappin
     if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in proto.opset_import):
         raise BackendUnavailable("the exported graph's opset is older than 13 (per-axis QuantizeLinear)")
     return done
-
-
-def float_copy(model: T5Encoder) -> T5Encoder:
-    """A float32 copy of ``model`` on the reference op table (not its int8 tables)."""
-    return copy.deepcopy(model, memo={id(model.ops): TORCH_OPS}).float().eval()
 
 
 def export_graph(model: T5Encoder) -> bytes:
@@ -289,23 +282,7 @@ class OrtEngine:
         return None
 
     def _agrees(self, session) -> bool:
-        cfg = self._source.config
-        ids = torch.randint(2, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))  # [1, 12]
-        mask = torch.ones_like(ids)
-        mask[:, -3:] = 0
-        training = self._source.training
-        saved = self._source.ops
-        try:
-            self._source.ops = TORCH_OPS
-            with torch.no_grad():
-                ref = self._source.eval()(ids, mask).float()  # [1, 12, P]
-        finally:
-            self._source.ops = saved
-            self._source.train(training)
-        out = self._run(session, ids, mask)
-        keep = mask.bool()
-        cos = torch.nn.functional.cosine_similarity(out[keep], ref[keep], dim=-1)
-        return bool(torch.isfinite(out[keep]).all() and cos.min() >= CHECK_MIN_COS)
+        return agrees(self._source, lambda ids, mask: self._run(session, ids, mask))
 
     def forget_graphs(self) -> None:
         if self.graph_cache is not None:

@@ -70,6 +70,33 @@ def available_memory() -> int | None:
     return None
 
 
+def float_copy(model: T5Encoder) -> T5Encoder:
+    """A float32 copy of ``model`` on the reference op table (not its int8 tables): what an engine traces."""
+    m = copy.deepcopy(model, memo={id(model.ops): TORCH_OPS})
+    return m.float().eval()
+
+
+def agrees(model: T5Encoder, run) -> bool:
+    """Whether ``run(ids, mask) -> [B, L, P]`` (an engine's graph) computes what ``model`` does on the
+    reference op table, token by token (cos-sim >= CHECK_MIN_COS), on a short fixed input with padding."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, model.config.vocab_size, (1, 12), generator=gen)  # [1, 12]
+    mask = torch.ones_like(ids)
+    mask[:, -3:] = 0  # padding, as PixArt's prompts have
+    training, saved = model.training, model.ops
+    try:
+        model.ops = TORCH_OPS
+        with torch.no_grad():
+            ref = model.eval()(ids, mask).float()  # [1, 12, P] (eval: no projector dropout)
+    finally:
+        model.ops = saved
+        model.train(training)
+    out = run(ids, mask).float()
+    keep = mask.bool()
+    cos = torch.nn.functional.cosine_similarity(out[keep], ref[keep], dim=-1)
+    return bool(torch.isfinite(out[keep]).all() and cos.min() >= CHECK_MIN_COS)
+
+
 def graph_files(prefix: Path, name: str = GRAPH_NAME) -> tuple[Path, Path]:
     """The (xml, bin) pair of the cached graph for the plan cache name ``prefix``."""
     stem = f"{prefix.name}.{name}"
@@ -160,17 +187,12 @@ class OpenVinoEngine:
         self._params = ParamSlots(model)
         self._versions = self._params.versions()
 
-    def _float_copy(self) -> T5Encoder:
-        """A float32 copy of the bound model on the reference op table: what is traced, then dropped."""
-        m = copy.deepcopy(self._source, memo={id(self._source.ops): TORCH_OPS})  # not the int8 tables
-        return m.float().eval()
-
     def _convert(self):
         """Trace a float copy of the bound model into an OpenVINO graph, its output in the compute precision."""
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
-        m = self._float_copy()
+        m = float_copy(self._source)
         ids = torch.randint(2, m.config.vocab_size, (2, 8))
         wrapper = _IdsMask(m)
         example = (ids, torch.ones_like(ids))
@@ -270,22 +292,7 @@ class OpenVinoEngine:
         return self._core.compile_model(graph, "CPU", config).create_infer_request()
 
     def _agrees(self, request) -> bool:
-        """Whether ``request`` computes what the bound model does, token by token, on a short fixed input."""
-        cfg = self._source.config
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(2, cfg.vocab_size, (1, 12), generator=gen)  # [1, 12]
-        mask = torch.ones_like(ids)
-        mask[:, -3:] = 0  # padding, as PixArt's prompts have
-        training = self._source.training
-        try:
-            with torch.no_grad():
-                ref = self._source.eval()(ids, mask).float()  # [1, 12, P] (eval: no projector dropout)
-        finally:
-            self._source.train(training)
-        out = self._run(request, ids, mask).float()
-        keep = mask.bool()
-        cos = torch.nn.functional.cosine_similarity(out[keep], ref[keep], dim=-1)
-        return bool(torch.isfinite(out[keep]).all() and cos.min() >= CHECK_MIN_COS)
+        return agrees(self._source, lambda ids, mask: self._run(request, ids, mask))
 
     def __deepcopy__(self, memo):
         """A copied model has other parameters: its copy runs the op-table path (the engine is not copied)."""
