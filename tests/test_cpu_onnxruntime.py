@@ -58,9 +58,41 @@ def test_uint8_by_uint8_is_exact_at_full_range():
     np.testing.assert_array_equal(session.run(None, {"a": a})[0], want)
 
 
-def test_one_rewritten_gemm_is_the_op_tables_int8_linear():
+def _saturating_session(fmt, weight):
+    """A uint8 x int8 kernel as AVX2's vpmaddubsw computes it: adjacent products summed in int16 with
+    saturation, then accumulated in int32."""
+    class Session:
+        def run(self, _outputs, feeds):
+            a = feeds["a"].astype(np.int64)  # [M, K]
+            pairs = a[:, 0::2, None] * weight[None, 0::2] + a[:, 1::2, None] * weight[None, 1::2]  # [M, K/2, N]
+            acc = np.clip(pairs, -32768, 32767).sum(1) - cort.ZERO_POINT * weight.sum(0)
+            return [acc.astype(np.int32)]
+
+    return Session() if fmt == "int8" else real_session(fmt, weight)
+
+
+real_session = cort._gemm_session
+
+
+def test_the_weight_format_is_exact_here_and_a_saturating_kernel_is_refused(monkeypatch):
+    """The int8 GEMMs' weight format is one whose MatMulInteger is exact at full range on this CPU; a
+    uint8 x int8 kernel that saturates pairs of products (AVX2 without VNNI) is found inexact, and the
+    engine then stores its weights as uint8."""
+    fmt = cort.weight_format()
+    assert fmt in cort.WEIGHT_FORMATS and cort.gemm_exact(fmt) and cort.gemm_exact("uint8")
+    monkeypatch.setattr(cort, "_gemm_session", _saturating_session)
+    cort.weight_format.cache_clear()
+    try:
+        assert not cort.gemm_exact("int8")
+        assert cort.weight_format() == "uint8"
+    finally:
+        cort.weight_format.cache_clear()
+
+
+@pytest.mark.parametrize("fmt", cort.WEIGHT_FORMATS)
+def test_one_rewritten_gemm_is_the_op_tables_int8_linear(fmt):
     """One MatMul rewritten (3-D input, an outlier channel, so SmoothQuant factors apply) computes what
-    fastenc.backends.cpu.int8_linear computes, to fp32 rounding."""
+    fastenc.backends.cpu.int8_linear computes, to fp32 rounding, with either weight format."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -76,7 +108,7 @@ def test_one_rewritten_gemm_is_the_op_tables_int8_linear():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, m, n])],
                               [numpy_helper.from_array(w.t().contiguous().numpy(), "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    assert cort.quantize_graph(proto, {"w": w}, {"w": q}) == ["w"]
+    assert cort.quantize_graph(proto, {"w": w}, {"w": q}, fmt) == ["w"]
     assert not any(node.op_type == "MatMul" for node in proto.graph.node)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     out = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
@@ -149,7 +181,7 @@ def test_a_cpu_without_native_int8_gets_onnxruntime_int8_and_a_cached_plan_reads
     names = {mm.candidate.name for mm in plan.measured}
     assert {"onnxruntime fp32", INT8} <= names and not any(mm.candidate.engine == "eager" and mm.candidate.int8
                                                            for mm in plan.measured)
-    assert plan.chosen.name == INT8 and plan.int8_weights and enc.model.cpu_engine.kind == "onnxruntime"
+    assert plan.chosen.name == INT8 and plan.int8_weights and enc.model.cpu_engine.kind == "onnxruntime", plan.table()
     assert enc.model.ops.num_int8 == 0  # the fallback op table stays float
     graph = cort.graph_file(enc.model.cpu_engine.graph_cache)
     assert graph.is_file() and not list(graph.parent.glob("*.ort.onnx.*"))

@@ -8,13 +8,16 @@ on the op table computes the same numbers here:
 
 * the activations, times the weight's SmoothQuant factors where it has them, are quantised per token
   (``scale = amax / 127``, round half to even) to uint8 around a zero point of 128;
-* the weights are quantised per output channel (symmetric, int8) and stored as uint8 around 128;
+* the weights are quantised per output channel (symmetric, int8) and stored as int8 (zero point 0) or as
+  uint8 around 128, whichever :func:`weight_format` found exact and faster on this CPU;
 * ``MatMulInteger`` accumulates in int32 and the result is scaled back by ``scale[m] * scale_w[n]`` in fp32.
 
-Both operands are uint8 on purpose: on AVX2 CPUs without VNNI, ONNX Runtime's uint8 x int8 kernel
-multiplies with ``vpmaddubsw``, which saturates a pair of products at 32767 (up to 17 % wrong at full
-8-bit range); its uint8 x uint8 kernel is exact at the same speed. Where the CPU has VNNI or AMX both are
-exact. The rest of the graph (norms, attention, GELU) runs in fp32.
+The weight format is measured, not assumed from the ISA: on AVX2 CPUs without VNNI, ONNX Runtime's
+uint8 x int8 kernel multiplies with ``vpmaddubsw``, which saturates a pair of products at 32767 (up to
+17 % wrong at full 8-bit range), while its uint8 x uint8 kernel is exact; where the CPU has VNNI or AMX
+the uint8 x int8 kernel is exact and about three times faster than uint8 x uint8 (1.8 vs 5.8 ms at
+512 x 768 x 2048 on an AVX512-VNNI Xeon). Both formats compute the same integers, so the plan's
+fidelity does not depend on which one runs. The rest of the graph (norms, attention, GELU) runs in fp32.
 
 With ``graph_cache`` (the plan's cache name) the rewritten graph is saved beside the plan
 (``<key>.ort.onnx``) and later loads read it, checked against the bound model on a short input before
@@ -24,6 +27,7 @@ step aside (the op-table path runs), as for the OpenVINO engine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import tempfile
@@ -50,6 +54,8 @@ BUILD_PEAK = 4.0
 #: One ONNX file holds at most 2 GiB (protobuf); larger models are left to the other engines.
 MAX_GRAPH_BYTES = 1 << 30  # fastenc.exporters.onnx.EXTERNAL_DATA_THRESHOLD: one file, no external data
 ZERO_POINT = 128
+#: How the int8 weights are stored for ``MatMulInteger``: int8 around 0, or uint8 around ZERO_POINT.
+WEIGHT_FORMATS = ("int8", "uint8")
 
 
 def available() -> tuple[bool, str]:
@@ -62,6 +68,69 @@ def available() -> tuple[bool, str]:
     return True, ort.__version__
 
 
+def _gemm_session(fmt: str, weight: np.ndarray):
+    """A one-node ``MatMulInteger`` session: uint8 activations around ZERO_POINT times ``weight`` (int8
+    values [K, N]) stored in ``fmt``; one thread."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    if fmt == "int8":
+        w, zw = weight.astype(np.int8), np.array(0, np.int8)
+    else:
+        w, zw = (weight.astype(np.int16) + ZERO_POINT).astype(np.uint8), np.array(ZERO_POINT, np.uint8)
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w", "za", "zw"], ["y"])], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [None, n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), "za"),
+         numpy_helper.from_array(zw, "zw")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def gemm_exact(fmt: str) -> bool:
+    """Whether ONNX Runtime's ``MatMulInteger`` with weights in ``fmt`` gives the exact int32 product at
+    full range here: activations 255 (the largest uint8: a pair of them times 127 overflows int16) against
+    weights of +-127, the extremes fastenc's quantisation produces."""
+    k, n = 256, 16
+    weight = np.where(np.arange(n) % 2 == 0, 127, -127)[None, :].repeat(k, 0)  # [K, N]
+    a = np.full((8, k), 255, np.uint8)  # [M, K]
+    a[1::2, ::5] = 0
+    want = (a.astype(np.int64) - ZERO_POINT) @ weight.astype(np.int64)
+    got = _gemm_session(fmt, weight).run(None, {"a": a})[0]
+    return bool(np.array_equal(got, want))
+
+
+def _gemm_ms(fmt: str, m: int = 256, k: int = 768, n: int = 1024, calls: int = 5) -> float:
+    rng = np.random.default_rng(0)
+    session = _gemm_session(fmt, rng.integers(-127, 128, (k, n)))
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    session.run(None, {"a": a})
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        session.run(None, {"a": a})
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
+@functools.lru_cache(maxsize=None)
+def weight_format() -> str:
+    """The weight storage of the int8 GEMMs on this CPU: the faster of the formats whose ``MatMulInteger``
+    is exact (:func:`gemm_exact`), timed once per process on one GEMM. uint8 is always exact."""
+    exact = [fmt for fmt in WEIGHT_FORMATS if fmt == "uint8" or gemm_exact(fmt)]
+    if len(exact) == 1:
+        chosen = exact[0]
+    else:
+        times = {fmt: _gemm_ms(fmt) for fmt in exact}
+        chosen = min(exact, key=times.get)
+        log.info("fastenc: cpu backend: ONNX Runtime int8 GEMM %s", ", ".join(f"{f} weights {t:.2f} ms" for f, t in times.items()))
+    log.info("fastenc: cpu backend: ONNX Runtime int8 GEMMs store their weights as %s (exact: %s)", chosen, ", ".join(exact))
+    return chosen
+
+
 def graph_file(prefix: Path) -> Path:
     return prefix.parent / f"{prefix.name}{GRAPH_SUFFIX}"
 
@@ -70,11 +139,16 @@ def _fingerprint(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mapping[str, fcpu.Int8Weight]) -> list[str]:
+def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mapping[str, fcpu.Int8Weight],
+                   fmt: str = "uint8") -> list[str]:
     """Rewrite, in place, every ``MatMul`` of ``proto`` whose right operand is the transpose of one of
-    ``quantized``'s weights (``weights``: name -> float [N, K]) into the per-token int8 GEMM.
-    Returns the names rewritten; a planned weight the graph does not hold raises BackendUnavailable."""
+    ``quantized``'s weights (``weights``: name -> float [N, K]) into the per-token int8 GEMM, its weights
+    stored as ``fmt`` (one of WEIGHT_FORMATS). Returns the names rewritten; a planned weight the graph does
+    not hold raises BackendUnavailable."""
     from onnx import TensorProto, helper, numpy_helper
+
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format {fmt!r} is not one of {', '.join(WEIGHT_FORMATS)}")
 
     wanted = {_fingerprint(weights[name].detach().float().t().numpy()): name for name in quantized}
     graph = proto.graph
@@ -87,7 +161,8 @@ def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mappin
 
     shared = {"axis": c("q8_axis", np.array([-1], np.int64)), "flat": c("q8_flat", np.array([-1], np.int64)),
               "inv": c("q8_inv", np.array(1.0 / 127.0, np.float32)), "eps": c("q8_eps", np.array(1e-12, np.float32)),
-              "zp": c("q8_zp", np.array(ZERO_POINT, np.uint8))}
+              "zp": c("q8_zp", np.array(ZERO_POINT, np.uint8)),
+              "zw": c("q8_zw", np.array(0, np.int8) if fmt == "int8" else np.array(ZERO_POINT, np.uint8))}
     nodes, done, drop = [], [], set()
     H = helper.make_node
     for node in graph.node:
@@ -101,7 +176,10 @@ def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mappin
         q = quantized[name]
         t = f"q8_{len(done)}"
         k = int(q.qweight_t.shape[0])
-        wq = (q.qweight_t.to(torch.int16) + ZERO_POINT).to(torch.uint8).numpy()  # [K, N]
+        if fmt == "int8":
+            wq = np.ascontiguousarray(q.qweight_t.numpy())  # [K, N] int8
+        else:
+            wq = (q.qweight_t.to(torch.int16) + ZERO_POINT).to(torch.uint8).numpy()  # [K, N]
         x, y = node.input[0], node.output[0]
         new = []
         if q.inv_smooth is not None:
@@ -120,7 +198,7 @@ def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mappin
             H("Shape", [f"{t}_s1"], [f"{t}_m"]),
             H("Expand", [shared["zp"], f"{t}_m"], [f"{t}_zpm"]),
             H("QuantizeLinear", [f"{t}_x", f"{t}_s1", f"{t}_zpm"], [f"{t}_xq"], axis=0),  # [M, K] uint8
-            H("MatMulInteger", [f"{t}_xq", c(f"{t}_wq", wq), shared["zp"], shared["zp"]], [f"{t}_acc"]),  # [M, N]
+            H("MatMulInteger", [f"{t}_xq", c(f"{t}_wq", wq), shared["zp"], shared["zw"]], [f"{t}_acc"]),  # [M, N]
             H("Cast", [f"{t}_acc"], [f"{t}_accf"], to=TensorProto.FLOAT),
             H("Mul", [f"{t}_accf", f"{t}_s"], [f"{t}_y0"]),
             H("Mul", [f"{t}_y0", c(f"{t}_sw", q.scale.float().numpy())], [f"{t}_y1"]),
@@ -237,7 +315,7 @@ class OrtEngine:
         params = dict(m.named_parameters())
         amax = fcpu.calibration_maxima(m)  # SmoothQuant's statistics, as fcpu.prepare measures them
         quantized = {n: fcpu.quantize_weight(params[n], amax.get(n)) for n in self.int8_weights}
-        quantize_graph(proto, params, quantized)
+        quantize_graph(proto, params, quantized, weight_format())
         del m, params, quantized
         return proto.SerializeToString()
 
