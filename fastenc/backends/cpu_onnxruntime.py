@@ -10,14 +10,16 @@ on the op table computes the same numbers here:
   (``scale = amax / 127``, round half to even) to uint8 around a zero point of 128;
 * the weights are quantised per output channel (symmetric, int8) and stored as int8 (zero point 0) or as
   uint8 around 128, whichever :func:`weight_format` found exact and faster on this CPU;
-* ``MatMulInteger`` accumulates in int32 and the result is scaled back by ``scale[m] * scale_w[n]`` in fp32.
+* ``com.microsoft.MatMulIntegerToFloat`` accumulates in int32 and scales the result by ``scale_w[n]`` in
+  the same kernel; one ``Mul`` applies ``scale[m]``.
 
 The weight format is measured, not assumed from the ISA: on AVX2 CPUs without VNNI, ONNX Runtime's
 uint8 x int8 kernel multiplies with ``vpmaddubsw``, which saturates a pair of products at 32767 (up to
 17 % wrong at full 8-bit range), while its uint8 x uint8 kernel is exact; where the CPU has VNNI or AMX
 the uint8 x int8 kernel is exact and about three times faster than uint8 x uint8 (1.8 vs 5.8 ms at
 512 x 768 x 2048 on an AVX512-VNNI Xeon). Both formats compute the same integers, so the plan's
-fidelity does not depend on which one runs. The rest of the graph (norms, attention, GELU) runs in fp32.
+fidelity does not depend on which one runs. The rest of the graph (norms, attention, GELU) runs in fp32,
+the norms and GELUs as ONNX Runtime's fused kernels (:mod:`.ort_fusions`).
 
 With ``graph_cache`` (the plan's cache name) the rewritten graph is saved beside the plan
 (``<key>.ort.onnx``) and later loads read it, checked against the bound model on a short input before
@@ -43,6 +45,7 @@ from ..errors import BackendUnavailable
 from ..model import T5Encoder
 from . import cpu as fcpu
 from .cpu_openvino import agrees, available_memory, float_copy
+from .ort_fusions import MS_DOMAIN, fuse
 from .params import ParamSlots
 
 log = logging.getLogger("fastenc")
@@ -145,7 +148,7 @@ def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mappin
     ``quantized``'s weights (``weights``: name -> float [N, K]) into the per-token int8 GEMM, its weights
     stored as ``fmt`` (one of WEIGHT_FORMATS). Returns the names rewritten; a planned weight the graph does
     not hold raises BackendUnavailable."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {fmt!r} is not one of {', '.join(WEIGHT_FORMATS)}")
@@ -162,6 +165,7 @@ def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mappin
     shared = {"axis": c("q8_axis", np.array([-1], np.int64)), "flat": c("q8_flat", np.array([-1], np.int64)),
               "inv": c("q8_inv", np.array(1.0 / 127.0, np.float32)), "eps": c("q8_eps", np.array(1e-12, np.float32)),
               "zp": c("q8_zp", np.array(ZERO_POINT, np.uint8)),
+              "one": c("q8_one", np.array(1.0, np.float32)),
               "zw": c("q8_zw", np.array(0, np.int8) if fmt == "int8" else np.array(ZERO_POINT, np.uint8))}
     nodes, done, drop = [], [], set()
     H = helper.make_node
@@ -198,10 +202,10 @@ def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mappin
             H("Shape", [f"{t}_s1"], [f"{t}_m"]),
             H("Expand", [shared["zp"], f"{t}_m"], [f"{t}_zpm"]),
             H("QuantizeLinear", [f"{t}_x", f"{t}_s1", f"{t}_zpm"], [f"{t}_xq"], axis=0),  # [M, K] uint8
-            H("MatMulInteger", [f"{t}_xq", c(f"{t}_wq", wq), shared["zp"], shared["zw"]], [f"{t}_acc"]),  # [M, N]
-            H("Cast", [f"{t}_acc"], [f"{t}_accf"], to=TensorProto.FLOAT),
-            H("Mul", [f"{t}_accf", f"{t}_s"], [f"{t}_y0"]),
-            H("Mul", [f"{t}_y0", c(f"{t}_sw", q.scale.float().numpy())], [f"{t}_y1"]),
+            # int32 product times the per-channel weight scale, in one kernel: [M, N] fp32
+            H("MatMulIntegerToFloat", [f"{t}_xq", c(f"{t}_wq", wq), shared["one"], c(f"{t}_sw", q.scale.float().numpy()),
+                                       shared["zp"], shared["zw"]], [f"{t}_y0"], domain=MS_DOMAIN),
+            H("Mul", [f"{t}_y0", f"{t}_s"], [f"{t}_y1"]),  # times the per-token activation scale
             H("Concat", [f"{t}_lead", shared["flat"]], [f"{t}_shape"], axis=0),
             H("Reshape", [f"{t}_y1", f"{t}_shape"], [y]),  # [..., N]
         ]
@@ -219,6 +223,8 @@ def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mappin
     graph.initializer.extend(keep + const)
     if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in proto.opset_import):
         raise BackendUnavailable("the exported graph's opset is older than 13 (per-axis QuantizeLinear)")
+    if done and not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return done
 
 
@@ -305,12 +311,14 @@ class OrtEngine:
 
     def _build_graph(self, base_graph: bytes | None) -> bytes:
         """The fp32 export of the bound model (or ``base_graph``, one made earlier by :func:`export_graph`),
-        the planned weights' GEMMs rewritten; serialised."""
-        if not self.int8_weights:
-            return base_graph if base_graph is not None else export_graph(self._source)
+        the planned weights' GEMMs rewritten and the norm and GELU chains fused (:mod:`.ort_fusions`);
+        serialised."""
         import onnx
 
         proto = onnx.load_from_string(base_graph if base_graph is not None else export_graph(self._source))
+        fuse(proto)
+        if not self.int8_weights:
+            return proto.SerializeToString()
         m = float_copy(self._source)
         params = dict(m.named_parameters())
         amax = fcpu.calibration_maxima(m)  # SmoothQuant's statistics, as fcpu.prepare measures them

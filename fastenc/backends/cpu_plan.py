@@ -43,7 +43,7 @@ from . import cpu as fcpu
 log = logging.getLogger("fastenc")
 
 #: Bump when the search, the candidates or the plan format change (cached plans are then ignored).
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 #: The fidelity floor: mean cos-sim over tokens and the worst token, to the fp32 model, on held-out inputs.
 MIN_COS = 0.9995
 MIN_WORST = 0.999
