@@ -1,5 +1,5 @@
-"""fastenc.backends.ort_fusions: the exported RMSNorm and tanh-GELU chains become ONNX Runtime's fused
-kernels, computing what the unfused graph and the torch model compute; a chain that does not match
+"""fastenc.backends.ort_fusions: the exported RMSNorm, tanh-GELU and attention chains become ONNX Runtime's
+fused kernels, computing what the unfused graph and the torch model compute; a chain that does not match
 exactly (a value read elsewhere, another constant) is left as exported."""
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ def test_the_exported_encoder_fuses_every_norm_and_gelu_and_computes_the_same(ac
     proto = onnx.load_from_string(graph)
     done = ort_fusions.fuse(proto)
     gelus = cfg.num_layers if activation == "gelu_new" else 0
-    assert done == {"rms_norm": 2 * cfg.num_layers + 1, "gelu": gelus}
+    assert done == {"rms_norm": 2 * cfg.num_layers + 1, "gelu": gelus, "attention": cfg.num_layers}
     ops = {n.op_type for n in proto.graph.node}
-    assert "Pow" not in ops and "Tanh" not in ops and "Reciprocal" not in ops
+    assert not ops & {"Pow", "Tanh", "Reciprocal", "Softmax"}
+    assert "MultiHeadAttention" in ops
     assert ("FastGelu" in ops) == bool(gelus) and "SimplifiedLayerNormalization" in ops
     ids = torch.randint(2, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
@@ -74,7 +75,7 @@ def test_an_rms_norm_chain_fuses_with_its_epsilon():
     proto = _rms_graph()
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     want = _session(proto).run(None, {"x": x})[0]
-    assert ort_fusions.fuse(proto) == {"rms_norm": 1, "gelu": 0}
+    assert ort_fusions.fuse(proto) == {"rms_norm": 1, "gelu": 0, "attention": 0}
     (node,) = proto.graph.node
     assert node.op_type == "SimplifiedLayerNormalization" and list(node.input) == ["x", "w"]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -88,7 +89,7 @@ def test_a_chain_that_does_not_match_exactly_is_left_as_exported(change):
              "x^3, not x^2": lambda: _rms_graph(exponent=3.0),
              "eps subtracted": lambda: _rms_graph(eps_add="Sub")}[change]()
     before = proto.SerializeToString()
-    assert ort_fusions.fuse(proto) == {"rms_norm": 0, "gelu": 0}
+    assert ort_fusions.fuse(proto) == {"rms_norm": 0, "gelu": 0, "attention": 0}
     assert proto.SerializeToString() == before
 
 
@@ -112,8 +113,22 @@ def test_a_tanh_gelu_chain_fuses_and_another_constant_does_not():
     x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32) * 3
     proto = _gelu_graph()
     want = _session(proto).run(None, {"x": x})[0]
-    assert ort_fusions.fuse(proto) == {"rms_norm": 0, "gelu": 1}
+    assert ort_fusions.fuse(proto) == {"rms_norm": 0, "gelu": 1, "attention": 0}
     assert [n.op_type for n in proto.graph.node] == ["FastGelu"]
     np.testing.assert_allclose(_session(proto).run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
     other = _gelu_graph(a=0.05)
-    assert ort_fusions.fuse(other) == {"rms_norm": 0, "gelu": 0}
+    assert ort_fusions.fuse(other) == {"rms_norm": 0, "gelu": 0, "attention": 0}
+
+
+def test_an_attention_whose_scores_are_read_elsewhere_is_left_as_exported():
+    model = common.build_model(TINY, seed=5)
+    proto = onnx.load_from_string(cort.export_graph(model))
+    first = next(n for n in proto.graph.node if n.op_type == "Softmax")
+    proto.graph.output.append(helper.make_tensor_value_info(first.output[0], TensorProto.FLOAT, None))
+    done = ort_fusions.fuse(proto)
+    assert done["attention"] == TINY.num_layers - 1
+    assert [n.op_type for n in proto.graph.node].count("Softmax") == 1
+    ids = torch.randint(2, TINY.vocab_size, (1, 11), generator=torch.Generator().manual_seed(6))
+    out = _session(proto).run(None, {INPUT_IDS: ids.int().numpy(), ATTENTION_MASK: np.ones((1, 11), np.int32)})[0]
+    with torch.inference_mode():
+        np.testing.assert_allclose(out, model(ids).numpy(), rtol=1e-4, atol=1e-5)

@@ -7,7 +7,11 @@ chain costs several passes over its tensor. :func:`fuse` rewrites them, in place
 kernels ONNX Runtime's CPU provider has:
 
 * ``x * rsqrt(mean(x^2) + eps) * w``  ->  ``SimplifiedLayerNormalization(x, w)`` (epsilon ``eps``);
-* ``0.5 x (1 + tanh(c (x + 0.044715 x^3)))``  ->  ``com.microsoft.FastGelu(x)``.
+* ``0.5 x (1 + tanh(c (x + 0.044715 x^3)))``  ->  ``com.microsoft.FastGelu(x)``;
+* the attention of one layer, from the fused QKV projection ``[B, L, 3 H d]`` (reshaped to
+  ``[B, L, 3, H, d]``, transposed, sliced) through ``softmax(q k^T + bias) v`` back to ``[B, L, H d]``
+  -> ``Split`` + ``com.microsoft.MultiHeadAttention`` (scale 1, as T5 has none; the relative position
+  bias plus mask as its ``attention_bias``), which skips the transposes and the score tensor's extra passes.
 
 A chain is rewritten only when every intermediate value feeds the next node alone and every constant is
 the one the formula needs; anything else is left as exported. The result computes the same function
@@ -126,15 +130,92 @@ def _gelu(g: _Graph, pow_node):
     return chain, x, value
 
 
+def _const_ints(g: _Graph, name: str) -> list[int] | None:
+    from onnx import numpy_helper
+
+    t = g.inits.get(name)
+    return [int(v) for v in numpy_helper.to_array(t).reshape(-1)] if t is not None else None
+
+
+def _perm(node) -> list[int] | None:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == "perm":
+            return list(helper.get_attribute_value(a))
+    return None
+
+
+def _attention(g: _Graph, softmax, producer: dict):
+    """The attention chain around ``softmax``: (nodes, qkv, bias, heads, output) or None."""
+    if any(a.name == "axis" and a.i not in (-1, 3) for a in softmax.attribute):
+        return None
+    add = producer.get(softmax.input[0])
+    if add is None or add.op_type != "Add" or g.only_user(add.output[0], "Softmax") is None:
+        return None
+    qk = next((producer.get(i) for i in add.input if producer.get(i) is not None
+               and producer[i].op_type == "MatMul" and g.only_user(i, "Add") is not None), None)
+    if qk is None:
+        return None
+    bias = g.other(add, qk.output[0])
+    kt = producer.get(qk.input[1])
+    pv = g.only_user(softmax.output[0], "MatMul")
+    if kt is None or kt.op_type != "Transpose" or _perm(kt) != [0, 1, 3, 2] or pv is None or pv.input[0] != softmax.output[0]:
+        return None
+    tr = g.only_user(pv.output[0], "Transpose")
+    out = g.only_user(tr.output[0], "Reshape") if tr is not None and _perm(tr) == [0, 2, 1, 3] else None
+    if out is None:
+        return None
+    picks = []
+    for value, index in ((qk.input[0], 0), (kt.input[0], 1), (pv.input[1], 2)):
+        sq = producer.get(value)
+        sl = producer.get(sq.input[0]) if sq is not None and sq.op_type == "Squeeze" else None
+        if sl is None or sl.op_type != "Slice" or len(sl.input) < 4 or _const_ints(g, sl.input[1]) != [index] \
+                or _const_ints(g, sl.input[2]) != [index + 1] or _const_ints(g, sl.input[3]) != [0]:
+            return None
+        picks += [sl, sq]
+    permute = producer.get(picks[0].input[0])
+    if permute is None or permute.op_type != "Transpose" or _perm(permute) != [2, 0, 3, 1, 4] \
+            or any(p.input[0] != permute.output[0] for p in picks[::2]) or len(g.users[permute.output[0]]) != 3:
+        return None
+    view = producer.get(permute.input[0])
+    if view is None or view.op_type != "Reshape" or len(g.users[view.output[0]]) != 1:
+        return None
+    shape = producer.get(view.input[1])
+    dims = [_const_ints(g, i) for i in shape.input[2:]] if shape is not None and shape.op_type == "Concat" else []
+    if len(dims) != 3 or dims[0] != [3] or None in dims:
+        return None
+    heads, d = dims[1][0], dims[2][0]
+    oshape = producer.get(out.input[1])
+    if oshape is None or oshape.op_type != "Concat" or _const_ints(g, oshape.input[-1]) != [heads * d]:
+        return None
+    return [view, permute, *picks, kt, qk, add, softmax, pv, tr, out], view.input[0], bias, heads, out.output[0]
+
+
 def fuse(proto) -> dict[str, int]:
-    """Rewrite ``proto``'s RMSNorm and tanh-GELU chains in place; returns how many of each."""
+    """Rewrite ``proto``'s RMSNorm, tanh-GELU and attention chains in place; returns how many of each."""
     from onnx import helper
 
     g = _Graph(proto.graph)
     drop: set[int] = set()
-    replace: dict[int, object] = {}  # id of a chain's first node -> the fused node
-    done = {"rms_norm": 0, "gelu": 0}
+    replace: dict[int, list] = {}  # id of a chain's last node -> the fused nodes
+    done = {"rms_norm": 0, "gelu": 0, "attention": 0}
+    producer = {o: n for n in g.nodes for o in n.output}
     for node in g.nodes:
+        if node.op_type == "Softmax":
+            hit = _attention(g, node, producer)
+            if hit is None:
+                continue
+            chain, qkv, bias, heads, out = hit
+            t = f"fused_attention_{done['attention']}"
+            split = helper.make_node("Split", [qkv], [f"{t}_q", f"{t}_k", f"{t}_v"], axis=-1, num_outputs=3,
+                                     name=f"{t}_split")  # [B, L, H d] each
+            mha = helper.make_node("MultiHeadAttention", [f"{t}_q", f"{t}_k", f"{t}_v", "", "", bias], [out],
+                                   domain=MS_DOMAIN, num_heads=heads, scale=1.0, name=t)
+            done["attention"] += 1
+            drop.update(id(n) for n in chain)
+            replace[id(chain[-1])] = [split, mha]
+            continue
         if node.op_type != "Pow" or id(node) in drop:
             continue
         hit = _rms_norm(g, node)
@@ -151,18 +232,18 @@ def fuse(proto) -> dict[str, int]:
             fused = helper.make_node("FastGelu", [x], [out], domain=MS_DOMAIN, name=f"fused_gelu_{done['gelu']}")
             done["gelu"] += 1
         drop.update(id(n) for n in chain)
-        replace[id(chain[-1])] = fused  # placed where the chain ends: its inputs exist by then
+        replace[id(chain[-1])] = [fused]  # placed where the chain ends: its inputs exist by then
     if not replace:
         return done
     nodes = []
     for n in g.nodes:
         if id(n) in replace:
-            nodes.append(replace[id(n)])
+            nodes.extend(replace[id(n)])
         elif id(n) not in drop:
             nodes.append(n)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-    if done["gelu"] and not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+    if (done["gelu"] or done["attention"]) and not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     used = {i for n in nodes for i in n.input}
     keep = [t for t in proto.graph.initializer if t.name in used]
