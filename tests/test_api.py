@@ -115,7 +115,14 @@ def test_save_keeps_tokenizer(enc, ckpt, backend, tmp_path):
     d = fastenc.save(enc, tmp_path / "saved")
     again = fastenc.load(d, backend=backend)
     assert isinstance(again.tokenizer, Tokenizer)
-    torch.testing.assert_close(again.encode(["a cat"]).embeds, enc.encode(["a cat"]).embeds)
+    got, first = again.encode(["a cat"]).embeds, enc.encode(["a cat"]).embeds
+    if backend == "cpu":
+        # the saved folder is another checkpoint, so the reload plans again: where int8 candidates run (VNNI,
+        # AMX) the two searches may time another candidate fastest, each within the floor of fp32
+        cos = torch.nn.functional.cosine_similarity(got.float(), first.float(), dim=-1)  # [1, L]
+        assert float(cos.min()) >= 0.998
+    else:
+        torch.testing.assert_close(got, first)
     # the weights written are the checkpoint's (fp32), whichever backend ran: the reference reproduces exactly
     want = fastenc.load(ckpt, backend="torch").encode(["a cat"]).embeds
     assert torch.equal(fastenc.load(d, backend="torch").encode(["a cat"]).embeds, want)
