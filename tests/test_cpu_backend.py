@@ -214,3 +214,26 @@ def test_plan_smooths_only_where_activations_have_outliers():
     plain = fcpu.prepare(common.build_model(OUTLIER_CFG, seed=7), attention="matmul", dtype=torch.float32)
     assert sum(e.inv_smooth is not None for e in outl.ops._int8.values()) > 0
     assert all(e.inv_smooth is None for e in plain.ops._int8.values())
+
+
+def test_the_int8_set_is_confirmed_on_a_second_batch_and_steps_back_until_it_holds(caplog):
+    """plan_int8's confirming batch: one that agrees with the search changes nothing; on a fresh batch the
+    set kept is a subset of the one found (layers dropped from the lowest up, never added); one no int8
+    set can pass (its reference is off by more than the floor allows) leaves no int8 GEMM, said once."""
+    model = outlier_model()
+    fcpu.prepare(model, int8="none", attention="matmul", dtype=torch.float32)
+    ids = fcpu.calibration_ids(model.config)
+    ids2 = fcpu.calibration_ids(model.config, seed=fcpu.CONFIRM_SEED)
+    with torch.inference_mode():
+        model.ops.clear()
+        ref, ref2 = model(ids), model(ids2)  # [rows, L, P] the fp32 op table is the reference here
+    found = fcpu.plan_int8(model, ref, ids)
+    assert found.weights
+    assert fcpu.plan_int8(model, ref, ids, confirm=(ref, ids)).weights == found.weights
+    kept = fcpu.plan_int8(model, ref, ids, confirm=(ref2, ids2))
+    assert set(kept.weights) <= set(found.weights)
+    assert kept.worst >= fcpu.DEFAULT_MIN_WORST or not kept.weights
+    off = ref2 + 0.05 * ref2.abs().mean() * torch.randn(ref2.shape, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("INFO", logger="fastenc"):
+        none = fcpu.plan_int8(model, ref, ids, confirm=(off, ids2))
+    assert none.weights == () and "missed the floor on the confirming batch; 0 kept" in caplog.text

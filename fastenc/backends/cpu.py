@@ -433,11 +433,11 @@ def plan_int8(
     amax = input_maxima(model, ids) if smooth else {}
 
     @torch.inference_mode()
-    def score(names: Sequence[str]) -> tuple[float, float]:
+    def score(names: Sequence[str], batch: tuple[torch.Tensor, torch.Tensor] = (ref, ids)) -> tuple[float, float]:
         ops.clear()
         for name in names:
             ops.quantize(params[name], amax.get(name))
-        return _cos(model(ids), ref)
+        return _cos(model(batch[1]), batch[0])
 
     def passes(c: tuple[float, float]) -> bool:
         return c[0] >= min_cos and c[1] >= min_worst
@@ -473,14 +473,9 @@ def plan_int8(
             base = base + [f"blocks.{i}.ffn.{kind}.weight" for i in range(hi, n)]
             best = best_mid
     if confirm is not None and base:
-        ref2, ids2 = confirm
 
-        @torch.inference_mode()
         def score2(names: Sequence[str]) -> tuple[float, float]:
-            ops.clear()
-            for name in names:
-                ops.quantize(params[name], amax.get(name))
-            return _cos(model(ids2), ref2)
+            return score(names, confirm)
 
         def ffn(wi: int, wo: int) -> list[str]:
             return (core + [f"blocks.{i}.ffn.wi.weight" for i in range(wi, n)]
