@@ -493,7 +493,7 @@ def plan_int8(
         if cand != base:
             log.info("fastenc: the int8 set of %d weights missed the floor on the confirming batch; %d kept",
                      len(base), len(cand))
-            base, best = cand, (score(cand) if cand else best)
+            base, best = cand, score(cand)
         best = (min(best[0], c2[0]), min(best[1], c2[1]))
     ops.clear()
     return Int8Plan(tuple(base), round(best[0], 6), min_cos, int(ids.shape[1]), worst=round(best[1], 6))
