@@ -548,12 +548,12 @@ def machine_description(load_start: str | None = None) -> str:
 
 
 def machine_slug() -> str:
-    """File-name form of the machine: ``amd-epyc-2cpu-avx512bf16`` (CPU model, CPUs, best bf16 feature)."""
+    """File-name form of the machine: ``amd-epyc-2cpu-avx512bf16`` (CPU model, CPUs, its best bf16 or int8 feature)."""
     import re
 
     name = device_name(torch.device("cpu")).rsplit(" (", 1)[0].lower()
     name = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*|\d+-core", " ", name)
     name = "-".join(re.findall(r"[a-z0-9]+", name))[:40] or "cpu"
     feats = cpu_features()
-    best = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in feats), "x86")
+    best = next((f for f in ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx2") if f in feats), "x86")
     return f"{name}-{os.cpu_count()}cpu-{best.replace('_', '')}"

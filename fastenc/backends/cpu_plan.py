@@ -170,7 +170,8 @@ def machine() -> str:
     """CPU model, its ISA class and the thread count: what a plan was measured on."""
     flags = cpu_flags()
     isa = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else \
-        "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+        "AVX512-VNNI" if "avx512_vnni" in flags else "AVX512" if "avx512f" in flags else \
+        "AVX-VNNI" if "avx_vnni" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{fcpu.cpu_model()} ({isa}, {torch.get_num_threads()} threads)"
 
 
