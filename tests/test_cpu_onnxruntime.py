@@ -92,7 +92,11 @@ def test_the_weight_format_is_exact_here_and_a_saturating_kernel_is_refused(monk
 @pytest.mark.parametrize("fmt", cort.WEIGHT_FORMATS)
 def test_one_rewritten_gemm_is_the_op_tables_int8_linear(fmt):
     """One MatMul rewritten (3-D input, an outlier channel, so SmoothQuant factors apply) computes what
-    fastenc.backends.cpu.int8_linear computes, to fp32 rounding, with either weight format."""
+    fastenc.backends.cpu.int8_linear computes, to fp32 rounding, with either weight format where its kernel
+    is exact here (on AVX2 without VNNI the int8 one saturates, and the engine never uses it there)."""
+    if fmt != "uint8" and not cort.gemm_exact(fmt):
+        assert cort.weight_format() == "uint8"
+        return
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
