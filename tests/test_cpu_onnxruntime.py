@@ -143,7 +143,8 @@ def test_the_int8_graph_computes_the_op_tables_int8_numbers_on_outlier_weights()
             # the same numerics: much nearer the op table's int8 output than fp32 is (not bit for bit: an fp32
             # difference elsewhere in the graph can move a value across a rounding step of a later layer)
             assert float(cos_int8.mean()) > 0.9999 and 1 - float(cos_int8.mean()) < 0.5 * (1 - float(cos_fp32.mean()))
-    assert engine.label.startswith("ONNX Runtime ") and f"({len(names)} GEMMs)" in engine.label
+    fmt = cort.weight_format()
+    assert engine.weight_format == fmt and f"({len(names)} GEMMs, {fmt} weights)" in engine.label
 
 
 def test_a_weight_the_graph_does_not_hold_is_refused():
@@ -205,6 +206,7 @@ def test_a_cpu_without_native_int8_gets_onnxruntime_int8_and_a_cached_plan_reads
     monkeypatch.setattr(cort, "export_graph", no_export)
     again = fastenc.load(tmp_path / "ckpt", cache=False)
     assert again.model.cpu_engine.from_cache
+    assert again.model.cpu_engine.weight_format == cort.weight_format()  # recorded in the cached graph
     with torch.inference_mode():
         torch.testing.assert_close(again(ids), first)
     monkeypatch.setattr(cort, "export_graph", real_export)

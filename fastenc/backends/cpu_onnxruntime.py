@@ -59,6 +59,8 @@ MAX_GRAPH_BYTES = 1 << 30  # fastenc.exporters.onnx.EXTERNAL_DATA_THRESHOLD: one
 ZERO_POINT = 128
 #: How the int8 weights are stored for ``MatMulInteger``: int8 around 0, or uint8 around ZERO_POINT.
 WEIGHT_FORMATS = ("int8", "uint8")
+#: The graph's metadata key that records the weight format it was built with.
+FORMAT_KEY = "fastenc.int8_weight_format"
 
 
 def available() -> tuple[bool, str]:
@@ -291,8 +293,20 @@ class OrtEngine:
                  "read from the cache" if self.from_cache else "exported and rewritten", self.build_s)
 
     @property
+    def weight_format(self) -> str | None:
+        """How this engine's graph stores its int8 weights (WEIGHT_FORMATS; None without int8 GEMMs), as the
+        graph records it (a cached graph may come from another process's probe)."""
+        if not self.int8_weights:
+            return None
+        fmt = self._session.get_modelmeta().custom_metadata_map.get(FORMAT_KEY)
+        return fmt if fmt in WEIGHT_FORMATS else None
+
+    @property
     def _what(self) -> str:
-        return f"fp32 + int8 ({len(self.int8_weights)} GEMMs)" if self.int8_weights else "fp32"
+        if not self.int8_weights:
+            return "fp32"
+        fmt = self.weight_format if getattr(self, "_session", None) is not None else None
+        return f"fp32 + int8 ({len(self.int8_weights)} GEMMs{f', {fmt} weights' if fmt else ''})"
 
     @property
     def label(self) -> str:
@@ -323,7 +337,9 @@ class OrtEngine:
         params = dict(m.named_parameters())
         amax = fcpu.calibration_maxima(m)  # SmoothQuant's statistics, as fcpu.prepare measures them
         quantized = {n: fcpu.quantize_weight(params[n], amax.get(n)) for n in self.int8_weights}
-        quantize_graph(proto, params, quantized, weight_format())
+        fmt = weight_format()
+        quantize_graph(proto, params, quantized, fmt)
+        proto.metadata_props.add(key=FORMAT_KEY, value=fmt)
         del m, params, quantized
         return proto.SerializeToString()
 
