@@ -474,9 +474,6 @@ def plan_int8(
             best = best_mid
     if confirm is not None and base:
 
-        def score2(names: Sequence[str]) -> tuple[float, float]:
-            return score(names, confirm)
-
         def ffn(wi: int, wo: int) -> list[str]:
             return (core + [f"blocks.{i}.ffn.wi.weight" for i in range(wi, n)]
                     + [f"blocks.{i}.ffn.wo.weight" for i in range(wo, n)])
@@ -485,11 +482,11 @@ def plan_int8(
         steps += [ffn(wi, n) for wi in range(first["wi"] + 1, n + 1)]
         steps += [proj] if core == attn + proj and proj else []
         steps.append([])
-        cand, c2 = base, score2(base)
+        cand, c2 = base, score(base, confirm)
         for step in steps:
             if passes(c2):
                 break
-            cand, c2 = step, score2(step)
+            cand, c2 = step, score(step, confirm)
         if cand != base:
             log.info("fastenc: the int8 set of %d weights missed the floor on the confirming batch; %d kept",
                      len(base), len(cand))

@@ -19,7 +19,7 @@ uint8 x int8 kernel multiplies with ``vpmaddubsw``, which saturates a pair of pr
 the uint8 x int8 kernel is exact and about three times faster than uint8 x uint8 (1.8 vs 5.8 ms at
 512 x 768 x 2048 on an AVX512-VNNI Xeon). Both formats compute the same integers, so the plan's
 fidelity does not depend on which one runs. The rest of the graph (norms, attention, GELU) runs in fp32,
-the norms and GELUs as ONNX Runtime's fused kernels (:mod:`.ort_fusions`).
+as ONNX Runtime's fused kernels (:mod:`.ort_fusions`).
 
 With ``graph_cache`` (the plan's cache name) the rewritten graph is saved beside the plan
 (``<key>.ort.onnx``) and later loads read it, checked against the bound model on a short input before
@@ -289,12 +289,12 @@ class OrtEngine:
                 self._graph = graph
             del graph
         self.build_s = time.perf_counter() - t0
+        self.weight_format = self._recorded_format()
         log.info("fastenc: cpu backend: ONNX Runtime %s %s graph %s in %.1f s", self.version, self._what,
                  "read from the cache" if self.from_cache else "exported and rewritten", self.build_s)
 
-    @property
-    def weight_format(self) -> str | None:
-        """How this engine's graph stores its int8 weights (WEIGHT_FORMATS; None without int8 GEMMs), as the
+    def _recorded_format(self) -> str | None:
+        """How the session's graph stores its int8 weights (WEIGHT_FORMATS; None without int8 GEMMs), as the
         graph records it (a cached graph may come from another process's probe)."""
         if not self.int8_weights:
             return None
@@ -305,7 +305,7 @@ class OrtEngine:
     def _what(self) -> str:
         if not self.int8_weights:
             return "fp32"
-        fmt = self.weight_format if getattr(self, "_session", None) is not None else None
+        fmt = self.weight_format
         return f"fp32 + int8 ({len(self.int8_weights)} GEMMs{f', {fmt} weights' if fmt else ''})"
 
     @property
@@ -325,8 +325,8 @@ class OrtEngine:
 
     def _build_graph(self, base_graph: bytes | None) -> bytes:
         """The fp32 export of the bound model (or ``base_graph``, one made earlier by :func:`export_graph`),
-        the planned weights' GEMMs rewritten and the norm and GELU chains fused (:mod:`.ort_fusions`);
-        serialised."""
+        the planned weights' GEMMs rewritten and the norm, GELU and attention chains fused
+        (:mod:`.ort_fusions`); serialised."""
         import onnx
 
         proto = onnx.load_from_string(base_graph if base_graph is not None else export_graph(self._source))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import numpy as np
 
 MS_DOMAIN = "com.microsoft"
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -51,6 +50,7 @@ class _Graph:
         for n in self.nodes:
             for i in n.input:
                 self.users[i].append(n)
+        self.producer = {o: n for n in self.nodes for o in n.output}
 
     def only_user(self, value: str, op: str):
         """The single node reading ``value`` when it is an ``op`` and ``value`` is no graph output."""
@@ -79,9 +79,9 @@ def _rms_norm(g: _Graph, pow_node):
     mean = g.only_user(pow_node.output[0], "ReduceMean")
     if mean is None:
         return None
-    axes = [a.ints for a in mean.attribute if a.name == "axes"]
+    axes = [list(a.ints) for a in mean.attribute if a.name == "axes"]  # before opset 18 an attribute, then an input
     keep = [a.i for a in mean.attribute if a.name == "keepdims"]
-    axes = list(axes[0]) if axes else (list(np.asarray(_axes(g, mean)).reshape(-1)) if len(mean.input) > 1 else None)
+    axes = axes[0] if axes else (_const_ints(g, mean.input[1]) if len(mean.input) > 1 else None)
     if axes != [-1] or (keep and keep[0] != 1):
         return None
     add = g.only_user(mean.output[0], "Add")
@@ -96,13 +96,6 @@ def _rms_norm(g: _Graph, pow_node):
     if w is None or w not in g.inits or len(g.inits[w].dims) != 1:
         return None
     return [pow_node, mean, add, sqrt, recip, mul, scale], x, w, eps, scale.output[0]
-
-
-def _axes(g: _Graph, node):
-    from onnx import numpy_helper
-
-    t = g.inits.get(node.input[1])
-    return numpy_helper.to_array(t) if t is not None else None
 
 
 def _gelu(g: _Graph, pow_node):
@@ -146,8 +139,9 @@ def _perm(node) -> list[int] | None:
     return None
 
 
-def _attention(g: _Graph, softmax, producer: dict):
+def _attention(g: _Graph, softmax):
     """The attention chain around ``softmax``: (nodes, qkv, bias, heads, output) or None."""
+    producer = g.producer
     if any(a.name == "axis" and a.i not in (-1, 3) for a in softmax.attribute):
         return None
     add = producer.get(softmax.input[0])
@@ -200,10 +194,9 @@ def fuse(proto) -> dict[str, int]:
     drop: set[int] = set()
     replace: dict[int, list] = {}  # id of a chain's last node -> the fused nodes
     done = {"rms_norm": 0, "gelu": 0, "attention": 0}
-    producer = {o: n for n in g.nodes for o in n.output}
     for node in g.nodes:
         if node.op_type == "Softmax":
-            hit = _attention(g, node, producer)
+            hit = _attention(g, node)
             if hit is None:
                 continue
             chain, qkv, bias, heads, out = hit
