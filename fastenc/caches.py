@@ -43,10 +43,10 @@ TMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}\.safetensors")
 #: :func:`fastenc.fileio.atomic_write` (``.<name>.<8 chars>.tmp``).
 PLAN_NAME = re.compile(r"(engine-)?[0-9a-f]{24}\.json")
 PLAN_TMP_NAME = re.compile(r"\.(engine-)?[0-9a-f]{24}\.json\.[a-z0-9_]{8}\.tmp")
-#: The OpenVINO graph a plan runs (:mod:`fastenc.backends.cpu_openvino`): ``engine-<24 hex>.mask.{xml,bin}`` (and
-#: the ``.ids.`` graphs earlier versions kept too) and their temporaries (``.engine-<24 hex>.mask.<8 hex>.tmp.*``).
-GRAPH_NAME = re.compile(r"engine-[0-9a-f]{24}\.(ids|mask)\.(xml|bin)")
-GRAPH_TMP_NAME = re.compile(r"\.engine-[0-9a-f]{24}\.(ids|mask)\.[0-9a-f]{8}\.tmp\.(xml|bin)")
+#: The OpenVINO graph a plan runs (:mod:`fastenc.backends.cpu_openvino`): ``engine-<24 hex>.mask.{xml,bin}``, or
+#: ``.int8.`` with int8 weights (and the ``.ids.`` graphs earlier versions kept too) and their temporaries (``.engine-<24 hex>.mask.<8 hex>.tmp.*``).
+GRAPH_NAME = re.compile(r"engine-[0-9a-f]{24}\.(ids|mask|int8)\.(xml|bin)")
+GRAPH_TMP_NAME = re.compile(r"\.engine-[0-9a-f]{24}\.(ids|mask|int8)\.[0-9a-f]{8}\.tmp\.(xml|bin)")
 #: What the GPU probe writes (:mod:`fastenc.backends.probe`): ``<24 hex>.json`` and atomic_write's temporaries.
 PROBE_NAME = re.compile(r"[0-9a-f]{24}\.json")
 PROBE_TMP_NAME = re.compile(r"\.[0-9a-f]{24}\.json\.[a-z0-9_]{8}\.tmp")

@@ -158,7 +158,7 @@ def collect(*, probe: bool = False) -> dict[str, str]:
         here = machine()
         from .backends.cpu import plan_cache_dir
         from .backends.cpu_onnxruntime import graph_file as ort_graph_file
-        from .backends.cpu_openvino import graph_files
+        from .backends.cpu_openvino import INT8_GRAPH_NAME, graph_files
 
         found = [(key, plan) for key, plan in cached_plans() if plan.machine == here]
         plans = [plan for _, plan in found]
@@ -171,7 +171,8 @@ def collect(*, probe: bool = False) -> dict[str, str]:
             fid = f"; cos {best.cos:.5f} / worst {best.worst:.5f}" if best is not None else ""
             prefix = plan_cache_dir() / found[i][0]
             kept = ""
-            for runtime, files in (("OpenVINO", graph_files(prefix)), ("ONNX Runtime", (ort_graph_file(prefix),))):
+            ov_files = graph_files(prefix) + graph_files(prefix, INT8_GRAPH_NAME)
+            for runtime, files in (("OpenVINO", ov_files), ("ONNX Runtime", (ort_graph_file(prefix),))):
                 graphs = [f for f in files if f.is_file()]
                 if graphs:
                     kept += f"; {runtime} graph cached, {sum(f.stat().st_size for f in graphs) / 1e6:.0f} MB"

@@ -48,6 +48,7 @@ def m(c: Candidate, ms: float, passes: bool = True) -> Measured:
 OV = Candidate("openvino")
 EAGER = Candidate("eager", "sdpa")
 EAGER_INT8 = Candidate("eager", "sdpa", int8=True)
+OV_INT8 = Candidate("openvino", int8=True, precision="fp32")
 
 
 def test_choose_takes_the_fastest_that_meets_the_floor_and_never_one_below():
@@ -188,14 +189,16 @@ def test_the_engines_the_search_may_use_come_from_the_environment(monkeypatch):
 @pytest.mark.parametrize("candidate", [OV, EAGER, Candidate("eager", "matmul", gelu="erf"), EAGER_INT8,
                                        Candidate("eager", "sdpa", int8=True, gelu="erf"),
                                        Candidate("onnxruntime", precision="fp32"),
-                                       Candidate("onnxruntime", int8=True, precision="fp32")],
+                                       Candidate("onnxruntime", int8=True, precision="fp32"), OV_INT8],
                          ids=lambda c: c.name)
 def test_every_candidate_kind_that_passes_keeps_the_floor_on_outliers_and_unseen_inputs(candidate, monkeypatch):
     """Outlier-heavy weights (trained T5 v1.1 has residual channels tens of times larger): whatever the
     search marks as passing also meets the floor on inputs neither it nor the int8 calibration saw.
     The op table's int8 candidates are offered here whatever the CPU (same numbers; only slower where
-    torch's int8 GEMM is not native); the ONNX Runtime ones are the fp32 plan's (CPUs without bf16)."""
+    torch's int8 GEMM is not native); the ONNX Runtime and OpenVINO int8 ones are the fp32 plan's (CPUs without
+    bf16), OpenVINO's offered here also without VNNI (where it decompresses the int8 weights instead)."""
     monkeypatch.setattr(fcpu, "native_int8_mm", lambda: True)
+    monkeypatch.setattr(cpu_openvino, "dynamic_int8", lambda: True)
     monkeypatch.delenv(plan_mod.ENGINES_ENV, raising=False)  # every engine (conftest leaves ONNX Runtime out)
     model = outlier_model()
     ref_model = copy.deepcopy(model)
@@ -438,3 +441,90 @@ def test_openvino_is_skipped_before_anything_is_converted_when_memory_is_short(m
     ids = torch.randint(2, TINY.vocab_size, (1, 9))
     with torch.inference_mode():
         assert torch.isfinite(again(ids).float()).all()  # the op table serves
+
+
+def _ir_ops(xml) -> list:
+    import openvino as ov
+
+    return ov.Core().read_model(str(xml)).get_ordered_ops()
+
+
+def test_openvino_int8_engine_stores_the_planned_weights_as_int8_and_smooths_their_inputs(tmp_path):
+    """The planned weights become int8 constants with their per-channel scales (fastenc's own values), a
+    smoothed weight's activations get their factors, and the output keeps the floor to the fp32 model."""
+    import openvino as ov
+
+    model = outlier_model()
+    names = [n for n in fcpu.linear_weight_names(model) if ".attn." in n or n.startswith("projector.")]
+    quantized = fcpu.quantized_weights(cpu_openvino.float_copy(model), names)
+    smoothed = sum(q.inv_smooth is not None for q in quantized.values())
+    assert 0 < smoothed < len(names)  # the outlier model's residual channels: some inputs are smoothed
+    engine = OpenVinoEngine(model, precision="f32", int8_weights=names, graph_cache=tmp_path / "int8")
+    plain = OpenVinoEngine(model, precision="f32", graph_cache=tmp_path / "float")
+    assert engine.label.endswith(f"fp32 + int8 ({len(names)} GEMMs, activations per {cpu_openvino.DQ_GROUP} "
+                                 "channels)")
+    int8_ops = _ir_ops(cpu_openvino.graph_files(tmp_path / "int8", cpu_openvino.INT8_GRAPH_NAME)[0])
+    float_ops = _ir_ops(cpu_openvino.graph_files(tmp_path / "float")[0])
+    weights = [o for o in int8_ops if o.get_type_name() == "Constant" and o.get_output_element_type(0) == ov.Type.i8]
+    assert len(weights) == len(names)
+    assert sorted(list(w.get_output_shape(0)) for w in weights) == sorted(list(q.shape) for q in quantized.values())
+    muls = [sum(o.get_type_name() == "Multiply" for o in ops) for ops in (int8_ops, float_ops)]
+    assert muls[0] - muls[1] == len(names) + smoothed  # a scale per weight, a smoothing factor per smoothed one
+    assert not cpu_openvino.graph_files(tmp_path / "int8")[0].exists()  # its own name: beside a float graph
+    ids = torch.randint(2, OUTLIER_CFG.vocab_size, (2, 37), generator=torch.Generator().manual_seed(21))
+    with torch.inference_mode():
+        cos = F.cosine_similarity(engine(ids).float(), model(ids), dim=-1)
+        torch.testing.assert_close(plain(ids), model(ids), rtol=1e-4, atol=1e-4)
+    assert float(cos.mean()) >= plan_mod.MIN_COS and float(cos.min()) >= plan_mod.MIN_WORST
+    with pytest.raises(fastenc.BackendUnavailable) as err:  # only fp32 inference quantises activations
+        OpenVinoEngine(model, precision="bf16", int8_weights=names)
+    assert str(err.value) == "OpenVINO quantises int8 GEMMs' activations only in fp32 inference"
+
+
+def test_compress_weights_refuses_a_planned_weight_the_graph_does_not_hold():
+    model = common.build_model(TINY, seed=5)
+    engine = OpenVinoEngine(model, precision="f32")
+    graph = engine._convert()
+    params = dict(cpu_openvino.float_copy(model).named_parameters())
+    name = "blocks.0.attn.o.weight"
+    other = {name: params[name].detach() + 1.0}  # values the graph does not hold
+    with pytest.raises(fastenc.BackendUnavailable) as err:
+        cpu_openvino.compress_weights(graph, other, {name: fcpu.quantize_weight(other[name])})
+    assert str(err.value) == f"the converted OpenVINO graph has no MatMul for {name}"
+
+
+@pytest.mark.parametrize("vnni, precision, offered", [(True, "fp32", True), (False, "fp32", False),
+                                                      (True, "bf16", False)])
+def test_openvino_int8_is_offered_to_fp32_plans_on_vnni_cpus_and_a_cached_plan_reads_its_graph(
+        monkeypatch, vnni, precision, offered):
+    """OpenVINO quantises activations only for fp32 inference on VNNI CPUs (AMX ones have it): there the
+    planned set is offered through it; chosen, its int8 graph is the one kept, and a cached plan reads it."""
+    monkeypatch.setattr(cpu_openvino, "dynamic_int8", lambda: vnni)
+    monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({OV_INT8.name: 1.0}))
+    model = common.build_model(TINY, seed=12)
+    planned = plan_mod.prepare_planned(model, source="test:ov-int8", shapes=SHAPES, precision=precision)
+    plan, engine = planned.cpu_plan, planned.cpu_engine
+    names = {mm.candidate for mm in plan.measured}
+    assert (OV_INT8 in names) == offered
+    folder = fcpu.plan_cache_dir()
+    graphs = sorted(p.name for p in folder.iterdir() if p.suffix in (".xml", ".bin"))
+    if not offered:
+        assert plan.chosen != OV_INT8
+        return
+    assert plan.chosen == OV_INT8 and plan.int8_weights and engine.int8_weights == plan.int8_weights
+    assert len(graphs) == 2 and all(".int8." in g for g in graphs)  # the float graph it beat is gone
+    ids = torch.randint(2, TINY.vocab_size, (2, 17))
+    with torch.inference_mode():
+        want = planned(ids)
+
+    def converted():
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(cpu_openvino.OpenVinoEngine, "_convert", lambda self: converted())
+    again = plan_mod.prepare_planned(common.build_model(TINY, seed=12), source="test:ov-int8", shapes=SHAPES,
+                                     precision=precision)
+    assert again.cpu_engine.from_cache and again.cpu_engine.int8_weights == plan.int8_weights
+    with torch.inference_mode():
+        torch.testing.assert_close(again(ids), want, rtol=0, atol=0)
+    listed = [v for k, v in fastenc.info.collect(probe=True).items() if k.startswith("cpu plan ")]
+    assert len(listed) == 1 and listed[0].startswith(OV_INT8.name) and "OpenVINO graph cached" in listed[0]

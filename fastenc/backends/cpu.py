@@ -389,6 +389,21 @@ def calibration_maxima(model: T5Encoder, calib_len: int = CALIB_LEN) -> dict[str
         model.ops = saved
 
 
+def quantized_weights(model: T5Encoder, names: Sequence[str]) -> dict[str, Int8Weight]:
+    """``names``' weights of ``model`` (a float copy another engine is built from) as :func:`prepare` quantises
+    them: per-channel int8, smoothed where the calibration batch shows activation outliers."""
+    params = dict(model.named_parameters())
+    amax = calibration_maxima(model)  # SmoothQuant's statistics
+    return {n: quantize_weight(params[n], amax.get(n)) for n in names}
+
+
+def weight_fingerprint(array) -> str:
+    """A digest of a float weight's values (a numpy array), to find it again in an exported graph."""
+    import numpy as np
+
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
 def calibration_ids(cfg, length: int = CALIB_LEN, seed: int = 0, rows: int = CALIB_ROWS) -> torch.Tensor:
     """A fixed pseudo-random batch of token ids [rows, length] (ids 0-1 are pad/EOS, so skipped)."""
     gen = torch.Generator().manual_seed(seed)

@@ -30,7 +30,6 @@ step aside (the op-table path runs), as for the OpenVINO engine.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import tempfile
 import threading
@@ -140,10 +139,6 @@ def graph_file(prefix: Path) -> Path:
     return prefix.parent / f"{prefix.name}{GRAPH_SUFFIX}"
 
 
-def _fingerprint(array: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
-
-
 def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mapping[str, fcpu.Int8Weight],
                    fmt: str = "uint8") -> list[str]:
     """Rewrite, in place, every ``MatMul`` of ``proto`` whose right operand is the transpose of one of
@@ -155,7 +150,7 @@ def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mappin
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {fmt!r} is not one of {', '.join(WEIGHT_FORMATS)}")
 
-    wanted = {_fingerprint(weights[name].detach().float().t().numpy()): name for name in quantized}
+    wanted = {fcpu.weight_fingerprint(weights[name].detach().float().t().numpy()): name for name in quantized}
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     const = []
@@ -175,7 +170,7 @@ def quantize_graph(proto, weights: Mapping[str, torch.Tensor], quantized: Mappin
         init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         name = None
         if init is not None and len(init.dims) == 2:
-            name = wanted.get(_fingerprint(numpy_helper.to_array(init)))
+            name = wanted.get(fcpu.weight_fingerprint(numpy_helper.to_array(init)))
         if name is None:
             nodes.append(node)
             continue
@@ -335,8 +330,7 @@ class OrtEngine:
             return proto.SerializeToString()
         m = float_copy(self._source)
         params = dict(m.named_parameters())
-        amax = fcpu.calibration_maxima(m)  # SmoothQuant's statistics, as fcpu.prepare measures them
-        quantized = {n: fcpu.quantize_weight(params[n], amax.get(n)) for n in self.int8_weights}
+        quantized = fcpu.quantized_weights(m, self.int8_weights)
         fmt = weight_format()
         quantize_graph(proto, params, quantized, fmt)
         proto.metadata_props.add(key=FORMAT_KEY, value=fmt)

@@ -23,6 +23,13 @@ the same numbers) and later loads read it instead, so a cached plan only compile
 against the bound model on a short input before it serves; one that disagrees (damaged, or written by
 something else) is converted again and rewritten. An ids-only graph an earlier version kept beside it
 (``<key>.ids.*``) is deleted.
+
+With ``int8_weights`` (fp32 inference only) the planned weights are stored as fastenc's own per-channel int8
+values and scales (:func:`compress_weights`, smoothing included), and OpenVINO quantises their activations per
+token and group of ``DQ_GROUP`` channels as it runs: int8 GEMMs on VNNI/AMX, the rest in fp32. Where the CPU has
+no VNNI (or the activations are bf16) OpenVINO decompresses the weights instead, which is no faster, so the
+planner offers it only on VNNI CPUs without native bf16 (:func:`dynamic_int8`). That graph is cached as
+``<key>.int8.*``.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,12 +52,20 @@ from ..model import T5Encoder
 from ..ops import TORCH_OPS
 from .params import ParamSlots
 
+if TYPE_CHECKING:
+    from .cpu import Int8Weight
+
 log = logging.getLogger("fastenc")
 
 #: openvino Type name -> the label fastenc prints
 PRECISIONS = {"bf16": "bf16", "f32": "fp32"}
 #: the graph cache's file stem: the one graph (ids + mask); "ids": the ids-only graph earlier versions kept too
 GRAPH_NAME, LEGACY_GRAPH_NAMES = "mask", ("ids",)
+#: the stem of the graph with int8 weights (:func:`compress_weights`), kept beside the float one during a search
+INT8_GRAPH_NAME = "int8"
+#: OpenVINO's dynamic quantisation of the int8 GEMMs' activations: one int8 scale per token and group of this
+#: many input channels (finer than the op table's per-token scale; 128 divides every T5 width). 0 turns it off.
+DQ_GROUP = 128
 #: a graph read from the cache serves only if every token of the check input keeps this cos-sim to the model
 CHECK_MIN_COS = 0.999
 #: The memory building the engine takes at its peak, in multiples of the model's fp32 weight bytes: converting
@@ -112,6 +128,55 @@ def available() -> tuple[bool, str]:
     return True, ov.__version__.split("-")[0]
 
 
+def dynamic_int8() -> bool:
+    """Whether OpenVINO's CPU plugin runs int8-weight GEMMs with dynamically quantised fp32 activations here
+    (it needs AVX-VNNI or AVX512-VNNI; AMX CPUs have the latter)."""
+    from .cpu import cpu_flags
+
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
+
+
+def compress_weights(graph, weights: Mapping[str, torch.Tensor], quantized: Mapping[str, "Int8Weight"]) -> list[str]:
+    """Store, in place, each of ``quantized``'s weights (``weights``: name -> the float [N, K] the graph holds) as
+    an int8 constant [N, K], a conversion to fp32 and a multiply by its per-channel scale [N, 1]: the pattern
+    OpenVINO's CPU plugin runs as an int8-weight GEMM. A smoothed weight's activations are multiplied by
+    ``inv_smooth [K]`` first. Returns the names rewritten; a planned weight the graph does not hold (as the
+    second input of a MatMul with transpose_b) raises BackendUnavailable."""
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13
+
+    from .cpu import weight_fingerprint
+
+    wanted = {weight_fingerprint(weights[n].detach().float().numpy()): n for n in quantized}
+    done = []
+    for node in graph.get_ordered_ops():
+        if node.get_type_name() != "MatMul" or not node.get_attributes().get("transpose_b"):
+            continue
+        const = node.input_value(1).get_node()
+        if const.get_type_name() != "Constant" or const.get_output_element_type(0) != ov.Type.f32 \
+                or len(const.get_output_shape(0)) != 2:
+            continue
+        name = wanted.get(weight_fingerprint(np.array(const.get_data(), dtype=np.float32)))
+        if name is None or name in done:
+            continue
+        q = quantized[name]
+        wq = np.ascontiguousarray(q.qweight_t.t().numpy())  # [N, K] int8
+        scale = q.scale.float().reshape(-1, 1).numpy()  # [N, 1]
+        weight = opset13.multiply(opset13.convert(ov.op.Constant(wq), ov.Type.f32), ov.op.Constant(scale))
+        node.input(1).replace_source_output(weight.output(0))
+        if q.inv_smooth is not None:
+            x = node.input_value(0)
+            node.input(0).replace_source_output(
+                opset13.multiply(x, ov.op.Constant(q.inv_smooth.float().numpy())).output(0))
+        done.append(name)
+    missing = sorted(set(quantized) - set(done))
+    if missing:
+        raise BackendUnavailable(f"the converted OpenVINO graph has no MatMul for {', '.join(missing[:3])}")
+    graph.validate_nodes_and_infer_types()
+    return done
+
+
 def _bf16_weights(graph, min_elements: int = 4096) -> None:
     """Replace each large fp32 constant of ``graph`` (the weights) by its bf16 rounding and a conversion
     back to fp32, in place: half the bytes on disk, the same numbers under bf16 inference."""
@@ -149,14 +214,20 @@ class OpenVinoEngine:
     kind = "openvino"
 
     def __init__(self, model: T5Encoder, *, precision: str = "bf16", threads: int | None = None,
-                 graph_cache: Path | None = None):
+                 graph_cache: Path | None = None, int8_weights: Sequence[str] = (), dq_group: int = DQ_GROUP):
         ok, why = available()
         if not ok:
             raise BackendUnavailable(why)
         if precision not in PRECISIONS:
             raise BackendUnavailable(f"openvino engine precision must be one of {', '.join(PRECISIONS)}")
+        if int8_weights and precision != "f32":
+            raise BackendUnavailable("OpenVINO quantises int8 GEMMs' activations only in fp32 inference")
+        self.int8_weights = tuple(int8_weights)
+        self.dq_group = int(dq_group)
+        self.graph_name = INT8_GRAPH_NAME if self.int8_weights else GRAPH_NAME
         self.graph_cache = Path(graph_cache) if graph_cache is not None else None
-        cached = self.graph_cache is not None and all(p.is_file() for p in graph_files(self.graph_cache))
+        cached = self.graph_cache is not None and all(p.is_file() for p in graph_files(self.graph_cache,
+                                                                                       self.graph_name))
         need = (READ_PEAK if cached else CONVERT_PEAK) * 4 * sum(p.numel() for p in model.parameters())
         free = available_memory()
         if free is not None and free < need:  # checked before anything is copied or converted
@@ -200,6 +271,10 @@ class OpenVinoEngine:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the converter's tracing warns about its own deprecations
             graph = ov.convert_model(wrapper, example_input=example, input=shapes, share_weights=False)
+        if self.int8_weights:
+            from .cpu import quantized_weights
+
+            compress_weights(graph, dict(m.named_parameters()), quantized_weights(m, self.int8_weights))
         del m, wrapper
         ppp = PrePostProcessor(graph)  # the output in the compute precision, converted inside the graph
         ppp.output(0).tensor().set_element_type(ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32)
@@ -209,7 +284,7 @@ class OpenVinoEngine:
         """The cached graph, or None when there is none (or it cannot be read: then it is converted again)."""
         if self.graph_cache is None:
             return None
-        xml, bin_ = graph_files(self.graph_cache)
+        xml, bin_ = graph_files(self.graph_cache, self.graph_name)
         if not (xml.is_file() and bin_.is_file()):
             return None
         try:
@@ -227,7 +302,7 @@ class OpenVinoEngine:
 
         if self.precision == "bf16":
             _bf16_weights(graph)
-        xml, bin_ = graph_files(self.graph_cache)
+        xml, bin_ = graph_files(self.graph_cache, self.graph_name)
         tmp_xml = xml.parent / f".{xml.stem}.{secrets.token_hex(4)}.tmp.xml"
         tmp_bin = tmp_xml.with_suffix(".bin")
         try:
@@ -243,7 +318,7 @@ class OpenVinoEngine:
 
     def forget_graphs(self) -> None:
         """Delete this engine's cached graph (the plan did not choose it)."""
-        self._forget((GRAPH_NAME, *LEGACY_GRAPH_NAMES))
+        self._forget((self.graph_name, *LEGACY_GRAPH_NAMES))
 
     def _forget(self, names) -> None:
         if self.graph_cache is None:
@@ -264,7 +339,7 @@ class OpenVinoEngine:
         request = self._compile_graph(graph)
         if cached and not self._agrees(request):
             log.warning("fastenc: cpu backend: the cached OpenVINO graph %s disagrees with the model; converting "
-                        "again", graph_files(self.graph_cache)[0])
+                        "again", graph_files(self.graph_cache, self.graph_name)[0])
             cached = False
             del graph, request
             graph = self._converted_and_kept()
@@ -272,7 +347,7 @@ class OpenVinoEngine:
         del graph
         self.from_cache = cached
         self.build_s += time.perf_counter() - t0
-        log.info("fastenc: cpu backend: OpenVINO %s %s graph %s in %.1f s", self.version, PRECISIONS[self.precision],
+        log.info("fastenc: cpu backend: OpenVINO %s %s graph %s in %.1f s", self.version, self._what,
                  "read from the cache and compiled" if cached else "converted and compiled", time.perf_counter() - t0)
         return request
 
@@ -289,6 +364,8 @@ class OpenVinoEngine:
     def _compile_graph(self, graph):
         config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": self.precision}
+        if self.int8_weights:
+            config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = self.dq_group
         return self._core.compile_model(graph, "CPU", config).create_infer_request()
 
     def _agrees(self, request) -> bool:
@@ -299,8 +376,15 @@ class OpenVinoEngine:
         return None
 
     @property
+    def _what(self) -> str:
+        what = PRECISIONS[self.precision]
+        if self.int8_weights:
+            what += f" + int8 ({len(self.int8_weights)} GEMMs, activations per {self.dq_group} channels)"
+        return what
+
+    @property
     def label(self) -> str:
-        return f"OpenVINO {self.version} {PRECISIONS[self.precision]}"
+        return f"OpenVINO {self.version} {self._what}"
 
     def stale(self) -> bool:
         return self._params.versions() != self._versions

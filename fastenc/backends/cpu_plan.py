@@ -43,7 +43,7 @@ from . import cpu as fcpu
 log = logging.getLogger("fastenc")
 
 #: Bump when the search, the candidates or the plan format change (cached plans are then ignored).
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 #: The fidelity floor: mean cos-sim over tokens and the worst token, to the fp32 model, on held-out inputs.
 MIN_COS = 0.9995
 MIN_WORST = 0.999
@@ -65,12 +65,12 @@ HELD_OUT_TOKENS = 512
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to run the model: ``eager`` (the op table of :mod:`.cpu`), ``openvino`` or ``onnxruntime``
-    (:mod:`.cpu_onnxruntime`: fp32, with the planned int8 weights when ``int8``)."""
+    """One way to run the model: ``eager`` (the op table of :mod:`.cpu`), ``openvino`` (:mod:`.cpu_openvino`) or
+    ``onnxruntime`` (:mod:`.cpu_onnxruntime`: fp32), with the planned int8 weights when ``int8``."""
 
     engine: str = "eager"
     attention: str = "sdpa"  # eager only
-    int8: bool = False  # eager and onnxruntime: the planned int8 weights
+    int8: bool = False  # the planned int8 weights (openvino: fp32 only, activations quantised as it runs)
     gelu: str = "exact"  # eager only
     precision: str = "bf16"  # "bf16" (CPUs with native bf16) or "fp32" (the others)
 
@@ -81,7 +81,7 @@ class Candidate:
     @property
     def name(self) -> str:
         if self.engine == "openvino":
-            return f"openvino {self.precision}"
+            return f"openvino {self.precision}" + (" + int8 (dynamic)" if self.int8 else "")
         if self.engine == "onnxruntime":
             return "onnxruntime fp32" + (" + int8 (per-token)" if self.int8 else "")
         parts = [f"eager {self.precision}" + (" + int8" if self.int8 else ""), f"{self.attention} attention"]
@@ -330,8 +330,8 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
          rounds: int = ROUNDS, engines: Sequence[str] | None = None, say: Callable[[str], None] | None = None,
          precision: str = "bf16", graph_cache: Path | None = None) -> tuple[CpuPlan, object | None]:
     """Search the plan for ``model`` (float weights on the CPU; cast to ``precision`` in place on return,
-    with the chosen op table installed). Returns ``(plan, engine)``: the OpenVINO engine when it won, else
-    None. ``precision``: bf16 on CPUs with native bf16; fp32 elsewhere (fp32 and int8 candidates only).
+    with the chosen op table installed). Returns ``(plan, engine)``: the OpenVINO or ONNX Runtime engine when
+    one won, else None. ``precision``: bf16 on CPUs with native bf16; fp32 elsewhere (fp32 and int8 candidates only).
     ``graph_cache``: where the OpenVINO engine keeps its converted graphs (kept only when it wins)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -356,33 +356,24 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
     measured: list[Measured] = []
     runners: dict[Candidate, Callable] = {}
     fid: dict[Candidate, tuple[float, float]] = {}
-    engine = None
+    built: dict[Candidate, object] = {}  # candidate -> its OpenVINO or ONNX Runtime engine
+    ov_ok, ov_why = cpu_openvino.available()
     ov_c = Candidate("openvino", precision=precision)
     if "openvino" in engines:
-        ok, why = cpu_openvino.available()
-        if not ok:
-            measured.append(Measured(ov_c, note=why))
-        else:
-            try:
-                engine = cpu_openvino.OpenVinoEngine(model, precision=_ov_precision(precision),
-                                                     graph_cache=graph_cache)
-                runners[ov_c] = lambda ids: engine(ids)
-                with torch.inference_mode():
-                    fid[ov_c] = fidelity([engine(i, m) for i, m in inputs], refs, inputs)
-                say(f"built {ov_c.name} in {engine.build_s:.1f} s")
-            except BackendUnavailable as exc:  # e.g. not enough memory to convert: skipped, said in the table
-                engine = None
-                measured.append(Measured(ov_c, note=f"skipped: {exc}"))
-            except Exception as exc:  # a runtime that fails to convert or compile is one note, not the load
-                engine = None
-                measured.append(Measured(ov_c, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+        _ov_candidate(ov_c, dict(model=model, precision=_ov_precision(precision), graph_cache=graph_cache),
+                      ov_ok, ov_why, inputs, refs, runners, fid, measured, built, say)
     # the op-table path: the int8 search (its own calibration batch against fp32) and the cast to bf16
     fcpu.prepare(model, int8="auto" if "eager" in engines else "none", source=source, attention="sdpa",
                  dtype=ov_c.dtype)
     int8_weights = model.int8_plan.weights
     shared_int8 = model.ops  # prepare quantised the planned weights into this table
-    if engine is not None:
-        engine.bind(model)
+    if ov_c in built:
+        built[ov_c].bind(model)
+    if "openvino" in engines and int8_weights and precision == "fp32" and cpu_openvino.dynamic_int8():
+        # the planned set with activations quantised by OpenVINO as it runs (VNNI/AMX int8 GEMMs, fp32 else)
+        _ov_candidate(Candidate("openvino", int8=True, precision="fp32"),
+                      dict(model=model, precision="f32", graph_cache=graph_cache, int8_weights=int8_weights),
+                      ov_ok, ov_why, inputs, refs, runners, fid, measured, built, say)
     if "eager" in engines:
         # int8 op-table candidates only where torch's int8 GEMM is native (else it is a slow reference loop)
         for i, c in enumerate(eager_candidates(bool(int8_weights) and fcpu.native_int8_mm(), precision)):
@@ -398,9 +389,8 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
             runners[c] = run
             with torch.inference_mode():
                 fid[c] = fidelity([run(i, m) for i, m in inputs], refs, inputs)
-    ort_engines: dict[Candidate, object] = {}
     if "onnxruntime" in engines:
-        ort_engines = _ort_candidates(model, precision, int8_weights, inputs, refs, runners, fid, measured, say)
+        built.update(_ort_candidates(model, precision, int8_weights, inputs, refs, runners, fid, measured, say))
     times = time_round_robin(runners, shapes, cfg, rounds) if runners else {}
     for c in runners:
         cos, worst = fid[c]
@@ -420,19 +410,43 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
     plan = CpuPlan(chosen, tuple(int8_weights) if chosen.int8 else (), tuple(measured), tuple(shapes), min_cos,
                    min_worst, round(time.perf_counter() - t_start, 2), machine())
     _install(model, plan)
-    if chosen.engine != "openvino":
-        if engine is not None:
-            engine.forget_graphs()
-        engine = None
-    if chosen.engine == "onnxruntime":
-        engine = ort_engines[chosen]
-        engine.bind(model)
-        if graph_cache is not None:
-            engine.save_graph(graph_cache)
-    for other in ort_engines.values():
-        if other is not engine:
+    engine = built.get(chosen)
+    for c, other in built.items():
+        if other is engine:
+            continue
+        if c.engine == "openvino":
+            other.forget_graphs()  # its cached graph: the plan does not run it
+        else:
             other.drop_graph()
+    if engine is not None:
+        engine.bind(model)
+        if chosen.engine == "onnxruntime" and graph_cache is not None:
+            engine.save_graph(graph_cache)
     return plan, engine
+
+
+def _ov_candidate(c: Candidate, kwargs: dict, ok: bool, why: str, inputs, refs, runners, fid, measured, built,
+                  say) -> None:
+    """Build OpenVINO's engine for ``c`` (``kwargs`` for it), check it on the held-out inputs and add it to
+    ``runners`` and ``built``; one note in ``measured`` when it cannot be built."""
+    from . import cpu_openvino
+
+    if not ok:
+        measured.append(Measured(c, note=why))
+        return
+    try:
+        engine = cpu_openvino.OpenVinoEngine(**kwargs)
+    except BackendUnavailable as exc:  # e.g. not enough memory to convert: skipped, said in the table
+        measured.append(Measured(c, note=f"skipped: {exc}"))
+        return
+    except Exception as exc:  # a runtime that fails to convert or compile is one note, not the load
+        measured.append(Measured(c, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+        return
+    built[c] = engine
+    runners[c] = lambda ids: engine(ids)
+    with torch.inference_mode():
+        fid[c] = fidelity([engine(i, m) for i, m in inputs], refs, inputs)
+    say(f"built {c.name} in {engine.build_s:.1f} s")
 
 
 def _ort_candidates(model: T5Encoder, precision: str, int8_weights, inputs, refs, runners, fid, measured,
@@ -489,7 +503,8 @@ def _plan_engine(model: T5Encoder, plan: CpuPlan, graph_cache: Path | None):
         from . import cpu_openvino
 
         return cpu_openvino.OpenVinoEngine(model, precision=_ov_precision(plan.chosen.precision),
-                                           graph_cache=graph_cache)
+                                           graph_cache=graph_cache,
+                                           int8_weights=plan.int8_weights if plan.chosen.int8 else ())
     from . import cpu_onnxruntime
 
     return cpu_onnxruntime.OrtEngine(model, int8_weights=plan.int8_weights, graph_cache=graph_cache)
