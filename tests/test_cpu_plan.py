@@ -528,3 +528,25 @@ def test_openvino_int8_is_offered_to_fp32_plans_on_vnni_cpus_and_a_cached_plan_r
         torch.testing.assert_close(again(ids), want, rtol=0, atol=0)
     listed = [v for k, v in fastenc.info.collect(probe=True).items() if k.startswith("cpu plan ")]
     assert len(listed) == 1 and listed[0].startswith(OV_INT8.name) and "OpenVINO graph cached" in listed[0]
+
+
+def test_round_robin_times_every_candidate_in_each_pass_after_an_untimed_call_per_engine_block():
+    """Passes, not blocks of rounds: a change of machine load during the search hits every candidate alike;
+    each engine's block starts with an untimed call (the other runtime's threads winding down), and the
+    first pass warms every candidate."""
+    a, b, c = EAGER, Candidate("eager", "matmul"), OV
+    cost = {a: 1.0, b: 2.0, c: 3.0}
+    now, calls = [0.0], []
+
+    def runner(cand):
+        def run(ids):
+            calls.append(cand)
+            now[0] += cost[cand] / 1e3
+        return run
+
+    times = plan_mod.time_round_robin({x: runner(x) for x in (a, b, c)}, ((1, 8),), TINY, rounds=3,
+                                      clock=lambda: now[0])
+    assert {x: pytest.approx(t["1x8"]) for x, t in times.items()} == cost
+    first = [a, b, a, b, c, c]
+    later = [a, a, b, c, c]
+    assert calls == first + later + later

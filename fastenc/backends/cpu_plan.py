@@ -275,10 +275,11 @@ def fidelity(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
 def time_round_robin(runners: dict[Candidate, Callable[[torch.Tensor], object]],
                      shapes: Sequence[tuple[int, int]], cfg, rounds: int = ROUNDS,
                      clock: Callable[[], float] = time.perf_counter) -> dict[Candidate, dict[str, float]]:
-    """Median ms per candidate and shape. Candidates of one engine are timed round-robin (each round
-    calls every one once in turn, after an untimed call each, so a change in machine load hits them
-    alike); engines take turns in blocks, since one runtime's idle worker threads (OpenMP's for torch,
-    TBB's for OpenVINO) keep spinning for a while after a call and would slow the other's next call."""
+    """Median ms per candidate and shape over ``rounds`` passes. Each pass calls every candidate once, the
+    candidates of one engine in a block (one runtime's idle worker threads, OpenMP's for torch, TBB's for
+    OpenVINO, keep spinning for a while after a call and would slow another's next call, so each block
+    starts with an untimed call); passes, not blocks of rounds, so a change in machine load hits every
+    candidate alike. The first pass is preceded by an untimed call of every candidate (first-call costs)."""
     out: dict[Candidate, dict[str, float]] = {c: {} for c in runners}
     groups: dict[str, list[Candidate]] = {}
     for c in runners:
@@ -287,13 +288,14 @@ def time_round_robin(runners: dict[Candidate, Callable[[torch.Tensor], object]],
         ids = torch.randint(2, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(7))
         samples: dict[Candidate, list[float]] = {c: [] for c in runners}
         with torch.inference_mode():
-            for group in groups.values():
-                for rep in range(rounds + 1):
+            for rep in range(rounds):
+                for group in groups.values():
+                    for c in (group if rep == 0 else group[:1]):  # warm-up: all at first, then the block's first
+                        runners[c](ids)
                     for c in group:
                         t0 = clock()
                         runners[c](ids)
-                        if rep:
-                            samples[c].append((clock() - t0) * 1e3)
+                        samples[c].append((clock() - t0) * 1e3)
         for c, s in samples.items():
             out[c][_shape_key(shape)] = statistics.median(s)
     return out
