@@ -71,7 +71,9 @@ def test_outlier_weights_really_have_outlier_activations():
 def test_plan_keeps_accuracy_on_outlier_weights_beyond_calibration(attention, dtype):
     """Both precisions the op table computes in: the int8 set holds on inputs the search never saw. Where
     bf16 is emulated (no AVX512-BF16 or AMX; the plan is fp32 there) bf16 alone can sit at the floor, so
-    that the search may keep no int8 GEMM; everywhere else some GEMMs must stay int8."""
+    that the search may keep no int8 GEMM; everywhere else some GEMMs must stay int8, unless bf16 alone leaves
+    the calibration batch's worst token in the lower half of the floor's margin (as the matmul attention does
+    with Zen 4's AVX512-BF16 GEMMs: 0.99940 against 0.9994), where one int8 GEMM more crosses it."""
     from fastenc.backends import cpu_fast_path
 
     model = outlier_model()
@@ -93,7 +95,8 @@ def test_plan_keeps_accuracy_on_outlier_weights_beyond_calibration(attention, dt
         assert float(cos.mean()) >= 0.9995, (tuple(ids.shape), float(cos.mean()), fast.int8_plan)
         assert float(cos.min()) >= 0.998, (tuple(ids.shape), float(cos.min()), fast.int8_plan)
     if dtype == torch.float32 or cpu_fast_path()[0]:
-        assert fast.ops.num_int8 > 0  # the plan still runs some GEMMs in int8
+        plan = fast.int8_plan
+        assert fast.ops.num_int8 > 0 or plan.worst < (1 + fcpu.DEFAULT_MIN_WORST) / 2, plan  # still some int8
     assert fast.int8_plan.cos >= fcpu.DEFAULT_MIN_COS and fast.int8_plan.worst >= fcpu.DEFAULT_MIN_WORST
 
 

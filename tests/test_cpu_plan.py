@@ -189,14 +189,15 @@ def test_the_engines_the_search_may_use_come_from_the_environment(monkeypatch):
 @pytest.mark.parametrize("candidate", [OV, EAGER, Candidate("eager", "matmul", gelu="erf"), EAGER_INT8,
                                        Candidate("eager", "sdpa", int8=True, gelu="erf"),
                                        Candidate("onnxruntime", precision="fp32"),
-                                       Candidate("onnxruntime", int8=True, precision="fp32"), OV_INT8],
+                                       Candidate("onnxruntime", int8=True, precision="fp32"), OV_INT8,
+                                       Candidate("openvino", int8=True, precision="bf16")],
                          ids=lambda c: c.name)
 def test_every_candidate_kind_that_passes_keeps_the_floor_on_outliers_and_unseen_inputs(candidate, monkeypatch):
     """Outlier-heavy weights (trained T5 v1.1 has residual channels tens of times larger): whatever the
     search marks as passing also meets the floor on inputs neither it nor the int8 calibration saw.
     The op table's int8 candidates are offered here whatever the CPU (same numbers; only slower where
-    torch's int8 GEMM is not native); the ONNX Runtime and OpenVINO int8 ones are the fp32 plan's (CPUs without
-    bf16), OpenVINO's offered here also without VNNI (where it decompresses the int8 weights instead)."""
+    torch's int8 GEMM is not native); the ONNX Runtime int8 one is the fp32 plan's (CPUs without bf16), OpenVINO's
+    is both plans', offered here also without VNNI (where it decompresses the int8 weights instead)."""
     monkeypatch.setattr(fcpu, "native_int8_mm", lambda: True)
     monkeypatch.setattr(cpu_openvino, "dynamic_int8", lambda: True)
     monkeypatch.delenv(plan_mod.ENGINES_ENV, raising=False)  # every engine (conftest leaves ONNX Runtime out)
@@ -476,9 +477,28 @@ def test_openvino_int8_engine_stores_the_planned_weights_as_int8_and_smooths_the
         cos = F.cosine_similarity(engine(ids).float(), model(ids), dim=-1)
         torch.testing.assert_close(plain(ids), model(ids), rtol=1e-4, atol=1e-4)
     assert float(cos.mean()) >= plan_mod.MIN_COS and float(cos.min()) >= plan_mod.MIN_WORST
-    with pytest.raises(fastenc.BackendUnavailable) as err:  # only fp32 inference quantises activations
-        OpenVinoEngine(model, precision="bf16", int8_weights=names)
-    assert str(err.value) == "OpenVINO quantises int8 GEMMs' activations only in fp32 inference"
+
+    # under bf16 inference: the float weights stored rounded to bf16, the int8 values and their scales as they are
+    bf16 = OpenVinoEngine(model, precision="bf16", int8_weights=names, graph_cache=tmp_path / "bf16")
+    assert bf16.label.endswith(f"bf16 + int8 ({len(names)} GEMMs, activations per {cpu_openvino.DQ_GROUP} channels)")
+    bf16_ops = _ir_ops(cpu_openvino.graph_files(tmp_path / "bf16", cpu_openvino.INT8_GRAPH_NAME)[0])
+    consts = [o for o in bf16_ops if o.get_type_name() == "Constant"]
+    assert sum(o.get_output_element_type(0) == ov.Type.i8 for o in consts) == len(names)
+    scales = []  # each int8 constant -> Convert -> Multiply by its scale constant
+    for w in (o for o in consts if o.get_output_element_type(0) == ov.Type.i8):
+        (convert,) = [t.get_node() for t in w.output(0).get_target_inputs()]
+        (mul,) = [t.get_node() for t in convert.output(0).get_target_inputs()]
+        scale = mul.input_value(1).get_node()
+        scales.append((scale.get_type_name(), scale.get_output_element_type(0).get_type_name(),
+                       list(scale.get_output_shape(0))))
+    assert sorted(scales) == sorted(("Constant", "f32", [q.shape[0], 1]) for q in quantized.values())  # not rounded
+    float_left = [o for o in int8_ops if o.get_type_name() == "Constant" and o.get_output_element_type(0) == ov.Type.f32
+                  and len(o.get_output_shape(0)) == 2 and 1 not in o.get_output_shape(0)
+                  and o.get_output_shape(0)[0] * o.get_output_shape(0)[1] >= 4096]
+    assert sum(o.get_output_element_type(0) == ov.Type.bf16 for o in consts) == len(float_left) > 0
+    with torch.inference_mode():
+        cos = F.cosine_similarity(bf16(ids).float(), model(ids), dim=-1)
+    assert float(cos.mean()) >= plan_mod.MIN_COS and float(cos.min()) >= plan_mod.MIN_WORST
 
 
 def test_compress_weights_refuses_a_planned_weight_the_graph_does_not_hold():
@@ -494,24 +514,26 @@ def test_compress_weights_refuses_a_planned_weight_the_graph_does_not_hold():
 
 
 @pytest.mark.parametrize("vnni, precision, offered", [(True, "fp32", True), (False, "fp32", False),
-                                                      (True, "bf16", False)])
-def test_openvino_int8_is_offered_to_fp32_plans_on_vnni_cpus_and_a_cached_plan_reads_its_graph(
+                                                      (True, "bf16", True), (False, "bf16", False)])
+def test_openvino_int8_is_offered_on_vnni_cpus_and_a_cached_plan_reads_its_graph(
         monkeypatch, vnni, precision, offered):
-    """OpenVINO quantises activations only for fp32 inference on VNNI CPUs (AMX ones have it): there the
-    planned set is offered through it; chosen, its int8 graph is the one kept, and a cached plan reads it."""
+    """OpenVINO quantises activations on VNNI CPUs (AMX ones have it), under fp32 and bf16 inference alike:
+    there the planned set is offered through it; chosen, its int8 graph is the one kept, and a cached plan
+    reads it."""
+    ov_int8 = Candidate("openvino", int8=True, precision=precision)
     monkeypatch.setattr(cpu_openvino, "dynamic_int8", lambda: vnni)
-    monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({OV_INT8.name: 1.0}))
+    monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({ov_int8.name: 1.0}))
     model = common.build_model(TINY, seed=12)
     planned = plan_mod.prepare_planned(model, source="test:ov-int8", shapes=SHAPES, precision=precision)
     plan, engine = planned.cpu_plan, planned.cpu_engine
     names = {mm.candidate for mm in plan.measured}
-    assert (OV_INT8 in names) == offered
+    assert (ov_int8 in names) == offered
     folder = fcpu.plan_cache_dir()
     graphs = sorted(p.name for p in folder.iterdir() if p.suffix in (".xml", ".bin"))
     if not offered:
-        assert plan.chosen != OV_INT8
+        assert plan.chosen != ov_int8
         return
-    assert plan.chosen == OV_INT8 and plan.int8_weights and engine.int8_weights == plan.int8_weights
+    assert plan.chosen == ov_int8 and plan.int8_weights and engine.int8_weights == plan.int8_weights
     assert len(graphs) == 2 and all(".int8." in g for g in graphs)  # the float graph it beat is gone
     ids = torch.randint(2, TINY.vocab_size, (2, 17))
     with torch.inference_mode():
@@ -527,7 +549,7 @@ def test_openvino_int8_is_offered_to_fp32_plans_on_vnni_cpus_and_a_cached_plan_r
     with torch.inference_mode():
         torch.testing.assert_close(again(ids), want, rtol=0, atol=0)
     listed = [v for k, v in fastenc.info.collect(probe=True).items() if k.startswith("cpu plan ")]
-    assert len(listed) == 1 and listed[0].startswith(OV_INT8.name) and "OpenVINO graph cached" in listed[0]
+    assert len(listed) == 1 and listed[0].startswith(ov_int8.name) and "OpenVINO graph cached" in listed[0]
 
 
 def test_round_robin_times_every_candidate_in_each_pass_after_an_untimed_call_per_engine_block():

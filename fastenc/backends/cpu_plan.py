@@ -43,7 +43,7 @@ from . import cpu as fcpu
 log = logging.getLogger("fastenc")
 
 #: Bump when the search, the candidates or the plan format change (cached plans are then ignored).
-PLAN_VERSION = 4
+PLAN_VERSION = 5
 #: The fidelity floor: mean cos-sim over tokens and the worst token, to the fp32 model, on held-out inputs.
 MIN_COS = 0.9995
 MIN_WORST = 0.999
@@ -70,7 +70,7 @@ class Candidate:
 
     engine: str = "eager"
     attention: str = "sdpa"  # eager only
-    int8: bool = False  # the planned int8 weights (openvino: fp32 only, activations quantised as it runs)
+    int8: bool = False  # the planned int8 weights (openvino: activations quantised as it runs)
     gelu: str = "exact"  # eager only
     precision: str = "bf16"  # "bf16" (CPUs with native bf16) or "fp32" (the others)
 
@@ -371,10 +371,12 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
     shared_int8 = model.ops  # prepare quantised the planned weights into this table
     if ov_c in built:
         built[ov_c].bind(model)
-    if "openvino" in engines and int8_weights and precision == "fp32" and cpu_openvino.dynamic_int8():
-        # the planned set with activations quantised by OpenVINO as it runs (VNNI/AMX int8 GEMMs, fp32 else)
-        _ov_candidate(Candidate("openvino", int8=True, precision="fp32"),
-                      dict(model=model, precision="f32", graph_cache=graph_cache, int8_weights=int8_weights),
+    if "openvino" in engines and int8_weights and cpu_openvino.dynamic_int8():
+        # the planned set with activations quantised by OpenVINO as it runs (VNNI/AMX int8 GEMMs, the rest in
+        # the plan's precision)
+        _ov_candidate(Candidate("openvino", int8=True, precision=precision),
+                      dict(model=model, precision=_ov_precision(precision), graph_cache=graph_cache,
+                           int8_weights=int8_weights),
                       ov_ok, ov_why, inputs, refs, runners, fid, measured, built, say)
     if "eager" in engines:
         # int8 op-table candidates only where torch's int8 GEMM is native (else it is a slow reference loop)
