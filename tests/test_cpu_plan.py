@@ -60,7 +60,7 @@ def test_choose_takes_the_fastest_that_meets_the_floor_and_never_one_below():
 
 def fake_times(speed: dict[str, float]):
     """A stand-in for time_round_robin: ms by candidate name (default 100), scaled by the length."""
-    def run(runners, shapes, cfg, rounds=plan_mod.ROUNDS, clock=None):
+    def run(runners, shapes, cfg, rounds=plan_mod.ROUNDS, **kwargs):
         for c, r in runners.items():  # still call each once, as the real one does
             r(torch.randint(2, cfg.vocab_size, shapes[0]))
         return {c: {f"{b}x{s}": speed.get(c.name, 100.0) * s / 512 for b, s in shapes} for c in runners}
@@ -501,6 +501,25 @@ def test_openvino_int8_engine_stores_the_planned_weights_as_int8_and_smooths_the
     assert float(cos.mean()) >= plan_mod.MIN_COS and float(cos.min()) >= plan_mod.MIN_WORST
 
 
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_an_int8_graph_from_the_float_engines_trace_computes_what_its_own_trace_does(precision):
+    """The int8 engine built on the float engine's traced graph (traced before the model was cast to bf16, as the
+    search does) computes exactly what one traced from the cast model computes; the float engine's kept graph
+    is its own, untouched by the compression."""
+    model = outlier_model()
+    names = [n for n in fcpu.linear_weight_names(model) if ".attn." in n or n.startswith("projector.")]
+    plain = OpenVinoEngine(model, precision=precision, keep_converted=True)
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    from_base = OpenVinoEngine(model, precision=precision, int8_weights=names, base=plain)
+    traced = OpenVinoEngine(model, precision=precision, int8_weights=names)
+    assert from_base.converted is None and plain.converted is not None
+    assert not any(o.get_output_element_type(0).get_type_name() == "i8" for o in plain.converted.get_ordered_ops())
+    ids = torch.randint(2, OUTLIER_CFG.vocab_size, (2, 37), generator=torch.Generator().manual_seed(22))
+    with torch.inference_mode():
+        torch.testing.assert_close(from_base(ids), traced(ids), rtol=0, atol=0)
+
+
 def test_compress_weights_refuses_a_planned_weight_the_graph_does_not_hold():
     model = common.build_model(TINY, seed=5)
     engine = OpenVinoEngine(model, precision="f32")
@@ -518,16 +537,20 @@ def test_compress_weights_refuses_a_planned_weight_the_graph_does_not_hold():
 def test_openvino_int8_is_offered_on_vnni_cpus_and_a_cached_plan_reads_its_graph(
         monkeypatch, vnni, precision, offered):
     """OpenVINO quantises activations on VNNI CPUs (AMX ones have it), under fp32 and bf16 inference alike:
-    there the planned set is offered through it; chosen, its int8 graph is the one kept, and a cached plan
-    reads it."""
+    there the planned set is offered through it, its graph the float candidate's traced graph compressed (one
+    trace for both); chosen, its int8 graph is the one kept, and a cached plan reads it."""
     ov_int8 = Candidate("openvino", int8=True, precision=precision)
     monkeypatch.setattr(cpu_openvino, "dynamic_int8", lambda: vnni)
     monkeypatch.setattr(plan_mod, "time_round_robin", fake_times({ov_int8.name: 1.0}))
+    traces = []
+    real_trace = cpu_openvino.OpenVinoEngine._trace
+    monkeypatch.setattr(cpu_openvino.OpenVinoEngine, "_trace", lambda self, m: traces.append(self) or real_trace(self, m))
     model = common.build_model(TINY, seed=12)
     planned = plan_mod.prepare_planned(model, source="test:ov-int8", shapes=SHAPES, precision=precision)
     plan, engine = planned.cpu_plan, planned.cpu_engine
     names = {mm.candidate for mm in plan.measured}
-    assert (ov_int8 in names) == offered
+    assert (ov_int8 in names) == offered and len(traces) == 1
+    assert traces[0].converted is None  # the traced graph is not kept once the search is done with it
     folder = fcpu.plan_cache_dir()
     graphs = sorted(p.name for p in folder.iterdir() if p.suffix in (".xml", ".bin"))
     if not offered:
@@ -567,8 +590,63 @@ def test_round_robin_times_every_candidate_in_each_pass_after_an_untimed_call_pe
         return run
 
     times = plan_mod.time_round_robin({x: runner(x) for x in (a, b, c)}, ((1, 8),), TINY, rounds=3,
-                                      clock=lambda: now[0])
+                                      clock=lambda: now[0], slack=10.0)  # no candidate is out of the race
     assert {x: pytest.approx(t["1x8"]) for x, t in times.items()} == cost
     first = [a, b, a, b, c, c]
     later = [a, a, b, c, c]
     assert calls == first + later + later
+
+
+def test_round_robin_stops_timing_a_candidate_that_cannot_win_at_that_shape():
+    """After each pass, a candidate below the floor, or one whose fastest call is over ``slack`` times the fastest
+    contender's median, is not timed again at that shape; the next shape starts with every candidate."""
+    a, b, below, c = EAGER, Candidate("eager", "matmul"), EAGER_INT8, OV
+    cost = {(a, 8): 1.0, (b, 8): 1.4, (below, 8): 0.5, (c, 8): 2.0,  # at 8 tokens: b within 1.5x, OV not
+            (a, 16): 2.0, (b, 16): 4.0, (below, 16): 1.0, (c, 16): 2.5}  # at 16: OV within, b not
+    now, calls = [0.0], []
+
+    def runner(cand):
+        def run(ids):
+            calls.append((cand, ids.shape[1]))
+            now[0] += cost[(cand, ids.shape[1])] / 1e3
+        return run
+
+    counts: dict = {}
+    times = plan_mod.time_round_robin({x: runner(x) for x in (a, b, below, c)}, ((1, 8), (1, 16)), TINY, rounds=3,
+                                      clock=lambda: now[0], contenders={a, b, c}, slack=1.5, counts=counts)
+    assert {x: {k: pytest.approx(v) for k, v in t.items()} for x, t in times.items()} == {
+        x: {"1x8": cost[(x, 8)], "1x16": cost[(x, 16)]} for x in (a, b, below, c)}
+    assert counts == {a: {"1x8": 3, "1x16": 3}, b: {"1x8": 3, "1x16": 1}, below: {"1x8": 1, "1x16": 1},
+                      c: {"1x8": 1, "1x16": 3}}
+    at8 = [x for x, n in calls if n == 8]
+    at16 = [x for x, n in calls if n == 16]
+    first = [a, b, below, a, b, below, c, c]  # every candidate warmed, then timed
+    assert at8 == first + [a, a, b] * 2  # the eager block's untimed call, then a and b; OpenVINO is out
+    assert at16 == first + [a, a, c, c] * 2
+
+
+def test_the_plan_table_says_which_candidates_left_the_timing_early(monkeypatch):
+    """The search's own timing, on a clock where OpenVINO costs 3x the op table: OpenVINO is timed once per shape
+    and its row says so; the candidates that stay are timed in every pass."""
+    real = plan_mod.time_round_robin
+
+    def clocked(runners, shapes, cfg, rounds=plan_mod.ROUNDS, **kwargs):
+        now = [0.0]
+
+        def costed(c, run):
+            def call(ids):
+                run(ids)
+                now[0] += (3.0 if c.engine == "openvino" else 1.0) * ids.shape[1] / 1e3
+            return call
+
+        kwargs["clock"] = lambda: now[0]
+        return real({c: costed(c, r) for c, r in runners.items()}, shapes, cfg, rounds, **kwargs)
+
+    monkeypatch.setattr(plan_mod, "time_round_robin", clocked)
+    model = common.build_model(TINY, seed=3)
+    plan, _ = plan_mod.tune(model, shapes=SHAPES, rounds=3, engines=("eager", "openvino"))
+    notes = {m.candidate: m.note for m in plan.measured}
+    keys = [plan_mod._shape_key(s) for s in SHAPES]
+    assert notes[OV] == f"passes timed: {', '.join(f'{k} 1 of 3' for k in keys)} (over 1.5x the fastest)"
+    assert all(note == "" for c, note in notes.items() if c.engine == "eager")
+    assert f"({notes[OV]})" in plan.table() and plan.chosen.engine == "eager"

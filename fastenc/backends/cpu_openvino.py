@@ -138,18 +138,22 @@ def dynamic_int8() -> bool:
 
 
 def compress_weights(graph, weights: Mapping[str, torch.Tensor], quantized: Mapping[str, "Int8Weight"]) -> list[str]:
-    """Store, in place, each of ``quantized``'s weights (``weights``: name -> the float [N, K] the graph holds) as
-    an int8 constant [N, K], a conversion to fp32 and a multiply by its per-channel scale [N, 1]: the pattern
-    OpenVINO's CPU plugin runs as an int8-weight GEMM. A smoothed weight's activations are multiplied by
-    ``inv_smooth [K]`` first. Returns the names rewritten; a planned weight the graph does not hold (as the
-    second input of a MatMul with transpose_b) raises BackendUnavailable."""
+    """Store, in place, each of ``quantized``'s weights (``weights``: name -> the float [N, K] the graph holds, or
+    its bf16 rounding: weights are found by their bf16 values, so a graph traced before the model was cast to
+    bf16 serves) as an int8 constant [N, K], a conversion to fp32 and a multiply by its per-channel scale
+    [N, 1]: the pattern OpenVINO's CPU plugin runs as an int8-weight GEMM. A smoothed weight's activations are
+    multiplied by ``inv_smooth [K]`` first. Returns the names rewritten; a planned weight the graph does not hold
+    (as the second input of a MatMul with transpose_b) raises BackendUnavailable."""
     import numpy as np
     import openvino as ov
     from openvino import opset13
 
     from .cpu import weight_fingerprint
 
-    wanted = {weight_fingerprint(weights[n].detach().float().numpy()): n for n in quantized}
+    def key(w: torch.Tensor) -> str:
+        return weight_fingerprint(w.to(torch.bfloat16).float().numpy())
+
+    wanted = {key(weights[n].detach()): n for n in quantized}
     done = []
     for node in graph.get_ordered_ops():
         if node.get_type_name() != "MatMul" or not node.get_attributes().get("transpose_b"):
@@ -158,7 +162,7 @@ def compress_weights(graph, weights: Mapping[str, torch.Tensor], quantized: Mapp
         if const.get_type_name() != "Constant" or const.get_output_element_type(0) != ov.Type.f32 \
                 or len(const.get_output_shape(0)) != 2:
             continue
-        name = wanted.get(weight_fingerprint(np.array(const.get_data(), dtype=np.float32)))
+        name = wanted.get(key(torch.from_numpy(np.array(const.get_data(), dtype=np.float32))))
         if name is None or name in done:
             continue
         q = quantized[name]
@@ -216,7 +220,11 @@ class OpenVinoEngine:
     kind = "openvino"
 
     def __init__(self, model: T5Encoder, *, precision: str = "bf16", threads: int | None = None,
-                 graph_cache: Path | None = None, int8_weights: Sequence[str] = (), dq_group: int = DQ_GROUP):
+                 graph_cache: Path | None = None, int8_weights: Sequence[str] = (), dq_group: int = DQ_GROUP,
+                 keep_converted: bool = False, base: "OpenVinoEngine | None" = None):
+        """``keep_converted``: keep the traced float graph as ``converted`` (it shares the constants' memory
+        with nothing else once compiled: drop it when done), for another engine of the same weights to start
+        from (``base``: its int8 graph is then ``base.converted`` cloned and compressed, no second trace)."""
         ok, why = available()
         if not ok:
             raise BackendUnavailable(why)
@@ -247,6 +255,9 @@ class OpenVinoEngine:
         self._lock = threading.Lock()
         self.build_s = 0.0
         self.from_cache = False  # the graph was read from the graph cache (not converted)
+        self.keep_converted = keep_converted
+        self.converted = None  # with keep_converted: the float graph as traced (none when read from the cache)
+        self._base_graph = base.converted if base is not None and base.precision == precision else None
         self.bind(model)
         self._forget(LEGACY_GRAPH_NAMES)
         self._request = self._compile()
@@ -259,11 +270,23 @@ class OpenVinoEngine:
         self._versions = self._params.versions()
 
     def _convert(self):
-        """Trace a float copy of the bound model into an OpenVINO graph, its output in the compute precision."""
+        """A float copy of the bound model traced into an OpenVINO graph (or the base engine's graph cloned),
+        its output in the compute precision; the planned weights compressed to int8."""
+        m = float_copy(self._source)
+        graph = self._base_graph.clone() if self._base_graph is not None else self._trace(m)
+        self._base_graph = None
+        if self.keep_converted:
+            self.converted = graph.clone()  # shares the constants: saving replaces them, it does not edit them
+        if self.int8_weights:
+            from .cpu import quantized_weights
+
+            compress_weights(graph, dict(m.named_parameters()), quantized_weights(m, self.int8_weights))
+        return graph
+
+    def _trace(self, m: T5Encoder):
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
-        m = float_copy(self._source)
         ids = torch.randint(2, m.config.vocab_size, (2, 8))
         wrapper = _IdsMask(m)
         example = (ids, torch.ones_like(ids))
@@ -271,11 +294,7 @@ class OpenVinoEngine:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the converter's tracing warns about its own deprecations
             graph = ov.convert_model(wrapper, example_input=example, input=shapes, share_weights=False)
-        if self.int8_weights:
-            from .cpu import quantized_weights
-
-            compress_weights(graph, dict(m.named_parameters()), quantized_weights(m, self.int8_weights))
-        del m, wrapper
+        del wrapper
         ppp = PrePostProcessor(graph)  # the output in the compute precision, converted inside the graph
         ppp.output(0).tensor().set_element_type(ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32)
         return ppp.build()

@@ -9,7 +9,8 @@ attention kernel, the int8 weight set (:func:`.cpu.plan_int8`) and the GELU form
    saw: a full-length row without mask and a padded two-row batch with one),
 2. builds every candidate that is installed and fits the time budget, checks its output against
    that reference (mean cos-sim >= ``min_cos`` and worst token >= ``min_worst``; padding excluded),
-3. times the candidates round-robin at the plan's shapes (median of ``rounds`` calls each), and
+3. times the candidates round-robin at the plan's shapes (median of ``rounds`` calls each; one that
+   cannot win, below the floor or over ``SLACK`` times the fastest, stops being timed at that shape), and
 4. keeps the fastest candidate that meets the floor (sum of the medians over the shapes), so the plan
    is never slower than the best single candidate it measured.
 
@@ -29,7 +30,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,8 @@ TUNE_SHAPES: tuple[tuple[int, int], ...] = ((1, 512), (1, 120))
 #: Seconds the search may spend building and timing candidates (a candidate not started by then is skipped).
 DEFAULT_BUDGET_S = 120.0
 ROUNDS = 3
+#: A candidate stops being timed at a shape once its fastest call is this many times the leader's median.
+SLACK = 1.5
 #: CPU flags that change which kernels the libraries pick (part of the cache key).
 ISA_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2", "fma")
 ENGINES = ("eager", "openvino", "onnxruntime")
@@ -274,21 +277,31 @@ def fidelity(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
 
 def time_round_robin(runners: dict[Candidate, Callable[[torch.Tensor], object]],
                      shapes: Sequence[tuple[int, int]], cfg, rounds: int = ROUNDS,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[Candidate, dict[str, float]]:
+                     clock: Callable[[], float] = time.perf_counter,
+                     contenders: Collection[Candidate] | None = None, slack: float = SLACK,
+                     counts: dict[Candidate, dict[str, int]] | None = None) -> dict[Candidate, dict[str, float]]:
     """Median ms per candidate and shape over ``rounds`` passes. Each pass calls every candidate once, the
     candidates of one engine in a block (one runtime's idle worker threads, OpenMP's for torch, TBB's for
     OpenVINO, keep spinning for a while after a call and would slow another's next call, so each block
     starts with an untimed call); passes, not blocks of rounds, so a change in machine load hits every
-    candidate alike. The first pass is preceded by an untimed call of every candidate (first-call costs)."""
+    candidate alike. The first pass is preceded by an untimed call of every candidate (first-call costs).
+
+    ``contenders``: the candidates that may be chosen (those that meet the floor; None: all). After each pass
+    at a shape, a candidate leaves that shape's later passes when it is not a contender, or when even its
+    fastest call so far took more than ``slack`` times the median of the fastest contender: it cannot win,
+    and its median is over the passes it ran (one at least), which ``counts`` (candidate -> shape -> passes)
+    receives when given."""
+    may_win = set(runners) if contenders is None else set(contenders) & set(runners)
     out: dict[Candidate, dict[str, float]] = {c: {} for c in runners}
-    groups: dict[str, list[Candidate]] = {}
-    for c in runners:
-        groups.setdefault(c.engine, []).append(c)
     for shape in shapes:
         ids = torch.randint(2, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(7))
         samples: dict[Candidate, list[float]] = {c: [] for c in runners}
+        active = list(runners)
         with torch.inference_mode():
             for rep in range(rounds):
+                groups: dict[str, list[Candidate]] = {}
+                for c in active:
+                    groups.setdefault(c.engine, []).append(c)
                 for group in groups.values():
                     for c in (group if rep == 0 else group[:1]):  # warm-up: all at first, then the block's first
                         runners[c](ids)
@@ -296,8 +309,14 @@ def time_round_robin(runners: dict[Candidate, Callable[[torch.Tensor], object]],
                         t0 = clock()
                         runners[c](ids)
                         samples[c].append((clock() - t0) * 1e3)
+                leaders = [statistics.median(samples[c]) for c in active if c in may_win]
+                if leaders:
+                    bar = slack * min(leaders)
+                    active = [c for c in active if c in may_win and min(samples[c]) <= bar]
         for c, s in samples.items():
             out[c][_shape_key(shape)] = statistics.median(s)
+            if counts is not None:
+                counts.setdefault(c, {})[_shape_key(shape)] = len(s)
     return out
 
 
@@ -361,9 +380,11 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
     built: dict[Candidate, object] = {}  # candidate -> its OpenVINO or ONNX Runtime engine
     ov_ok, ov_why = cpu_openvino.available()
     ov_c = Candidate("openvino", precision=precision)
-    if "openvino" in engines:
-        _ov_candidate(ov_c, dict(model=model, precision=_ov_precision(precision), graph_cache=graph_cache),
-                      ov_ok, ov_why, inputs, refs, runners, fid, measured, built, say)
+    offer_int8 = "openvino" in engines and ov_ok and cpu_openvino.dynamic_int8()
+    if "openvino" in engines:  # the float graph it traces is kept for the int8 candidate to start from
+        _ov_candidate(ov_c, dict(model=model, precision=_ov_precision(precision), graph_cache=graph_cache,
+                                 keep_converted=offer_int8), ov_ok, ov_why, inputs, refs, runners, fid, measured,
+                      built, say)
     # the op-table path: the int8 search (its own calibration batch against fp32) and the cast to bf16
     fcpu.prepare(model, int8="auto" if "eager" in engines else "none", source=source, attention="sdpa",
                  dtype=ov_c.dtype)
@@ -371,13 +392,15 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
     shared_int8 = model.ops  # prepare quantised the planned weights into this table
     if ov_c in built:
         built[ov_c].bind(model)
-    if "openvino" in engines and int8_weights and cpu_openvino.dynamic_int8():
+    if offer_int8 and int8_weights:
         # the planned set with activations quantised by OpenVINO as it runs (VNNI/AMX int8 GEMMs, the rest in
         # the plan's precision)
         _ov_candidate(Candidate("openvino", int8=True, precision=precision),
                       dict(model=model, precision=_ov_precision(precision), graph_cache=graph_cache,
-                           int8_weights=int8_weights),
+                           int8_weights=int8_weights, base=built.get(ov_c)),
                       ov_ok, ov_why, inputs, refs, runners, fid, measured, built, say)
+    if ov_c in built:
+        built[ov_c].converted = None
     if "eager" in engines:
         # int8 op-table candidates only where torch's int8 GEMM is native (else it is a slow reference loop)
         for i, c in enumerate(eager_candidates(bool(int8_weights) and fcpu.native_int8_mm(), precision)):
@@ -395,11 +418,14 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
                 fid[c] = fidelity([run(i, m) for i, m in inputs], refs, inputs)
     if "onnxruntime" in engines:
         built.update(_ort_candidates(model, precision, int8_weights, inputs, refs, runners, fid, measured, say))
-    times = time_round_robin(runners, shapes, cfg, rounds) if runners else {}
+    meets = {c for c, (cos, worst) in fid.items() if cos >= min_cos and worst >= min_worst}
+    counts: dict[Candidate, dict[str, int]] = {}
+    times = time_round_robin(runners, shapes, cfg, rounds, contenders=meets, counts=counts) if runners else {}
     for c in runners:
         cos, worst = fid[c]
-        measured.append(Measured(c, times[c], round(cos, 6), round(worst, 6),
-                                 bool(cos >= min_cos and worst >= min_worst)))
+        short = [f"{k} {n} of {rounds}" for k, n in counts.get(c, {}).items() if n < rounds]
+        note = (f"passes timed: {', '.join(short)} (over {SLACK:g}x the fastest)" if short and c in meets else "")
+        measured.append(Measured(c, times[c], round(cos, 6), round(worst, 6), c in meets, note))
     best = choose(measured)
     if best is None:  # nothing meets the floor: the most faithful candidate, said loudly
         scored = [m for m in measured if m.ms and m.cos == m.cos]
