@@ -36,12 +36,12 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 @torch.no_grad()
-def outlier_model(scale: float = 20.0, damp: float = 2.0) -> torch.nn.Module:
+def outlier_model(scale: float = 20.0, damp: float = 2.0, cfg=OUTLIER_CFG) -> torch.nn.Module:
     """T5-initialised weights with a few residual channels ``scale`` times larger, as in trained T5 v1.1:
     the embeddings and every FFN output projection write those channels large, and the RMSNorm
     weights damp them by ``damp`` only, so the normalised activations entering every GEMM keep a few
     channels ~``scale / damp`` times the rest (per-token int8 then loses the small channels)."""
-    model = common.build_model(OUTLIER_CFG, seed=7)
+    model = common.build_model(cfg, seed=7)
     ch = list(OUTLIER_CHANNELS)
     model.embed.weight[:, ch] *= scale
     for block in model.blocks:
@@ -240,3 +240,65 @@ def test_the_int8_set_is_confirmed_on_a_second_batch_and_steps_back_until_it_hol
     with caplog.at_level("INFO", logger="fastenc"):
         none = fcpu.plan_int8(model, ref, ids, confirm=(off, ids2))
     assert none.weights == () and "missed the floor on the confirming batch; 0 kept" in caplog.text
+
+
+def test_group_quantisation_gives_each_group_of_channels_its_own_scale():
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(2))
+    x[1, 5] = 80.0  # an outlier channel in the first group of row 1
+    q, scale = fcpu.quantize_rows(x, group=128)
+    assert q.dtype == torch.int8 and q.shape == (3, 256) and scale.shape == (3, 2)
+    torch.testing.assert_close(scale, x.view(3, 2, 128).abs().amax(-1) / 127)
+    back = q.float().view(3, 2, 128) * scale.unsqueeze(-1)
+    assert bool(((back.view(3, 256) - x).abs() <= scale.repeat_interleave(128, dim=1) / 2 + 1e-6).all())
+    _, per_token = fcpu.quantize_rows(x)
+    assert float(per_token[1, 0]) > 10 * float(scale[1, 1])  # the other group keeps its fine scale
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("openvino"), reason="openvino is not installed")
+def test_the_grouped_op_table_computes_what_openvino_computes_with_the_same_int8_weights():
+    """The op table's emulation of OpenVINO's dynamic quantisation (a scale per token and 128 channels), which
+    plans OpenVINO's int8 set, is nearer to OpenVINO's output than the per-token op table is (widths of two
+    groups and more, outlier channels in the first)."""
+    from fastenc.backends import cpu_openvino
+
+    cfg = OUTLIER_CFG.replace(d_model=256, d_ff=512, num_layers=2)
+    model = outlier_model(cfg=cfg)
+    names = fcpu.linear_weight_names(model)
+    engine = cpu_openvino.OpenVinoEngine(model, precision="f32", int8_weights=names)
+    ids = common.sample_ids(cfg, 2, 64, seed=31)
+    with torch.inference_mode():
+        want = engine(ids).float()
+    gaps = {}
+    for group in (128, 0):
+        m = fcpu.prepare(copy.deepcopy(model), int8=names, attention="sdpa", dtype=torch.float32)
+        m.ops.act_group = group
+        with torch.inference_mode():
+            gaps[group] = float((m(ids).float() - want).abs().max())
+    # without VNNI OpenVINO multiplies fp32 activations by the dequantised weights: both emulations only add noise
+    assert gaps[128] < (0.5 if cpu_openvino.dynamic_int8() else 1.0) * gaps[0], gaps
+
+
+def test_prepare_plans_the_grouped_set_beside_the_per_token_one_and_caches_both(monkeypatch):
+    """``act_group``: the int8 set for activations per group of channels, planned against the same fp32
+    references and cached with the per-token one; a cached plan without it is searched again when asked."""
+    model = outlier_model()
+    first = fcpu.prepare(copy.deepcopy(model), source="test:grouped", attention="sdpa", act_group=128)
+    plan = first.int8_plan
+    assert plan.group == 128 and plan.grouped and set(plan.grouped) <= set(fcpu.linear_weight_names(model))
+    assert fcpu.Int8Plan.from_json(plan.to_json()) == plan
+    searches = []
+    real = fcpu.plan_int8
+    monkeypatch.setattr(fcpu, "plan_int8", lambda *a, **k: searches.append(1) or real(*a, **k))
+    again = fcpu.prepare(copy.deepcopy(model), source="test:grouped", attention="sdpa", act_group=128)
+    plain = fcpu.prepare(copy.deepcopy(model), source="test:grouped", attention="sdpa")
+    assert not searches and again.int8_plan == plan and plain.int8_plan.weights == plan.weights
+    fcpu.prepare(copy.deepcopy(model), source="test:per-token", attention="sdpa")  # cached without a grouped set
+    assert len(searches) == 1
+    fcpu.prepare(copy.deepcopy(model), source="test:per-token", attention="sdpa", act_group=128)
+    assert len(searches) == 3  # searched again: the per-token set and the grouped one
+    grouped = fcpu.prepare(copy.deepcopy(model), int8=list(plan.grouped), attention="sdpa")
+    grouped.ops.act_group = 128  # the set keeps the floor where activations are quantised per group
+    ids = common.sample_ids(OUTLIER_CFG, 2, 90, seed=17)
+    with torch.inference_mode():
+        cos = cos_to(grouped(ids), model(ids))
+    assert float(cos.mean()) >= 0.9995 and float(cos.min()) >= 0.998

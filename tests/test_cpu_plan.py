@@ -211,9 +211,10 @@ def test_every_candidate_kind_that_passes_keeps_the_floor_on_outliers_and_unseen
     weights = ()
     if candidate.int8:  # the set the search measured, whichever candidate won (the plan keeps it only if int8)
         searched = copy.deepcopy(ref_model)
-        fcpu.prepare(searched, int8="auto", attention="sdpa", dtype=candidate.dtype)
-        weights = searched.int8_plan.weights
-        assert weights and (not plan.chosen.int8 or weights == plan.int8_weights)
+        fcpu.prepare(searched, int8="auto", attention="sdpa", dtype=candidate.dtype, act_group=cpu_openvino.DQ_GROUP)
+        ov = candidate.engine == "openvino"  # OpenVINO's set: planned for its activations per group of channels
+        weights = searched.int8_plan.grouped if ov else searched.int8_plan.weights
+        assert weights and (plan.chosen != candidate or weights == plan.int8_weights)
     forced = CpuPlan(candidate, weights, plan.measured, plan.shapes)
     plan_mod._install(model, forced)
     eng = plan_mod._plan_engine(model, forced, None) if candidate.engine != "eager" else None

@@ -69,11 +69,18 @@ GELU_KINDS = ("exact", "erf")
 # ----------------------------------------------------------------------------- int8 GEMM
 
 
-def quantize_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantisation per row: ``x [M, K] * col_scale [K] ~= q [M, K] * scale [M, 1]``."""
+def quantize_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None,
+                  group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation per row: ``x [M, K] * col_scale [K] ~= q [M, K] * scale [M, 1]``; with
+    ``group`` (dividing K), one scale per row and group of that many columns: ``scale [M, K // group]``."""
     xf = x.to(torch.float32, copy=True)  # [M, K], a private copy scaled in place
     if col_scale is not None:
         xf.mul_(col_scale)
+    if group:
+        m, k = xf.shape
+        xg = xf.view(m, k // group, group)  # [M, G, group]
+        scale = xg.abs().amax(dim=-1).div_(127.0).clamp_(min=1e-12)  # [M, G]
+        return xg.div_(scale.unsqueeze(-1)).round_().to(torch.int8).view(m, k), scale
     scale = xf.abs().amax(dim=-1, keepdim=True).div_(127.0).clamp_(min=1e-12)  # [M, 1]
     q = xf.div_(scale).round_().to(torch.int8)  # [M, K]; |q| <= 127
     return q, scale
@@ -111,10 +118,17 @@ def quantize_weight(weight: torch.Tensor, act_amax: torch.Tensor | None = None) 
 
 
 def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, group: int = 0) -> torch.Tensor:
     """``x [..., K] @ W.T`` with per-token int8 activations and per-channel int8 weights; the result
-    in ``out_dtype`` (default: ``x``'s)."""
+    in ``out_dtype`` (default: ``x``'s). ``group`` (dividing K): a scale per token and group of that many
+    channels instead, as OpenVINO quantises activations (:mod:`.cpu_openvino`); computed in fp32 on the
+    dequantised values (the same products: to plan that engine's set, not to run it)."""
     lead, k = x.shape[:-1], x.shape[-1]
+    if group and k % group == 0:
+        xq, xs = quantize_rows(x.reshape(-1, k), w.inv_smooth, group)  # [M, K] int8, [M, K / group]
+        xh = xq.float().view(xq.shape[0], -1, group).mul_(xs.unsqueeze(-1)).view(-1, k)  # [M, K]
+        y = torch.mm(xh, w.qweight_t.float()).mul_(w.scale).to(out_dtype or x.dtype)  # [M, N]
+        return (y if bias is None else y + bias).view(*lead, -1)
     xq, xs = quantize_rows(x.reshape(-1, k), w.inv_smooth)  # [M, K] int8, [M, 1]
     if native_int8_mm():
         acc = torch._int_mm(xq, w.qweight_t)  # [M, N] int32
@@ -152,13 +166,16 @@ class CpuOps(TorchOps):
 
     name = "cpu"
 
-    def __init__(self, attention: str = "matmul", gelu: str = "exact") -> None:
+    def __init__(self, attention: str = "matmul", gelu: str = "exact", act_group: int = 0) -> None:
+        """``act_group``: int8 GEMMs quantise their activations per token and group of that many channels, as
+        OpenVINO does (an fp32 emulation: for planning that engine's int8 set); 0: per token."""
         if attention not in ATTENTION_KINDS:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
         if gelu not in GELU_KINDS:
             raise ConfigError(f"gelu must be one of {', '.join(GELU_KINDS)}, got {gelu!r}")
         self.attention_kind = attention
         self.gelu_kind = gelu
+        self.act_group = int(act_group)
         self._int8: dict[int, Int8Weight] = {}
         self._record: dict[int, torch.Tensor] | None = None
 
@@ -207,7 +224,7 @@ class CpuOps(TorchOps):
         entry = self._lookup(weight) if self._int8 else None
         if entry is None:
             return F.linear(x, weight, bias)
-        return int8_linear(x, entry, bias)
+        return int8_linear(x, entry, bias, group=self.act_group)
 
     def _act(self, name: str) -> str:
         return "gelu" if self.gelu_kind == "erf" and name == "gelu_new" else name
@@ -216,7 +233,7 @@ class CpuOps(TorchOps):
         act = self._act(act)
         entry = self._lookup(wi) if self._int8 else None
         if entry is not None:  # gate in fp32 straight from the int32 accumulator (one rounding less)
-            h0, h1 = int8_linear(x, entry, out_dtype=torch.float32).chunk(2, dim=-1)  # [B, L, F] each
+            h0, h1 = int8_linear(x, entry, out_dtype=torch.float32, group=self.act_group).chunk(2, dim=-1)
             return activation(h0, act).mul_(h1).to(out_dtype)  # [B, L, F]
         h = self.linear(x, wi)  # [B, L, 2F]
         h0, h1 = h.chunk(2, dim=-1)
@@ -335,6 +352,8 @@ class Int8Plan:
     calib_len: int | None = None
     attention: str | None = None  # "matmul" | "sdpa": the faster attention kernel on the machine that planned
     worst: float | None = None  # the calibration batch's worst-token cos-sim
+    group: int = 0  # with ``grouped``: the activation group it was planned for
+    grouped: tuple[str, ...] | None = None  # the set planned for activations quantised per token and group
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "version": PLAN_VERSION}, indent=1)
@@ -347,8 +366,9 @@ class Int8Plan:
         attention = data.get("attention")
         if attention is not None and attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention kind {attention!r}")
+        grouped = data.get("grouped")
         return cls(tuple(data["weights"]), data.get("cos"), data.get("min_cos"), data.get("calib_len"), attention,
-                   data.get("worst"))
+                   data.get("worst"), int(data.get("group", 0)), tuple(grouped) if grouped is not None else None)
 
     def summary(self, cfg) -> str:
         n = cfg.num_layers
@@ -591,6 +611,7 @@ def prepare(
     attention: str = "auto",
     gelu: str = "exact",
     dtype: torch.dtype = torch.bfloat16,
+    act_group: int = 0,
 ) -> T5Encoder:
     """Turn ``model`` (any float dtype, on the CPU) into the CPU fast path, in place.
 
@@ -602,6 +623,9 @@ def prepare(
     kept in the plan), ``"matmul"`` or ``"sdpa"``; ``gelu``: one of :data:`GELU_KINDS`; ``dtype``: what the op table computes
     in, bf16 (CPUs with native bf16) or fp32 (the others: int8 GEMMs around fp32). The first call with a new ``source`` pays the
     planning (about ten calibration forwards) and the attention timing; later ones read the plan.
+    ``act_group`` (with ``int8="auto"``): also plan the set for int8 GEMMs whose activations are quantised per
+    token and group of that many channels (OpenVINO's dynamic quantisation), against the same references:
+    ``model.int8_plan.grouped`` (the op table itself runs ``weights``).
     """
     if model.embed.weight.device.type != "cpu":
         raise ConfigError(f"the cpu backend runs on the CPU; the model is on {model.embed.weight.device}")
@@ -620,6 +644,8 @@ def prepare(
     plan = int8 if isinstance(int8, Int8Plan) else _read_plan(key)
     if plan is not None and key is not None and not set(plan.weights) <= set(linear_weight_names(model)):
         plan = None  # a cached plan for another layout: search again
+    if plan is not None and key is not None and act_group and (plan.group != act_group or plan.grouped is None):
+        plan = None  # cached without the grouped set asked for: search again (it needs the fp32 references)
     ids = ref = confirm = None
     if plan is None and int8 == "auto":  # the fp32 reference, before the cast
         ids = calibration_ids(model.config, calib_len)
@@ -651,6 +677,13 @@ def prepare(
             log.info("fastenc: planning int8 weights for the cpu backend (%d calibration tokens%s)", calib_len,
                      "; cached after" if key else "")
             plan = plan_int8(model, ref, ids, min_cos=min_cos, confirm=confirm)
+            if act_group:
+                model.ops = CpuOps(kind, gelu, act_group)
+                grouped = plan_int8(model, ref, ids, min_cos=min_cos, confirm=confirm)
+                model.ops = ops
+                plan = replace(plan, group=act_group, grouped=grouped.weights)
+                log.info("fastenc: int8 set for activations per %d channels: %d weights (per token: %d)",
+                         act_group, len(grouped.weights), len(plan.weights))
         else:
             plan = Int8Plan(tuple(int8))
     params = dict(model.named_parameters())

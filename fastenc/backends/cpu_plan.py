@@ -386,18 +386,20 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
                                  keep_converted=offer_int8), ov_ok, ov_why, inputs, refs, runners, fid, measured,
                       built, say)
     # the op-table path: the int8 search (its own calibration batch against fp32) and the cast to bf16
-    fcpu.prepare(model, int8="auto" if "eager" in engines else "none", source=source, attention="sdpa",
-                 dtype=ov_c.dtype)
+    # (and OpenVINO's set, planned for its activations quantised per token and DQ_GROUP channels)
+    fcpu.prepare(model, int8="auto" if "eager" in engines or offer_int8 else "none", source=source,
+                 attention="sdpa", dtype=ov_c.dtype, act_group=cpu_openvino.DQ_GROUP if offer_int8 else 0)
     int8_weights = model.int8_plan.weights
+    ov_weights = model.int8_plan.grouped or ()
     shared_int8 = model.ops  # prepare quantised the planned weights into this table
     if ov_c in built:
         built[ov_c].bind(model)
-    if offer_int8 and int8_weights:
-        # the planned set with activations quantised by OpenVINO as it runs (VNNI/AMX int8 GEMMs, the rest in
-        # the plan's precision)
+    if offer_int8 and ov_weights:
+        # its set with activations quantised by OpenVINO as it runs (VNNI/AMX int8 GEMMs, the rest in the plan's
+        # precision)
         _ov_candidate(Candidate("openvino", int8=True, precision=precision),
                       dict(model=model, precision=_ov_precision(precision), graph_cache=graph_cache,
-                           int8_weights=int8_weights, base=built.get(ov_c)),
+                           int8_weights=ov_weights, base=built.get(ov_c)),
                       ov_ok, ov_why, inputs, refs, runners, fid, measured, built, say)
     if ov_c in built:
         built[ov_c].converted = None
@@ -437,8 +439,9 @@ def tune(model: T5Encoder, *, source: str | None = None, shapes: Sequence[tuple[
                     "running the most faithful one (%s: %.5f / %.5f); backend='torch' computes in fp32",
                     min_cos, min_worst, best.candidate.name, best.cos, best.worst)
     chosen = best.candidate
-    plan = CpuPlan(chosen, tuple(int8_weights) if chosen.int8 else (), tuple(measured), tuple(shapes), min_cos,
-                   min_worst, round(time.perf_counter() - t_start, 2), machine())
+    weights = (ov_weights if chosen.engine == "openvino" else int8_weights) if chosen.int8 else ()
+    plan = CpuPlan(chosen, tuple(weights), tuple(measured), tuple(shapes), min_cos, min_worst,
+                   round(time.perf_counter() - t_start, 2), machine())
     _install(model, plan)
     engine = built.get(chosen)
     for c, other in built.items():
