@@ -280,23 +280,26 @@ def test_the_grouped_op_table_computes_what_openvino_computes_with_the_same_int8
 
 def test_prepare_plans_the_grouped_set_beside_the_per_token_one_and_caches_both(monkeypatch):
     """``act_group``: the int8 set for activations per group of channels, planned against the same fp32
-    references and cached with the per-token one; a cached plan without it is searched again when asked."""
+    references and cached with the per-token one; a cached plan without it is searched again when asked (fp32
+    op table: int8 GEMMs fit the floor there on every CPU class)."""
     model = outlier_model()
-    first = fcpu.prepare(copy.deepcopy(model), source="test:grouped", attention="sdpa", act_group=128)
-    plan = first.int8_plan
+
+    def prep(source=None, **kwargs):
+        return fcpu.prepare(copy.deepcopy(model), source=source, attention="sdpa", dtype=torch.float32, **kwargs)
+
+    plan = prep("test:grouped", act_group=128).int8_plan
     assert plan.group == 128 and plan.grouped and set(plan.grouped) <= set(fcpu.linear_weight_names(model))
     assert fcpu.Int8Plan.from_json(plan.to_json()) == plan
     searches = []
     real = fcpu.plan_int8
     monkeypatch.setattr(fcpu, "plan_int8", lambda *a, **k: searches.append(1) or real(*a, **k))
-    again = fcpu.prepare(copy.deepcopy(model), source="test:grouped", attention="sdpa", act_group=128)
-    plain = fcpu.prepare(copy.deepcopy(model), source="test:grouped", attention="sdpa")
+    again, plain = prep("test:grouped", act_group=128), prep("test:grouped")
     assert not searches and again.int8_plan == plan and plain.int8_plan.weights == plan.weights
-    fcpu.prepare(copy.deepcopy(model), source="test:per-token", attention="sdpa")  # cached without a grouped set
+    prep("test:per-token")  # cached without a grouped set
     assert len(searches) == 1
-    fcpu.prepare(copy.deepcopy(model), source="test:per-token", attention="sdpa", act_group=128)
+    prep("test:per-token", act_group=128)
     assert len(searches) == 3  # searched again: the per-token set and the grouped one
-    grouped = fcpu.prepare(copy.deepcopy(model), int8=list(plan.grouped), attention="sdpa")
+    grouped = prep(int8=list(plan.grouped))
     grouped.ops.act_group = 128  # the set keeps the floor where activations are quantised per group
     ids = common.sample_ids(OUTLIER_CFG, 2, 90, seed=17)
     with torch.inference_mode():

@@ -505,8 +505,12 @@ def test_openvino_int8_engine_stores_the_planned_weights_as_int8_and_smooths_the
 @pytest.mark.parametrize("precision", ["f32", "bf16"])
 def test_an_int8_graph_from_the_float_engines_trace_computes_what_its_own_trace_does(precision):
     """The int8 engine built on the float engine's traced graph (traced before the model was cast to bf16, as the
-    search does) computes exactly what one traced from the cast model computes; the float engine's kept graph
-    is its own, untouched by the compression."""
+    search does) computes exactly what one traced from the cast model computes, where bf16 inference rounds the
+    fp32 weights as the cast did (CPUs with native bf16; elsewhere OpenVINO computes in fp32 and only the cast
+    model's rounding tells the two apart); the float engine's kept graph is its own, untouched by the
+    compression."""
+    from fastenc.backends import cpu_fast_path
+
     model = outlier_model()
     names = [n for n in fcpu.linear_weight_names(model) if ".attn." in n or n.startswith("projector.")]
     plain = OpenVinoEngine(model, precision=precision, keep_converted=True)
@@ -518,7 +522,11 @@ def test_an_int8_graph_from_the_float_engines_trace_computes_what_its_own_trace_
     assert not any(o.get_output_element_type(0).get_type_name() == "i8" for o in plain.converted.get_ordered_ops())
     ids = torch.randint(2, OUTLIER_CFG.vocab_size, (2, 37), generator=torch.Generator().manual_seed(22))
     with torch.inference_mode():
-        torch.testing.assert_close(from_base(ids), traced(ids), rtol=0, atol=0)
+        got, want = from_base(ids), traced(ids)
+    if precision == "f32" or cpu_fast_path()[0]:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        assert float(F.cosine_similarity(got.float(), want.float(), dim=-1).min()) >= 0.999
 
 
 def test_compress_weights_refuses_a_planned_weight_the_graph_does_not_hold():
