@@ -27,7 +27,7 @@ something else) is converted again and rewritten. An ids-only graph an earlier v
 With ``int8_weights`` the planned weights are stored as fastenc's own per-channel int8 values and scales
 (:func:`compress_weights`, smoothing included), and OpenVINO quantises their activations per token and group of
 ``DQ_GROUP`` channels as it runs: int8 GEMMs on VNNI/AMX, the rest in the inference precision (fp32, or bf16 where
-the CPU has it: on a Zen 4 the planned set under bf16 runs 1.26x faster than plain bf16 at 1x512). Where the CPU has
+the CPU has it: on a Zen 4 OpenVINO bf16 with its int8 set runs about 1.3x plain bf16). Where the CPU has
 no VNNI OpenVINO decompresses the weights instead, which is no faster, so the planner offers it only on VNNI CPUs
 (:func:`dynamic_int8`). That graph is cached as ``<key>.int8.*``; under bf16 its float weights are stored rounded
 to bf16, its int8 values and per-channel scales as they are.
@@ -222,9 +222,9 @@ class OpenVinoEngine:
     def __init__(self, model: T5Encoder, *, precision: str = "bf16", threads: int | None = None,
                  graph_cache: Path | None = None, int8_weights: Sequence[str] = (), dq_group: int = DQ_GROUP,
                  keep_converted: bool = False, base: "OpenVinoEngine | None" = None):
-        """``keep_converted``: keep the traced float graph as ``converted`` (it shares the constants' memory
-        with nothing else once compiled: drop it when done), for another engine of the same weights to start
-        from (``base``: its int8 graph is then ``base.converted`` cloned and compressed, no second trace)."""
+        """``keep_converted``: keep the traced float graph as ``converted`` (it holds the float weights: set it
+        to None when done), for another engine of the same weights to start from (``base``: its int8 graph is
+        then ``base.converted`` cloned and compressed, no second trace)."""
         ok, why = available()
         if not ok:
             raise BackendUnavailable(why)
@@ -284,6 +284,7 @@ class OpenVinoEngine:
         return graph
 
     def _trace(self, m: T5Encoder):
+        """``m`` (a float copy) as an OpenVINO graph: ids and mask [B, L] (both dynamic) -> [B, L, P]."""
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
