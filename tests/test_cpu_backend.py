@@ -254,7 +254,6 @@ def test_group_quantisation_gives_each_group_of_channels_its_own_scale():
     assert float(per_token[1, 0]) > 10 * float(scale[1, 1])  # the other group keeps its fine scale
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("openvino"), reason="openvino is not installed")
 def test_the_grouped_op_table_computes_what_openvino_computes_with_the_same_int8_weights():
     """The op table's emulation of OpenVINO's dynamic quantisation (a scale per token and 128 channels), which
     plans OpenVINO's int8 set, is nearer to OpenVINO's output than the per-token op table is (widths of two

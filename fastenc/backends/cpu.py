@@ -124,17 +124,17 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None
     channels instead, as OpenVINO quantises activations (:mod:`.cpu_openvino`); computed in fp32 on the
     dequantised values (the same products: to plan that engine's set, not to run it)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    if group and k % group == 0:
-        xq, xs = quantize_rows(x.reshape(-1, k), w.inv_smooth, group)  # [M, K] int8, [M, K / group]
-        xh = xq.float().view(xq.shape[0], -1, group).mul_(xs.unsqueeze(-1)).view(-1, k)  # [M, K]
-        y = torch.mm(xh, w.qweight_t.float()).mul_(w.scale).to(out_dtype or x.dtype)  # [M, N]
-        return (y if bias is None else y + bias).view(*lead, -1)
-    xq, xs = quantize_rows(x.reshape(-1, k), w.inv_smooth)  # [M, K] int8, [M, 1]
-    if native_int8_mm():
+    group = group if group and k % group == 0 else 0
+    xq, xs = quantize_rows(x.reshape(-1, k), w.inv_smooth, group)  # [M, K] int8, [M, 1] or [M, K / group]
+    if group:  # each group's scale inside the sum: the dequantised activations in an fp32 GEMM
+        acc = torch.mm(xq.float().view(xq.shape[0], -1, group).mul_(xs.unsqueeze(-1)).view(-1, k),
+                       w.qweight_t.float())  # [M, N]
+    elif native_int8_mm():
         acc = torch._int_mm(xq, w.qweight_t)  # [M, N] int32
     else:  # the same products in an fp32 GEMM: exact up to K * 127^2 < 2^24, within 1e-7 beyond
         acc = torch.mm(xq.float(), w.qweight_t.float())  # [M, N]
-    y = acc.float().mul_(xs).mul_(w.scale).to(out_dtype or x.dtype)  # [M, N]; int32 -> fp32: the fast cast
+    y = acc.float() if group else acc.float().mul_(xs)  # int32 -> fp32: the fast cast
+    y = y.mul_(w.scale).to(out_dtype or x.dtype)  # [M, N]
     if bias is not None:
         y = y + bias
     return y.view(*lead, -1)
