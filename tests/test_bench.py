@@ -112,14 +112,17 @@ def test_cpu_path_runs_each_candidate_in_its_own_process_and_writes_only_where_t
     got = {(r["backend"], r["batch"], r["seq"], r["metric"]): float(r["p50"]) for r in rows}
     for name in ("torch-fp32", "cpu", "torch-bf16"):
         for b, l_ in (("1", "16"), ("2", "8")):
-            for metric in ("latency", "cpu_time", "first_call", "cos_mean", "cos_worst", "latency_one_core_busy"):
+            for metric in ("latency", "cpu_time", "first_call", "cos_mean", "cos_worst", "cos_mean_padded_prompts",
+                           "cos_worst_padded_prompts", "latency_one_core_busy"):
                 assert (name, b, l_, metric) in got, (name, b, l_, metric)
-    assert got[("torch-fp32", "1", "16", "cos_mean")] == pytest.approx(1.0, abs=1e-6)  # the reference itself
-    assert got[("cpu", "1", "16", "cos_mean")] >= 0.999
+    for metric in ("cos_mean", "cos_worst_padded_prompts"):
+        assert got[("torch-fp32", "1", "16", metric)] == pytest.approx(1.0, abs=1e-6)  # the reference itself
+        assert got[("cpu", "1", "16", metric)] >= 0.999
     assert all("cpus;" in r["device"] and "load" in r["device"] and r["threads"] == "1" for r in rows)
     md = out.with_suffix(".md").read_text()
     assert "**fastenc cpu (" in md and "plan ready in" in md  # the default, with the plan it runs
     assert "Fidelity floor: mean cos-sim >= 0.9995 and worst token >= 0.999" in md and "ISA class: " in md
+    assert "padded prompts: cos mean / worst" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "1 core busy" in text and "slowdown" in text
     # --save writes the machine-named files under bench/results as well

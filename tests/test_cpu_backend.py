@@ -219,6 +219,26 @@ def test_plan_smooths_only_where_activations_have_outliers():
     assert all(e.inv_smooth is None for e in plain.ops._int8.values())
 
 
+def test_prompt_ids_are_a_prompt_then_eos_then_padding_with_common_pieces_recurring():
+    ids = fcpu.prompt_ids(OUTLIER_CFG, 16, 512, seed=3)  # [16, 512]
+    assert ids.shape == (16, 512) and ids.dtype == torch.long
+    lengths = []
+    for row in ids:
+        n = int((row == fcpu.EOS_ID).nonzero()[0])  # the prompt's length: EOS right after it
+        assert fcpu.PROMPT_TOKENS[0] <= n <= fcpu.PROMPT_TOKENS[1]
+        assert bool((row[:n] > 2).all()) and bool((row[n + 1:] == fcpu.PAD_ID).all())  # no pad, EOS or <unk> inside
+        lengths.append(n)
+    assert len(set(lengths)) > 4  # each row its own length
+    content = ids[(ids > 2)]
+    assert int(torch.bincount(content).argmax()) == 3  # the vocabulary's first piece is the most frequent
+    assert torch.equal(ids, fcpu.prompt_ids(OUTLIER_CFG, 16, 512, seed=3))
+    assert not torch.equal(ids, fcpu.prompt_ids(OUTLIER_CFG, 16, 512, seed=4))
+    # rows shorter than a prompt: the prompt fills what EOS leaves
+    assert fcpu.prompt_ids(OUTLIER_CFG, 1, 1).tolist() == [[fcpu.EOS_ID]]
+    short = fcpu.prompt_ids(OUTLIER_CFG, 2, 6, seed=1)
+    assert (short[:, -1] == fcpu.EOS_ID).all() and (short[:, :-1] > 2).all()
+
+
 def test_the_int8_set_is_confirmed_on_a_second_batch_and_steps_back_until_it_holds(caplog):
     """plan_int8's confirming batch: one that agrees with the search changes nothing; on a fresh batch the
     set kept is a subset of the one found (layers dropped from the lowest up, never added); one no int8

@@ -204,26 +204,46 @@ def test_every_candidate_kind_that_passes_keeps_the_floor_on_outliers_and_unseen
     model = outlier_model()
     ref_model = copy.deepcopy(model)
     plan, engine = plan_mod.tune(model, shapes=((1, 40),), rounds=1, precision=candidate.precision)
-    got = next(mm for mm in plan.measured if mm.candidate == candidate)
-    if not got.passes:  # below the floor on these weights: never chosen, so nothing else to hold
-        assert plan.chosen != candidate, f"{candidate.name} chosen below the floor ({got.cos:.5f} / {got.worst:.5f})"
-        return
     weights = ()
     if candidate.int8:  # the set the search measured, whichever candidate won (the plan keeps it only if int8)
         searched = copy.deepcopy(ref_model)
         fcpu.prepare(searched, int8="auto", attention="sdpa", dtype=candidate.dtype, act_group=cpu_openvino.DQ_GROUP)
         ov = candidate.engine == "openvino"  # OpenVINO's set: planned for its activations per group of channels
         weights = searched.int8_plan.grouped if ov else searched.int8_plan.weights
-        assert weights and (plan.chosen != candidate or weights == plan.int8_weights)
+    got = next((mm for mm in plan.measured if mm.candidate == candidate), None)
+    if got is None:  # an int8 candidate is offered only with a set: where bf16 alone sits at the floor, none is
+        assert candidate.int8 and not weights and plan.chosen != candidate, candidate.name
+        return
+    if not got.passes:  # below the floor on these weights: never chosen, so nothing else to hold
+        assert plan.chosen != candidate, f"{candidate.name} chosen below the floor ({got.cos:.5f} / {got.worst:.5f})"
+        return
+    assert not candidate.int8 or (weights and (plan.chosen != candidate or weights == plan.int8_weights))
     forced = CpuPlan(candidate, weights, plan.measured, plan.shapes)
     plan_mod._install(model, forced)
     eng = plan_mod._plan_engine(model, forced, None) if candidate.engine != "eager" else None
     gen = torch.Generator().manual_seed(4242)
-    ids = torch.randint(2, OUTLIER_CFG.vocab_size, (3, 57), generator=gen)
-    with torch.inference_mode():
-        out = eng(ids) if eng is not None else model(ids)
-        cos = F.cosine_similarity(out.float(), ref_model(ids), dim=-1)
-    assert float(cos.mean()) >= plan_mod.MIN_COS and float(cos.min()) >= plan_mod.MIN_WORST, candidate.name
+    # random ids, and padded prompts read unmasked (as Flux sends them: every padding position counts)
+    for ids in (torch.randint(2, OUTLIER_CFG.vocab_size, (3, 57), generator=gen),
+                fcpu.prompt_ids(OUTLIER_CFG, 2, 150, seed=4243)):
+        with torch.inference_mode():
+            out = eng(ids) if eng is not None else model(ids)
+            cos = F.cosine_similarity(out.float(), ref_model(ids), dim=-1)
+        assert float(cos.mean()) >= plan_mod.MIN_COS and float(cos.min()) >= plan_mod.MIN_WORST, \
+            (candidate.name, tuple(ids.shape), float(cos.mean()), float(cos.min()))
+
+
+def test_the_held_out_inputs_hold_a_padded_prompt_read_unmasked_and_the_floor_counts_its_padding():
+    inputs = plan_mod.held_out_inputs(TINY, SHAPES)
+    prompts = [k for k, (ids, mask) in enumerate(inputs) if mask is None and bool((ids == fcpu.PAD_ID).any())]
+    assert len(prompts) == 1
+    ids = inputs[prompts[0]][0]
+    assert ids.shape == (1, max(s for _, s in SHAPES)) and int((ids == fcpu.EOS_ID).sum()) == 1
+    assert int(ids[0, -1]) == fcpu.PAD_ID
+    refs = [torch.randn(*i.shape, 8, generator=torch.Generator().manual_seed(k)) for k, (i, _) in enumerate(inputs)]
+    assert plan_mod.fidelity(refs, refs, inputs) == pytest.approx((1.0, 1.0))
+    outs = [r.clone() for r in refs]
+    outs[prompts[0]][0, -1] *= -1  # one padding position's embedding off: the pipeline reads it, so it counts
+    assert plan_mod.fidelity(outs, refs, inputs)[1] == pytest.approx(-1.0)
 
 
 def test_openvino_engine_matches_the_reference_with_and_without_mask():
@@ -362,14 +382,18 @@ def test_a_cached_openvino_plan_reads_its_graph_instead_of_converting(monkeypatc
     def converted():
         raise AssertionError("converted again")
 
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, caplog.at_level("INFO", logger="fastenc"):
         patch.setattr(cpu_openvino.OpenVinoEngine, "_convert", lambda self: converted())
+        caplog.clear()
         second = fastenc.load(path, backend="cpu", dtype="bf16", cache=False)
         assert second.model.cpu_engine.from_cache is True
         with torch.inference_mode():
             torch.testing.assert_close(second(ids), want, rtol=0, atol=0)
             torch.testing.assert_close(second(ids, attention_mask=mask)[mask.bool()], want_masked[mask.bool()],
                                        rtol=0, atol=0)
+    # the log names what runs, not the op table's empty int8 set (that table only stands by)
+    assert "runs openvino bf16; the op table (attention sdpa, float GEMMs) stands by" in caplog.text
+    assert "int8: attention 0/" not in caplog.text
     assert not any(p.exists() for p in legacy)
 
     other = fcpu.plan_cache_dir().parent / "other"  # another checkpoint's graph put in this one's place

@@ -45,7 +45,7 @@ from ..ops import TORCH_OPS, TorchOps, activation
 log = logging.getLogger("fastenc")
 
 #: Bump when the plan search or the int8 scheme changes (invalidates cached plans).
-PLAN_VERSION = 6
+PLAN_VERSION = 7
 #: Calibration cosine similarity (mean over tokens, to fp32) a plan must keep.
 DEFAULT_MIN_COS = 0.9995
 #: ... and its worst token (a margin above 0.999, since unseen inputs have more tokens to be worst).
@@ -58,6 +58,10 @@ SMOOTH_ALPHA = 0.5
 #: The seed of the second calibration batch that confirms the int8 set (plan_int8's ``confirm``).
 CONFIRM_SEED = 1
 CALIB_ROWS = 4  # four different rows: the worst token of 512 tokens estimates the tail (unseen inputs) better
+#: T5's and umT5's padding and end-of-sequence ids (2 is <unk>)
+PAD_ID, EOS_ID = 0, 1
+#: The lengths of a prompt-shaped row's prompt, in tokens (a diffusion prompt's T5 tokens; :func:`prompt_ids`).
+PROMPT_TOKENS = (12, 96)
 INT8_MODES = ("auto", "none", "all")
 ATTENTION_KINDS = ("matmul", "sdpa")
 #: "exact": the config's activation; "erf": tanh-approximated GELU (T5 v1.1's gelu_new) computed as the
@@ -430,6 +434,26 @@ def calibration_ids(cfg, length: int = CALIB_LEN, seed: int = 0, rows: int = CAL
     return torch.randint(2, cfg.vocab_size, (rows, length), generator=gen)
 
 
+def prompt_ids(cfg, rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Prompt-shaped token ids [rows, length] as the unmasked pipelines (Flux, SD3, LTX-Video, CogVideoX) send
+    them: a prompt of PROMPT_TOKENS tokens, EOS, then padding to ``length``; their transformer reads every
+    position, the padding's embeddings included. The prompts' ids follow a Zipf law over the vocabulary's order
+    (SentencePiece vocabularies, T5's and umT5's, list pieces from the most frequent), so common pieces recur
+    as in text; each row has its own length."""
+    gen = torch.Generator().manual_seed(seed)
+    first = EOS_ID + 2  # the first id after pad, EOS and <unk>
+    weights = 1.0 / torch.arange(1, max(cfg.vocab_size - first, 1) + 1, dtype=torch.float64)  # Zipf by rank
+    hi = min(PROMPT_TOKENS[1], length - 1)
+    lo = min(PROMPT_TOKENS[0], hi)
+    out = torch.full((rows, length), PAD_ID, dtype=torch.long)  # [rows, L]
+    for row in out:
+        n = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        if n:
+            row[:n] = torch.multinomial(weights, n, replacement=True, generator=gen) + first
+        row[n] = EOS_ID
+    return out
+
+
 def _cos(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """Cosine similarity of the embeddings to the reference: (mean, worst) over tokens."""
     cos = F.cosine_similarity(out.float(), ref.float(), dim=-1)  # [B, L]
@@ -458,7 +482,8 @@ def plan_int8(
     ``confirm``: ``(ref, ids)`` of a second batch the search never scored. The set found sits at the floor
     on the search batch, so on other tokens its worst token falls below about half the time; it must
     also pass on this batch, else it steps back (one ``wo`` layer at a time from the lowest, then ``wi``,
-    then the projector alone, then nothing) until it does. The cos-sim kept is the lower of the two batches.
+    then the projector alone, then nothing) until a set passes on both. The cos-sim kept is the lower of the
+    two batches.
     """
     ops = model.ops
     if not isinstance(ops, CpuOps):
@@ -517,15 +542,24 @@ def plan_int8(
         steps += [ffn(wi, n) for wi in range(first["wi"] + 1, n + 1)]
         steps += [proj] if core == attn + proj and proj else []
         steps.append([])
-        cand, c2 = base, score(base, confirm)
+
+        def scores(names: list[str]) -> tuple[tuple[float, float] | None, tuple[float, float]]:
+            """(search batch, confirming batch); the search batch only where the confirming one passes."""
+            c2 = score(names, confirm)
+            return (score(names) if passes(c2) else None), c2
+
+        # a step must pass on both batches: a smaller set is not always better on the search batch (errors of
+        # different GEMMs can cancel), and the search scored only the sets on its path
+        cand, (c1, c2) = base, (best, score(base, confirm))
         for step in steps:
-            if passes(c2):
+            if c1 is not None and passes(c1) and passes(c2):
                 break
-            cand, c2 = step, score(step, confirm)
+            cand, (c1, c2) = step, scores(step)
         if cand != base:
             log.info("fastenc: the int8 set of %d weights missed the floor on the confirming batch; %d kept",
                      len(base), len(cand))
-            base, best = cand, score(cand)
+            base = cand
+        best = c1 if c1 is not None else score(cand)
         best = (min(best[0], c2[0]), min(best[1], c2[1]))
     ops.clear()
     return Int8Plan(tuple(base), round(best[0], 6), min_cos, int(ids.shape[1]), worst=round(best[1], 6))
@@ -612,6 +646,7 @@ def prepare(
     gelu: str = "exact",
     dtype: torch.dtype = torch.bfloat16,
     act_group: int = 0,
+    standby_for: str | None = None,
 ) -> T5Encoder:
     """Turn ``model`` (any float dtype, on the CPU) into the CPU fast path, in place.
 
@@ -625,7 +660,8 @@ def prepare(
     planning (about ten calibration forwards) and the attention timing; later ones read the plan.
     ``act_group`` (with ``int8="auto"``): also plan the set for int8 GEMMs whose activations are quantised per
     token and group of that many channels (OpenVINO's dynamic quantisation), against the same references:
-    ``model.int8_plan.grouped`` (the op table itself runs ``weights``).
+    ``model.int8_plan.grouped`` (the op table itself runs ``weights``). ``standby_for``: the engine the plan runs
+    instead (this op table then serves only when that engine steps aside), named in the log line.
     """
     if model.embed.weight.device.type != "cpu":
         raise ConfigError(f"the cpu backend runs on the CPU; the model is on {model.embed.weight.device}")
@@ -701,6 +737,10 @@ def prepare(
     model.int8_plan = plan
     del ref, confirm
     release_freed_memory()  # the fp32 weights the cast replaced
-    log.info("fastenc: cpu backend (%s, %s) %s", model.config.name, str(dtype).removeprefix("torch."),
-             plan.summary(model.config))
+    if standby_for:
+        log.info("fastenc: cpu backend (%s, %s) runs %s; the op table (attention %s, float GEMMs) stands by for when "
+                 "it steps aside", model.config.name, str(dtype).removeprefix("torch."), standby_for, kind)
+    else:
+        log.info("fastenc: cpu backend (%s, %s) %s", model.config.name, str(dtype).removeprefix("torch."),
+                 plan.summary(model.config))
     return model
