@@ -222,28 +222,11 @@ def test_every_candidate_kind_that_passes_keeps_the_floor_on_outliers_and_unseen
     plan_mod._install(model, forced)
     eng = plan_mod._plan_engine(model, forced, None) if candidate.engine != "eager" else None
     gen = torch.Generator().manual_seed(4242)
-    # random ids, and padded prompts read unmasked (as Flux sends them: every padding position counts)
-    for ids in (torch.randint(2, OUTLIER_CFG.vocab_size, (3, 57), generator=gen),
-                fcpu.prompt_ids(OUTLIER_CFG, 2, 150, seed=4243)):
-        with torch.inference_mode():
-            out = eng(ids) if eng is not None else model(ids)
-            cos = F.cosine_similarity(out.float(), ref_model(ids), dim=-1)
-        assert float(cos.mean()) >= plan_mod.MIN_COS and float(cos.min()) >= plan_mod.MIN_WORST, \
-            (candidate.name, tuple(ids.shape), float(cos.mean()), float(cos.min()))
-
-
-def test_the_held_out_inputs_hold_a_padded_prompt_read_unmasked_and_the_floor_counts_its_padding():
-    inputs = plan_mod.held_out_inputs(TINY, SHAPES)
-    prompts = [k for k, (ids, mask) in enumerate(inputs) if mask is None and bool((ids == fcpu.PAD_ID).any())]
-    assert len(prompts) == 1
-    ids = inputs[prompts[0]][0]
-    assert ids.shape == (1, max(s for _, s in SHAPES)) and int((ids == fcpu.EOS_ID).sum()) == 1
-    assert int(ids[0, -1]) == fcpu.PAD_ID
-    refs = [torch.randn(*i.shape, 8, generator=torch.Generator().manual_seed(k)) for k, (i, _) in enumerate(inputs)]
-    assert plan_mod.fidelity(refs, refs, inputs) == pytest.approx((1.0, 1.0))
-    outs = [r.clone() for r in refs]
-    outs[prompts[0]][0, -1] *= -1  # one padding position's embedding off: the pipeline reads it, so it counts
-    assert plan_mod.fidelity(outs, refs, inputs)[1] == pytest.approx(-1.0)
+    ids = torch.randint(2, OUTLIER_CFG.vocab_size, (3, 57), generator=gen)
+    with torch.inference_mode():
+        out = eng(ids) if eng is not None else model(ids)
+        cos = F.cosine_similarity(out.float(), ref_model(ids), dim=-1)
+    assert float(cos.mean()) >= plan_mod.MIN_COS and float(cos.min()) >= plan_mod.MIN_WORST, candidate.name
 
 
 def test_openvino_engine_matches_the_reference_with_and_without_mask():

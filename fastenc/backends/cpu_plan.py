@@ -6,10 +6,9 @@ A plan covers everything that decides speed on the CPU: the engine (the op-table
 attention kernel, the int8 weight set (:func:`.cpu.plan_int8`) and the GELU form. :func:`tune`
 
 1. computes the fp32 model's output on held-out inputs (ids and lengths the int8 calibration never
-   saw: a full-length row without mask, a prompt-shaped row as Flux sends it (a prompt, EOS and padding
-   to the full length, unmasked: the padding's embeddings count) and a padded two-row batch with a mask),
+   saw: a full-length row without mask and a padded two-row batch with one),
 2. builds every candidate that is installed and fits the time budget, checks its output against
-   that reference (mean cos-sim >= ``min_cos`` and worst token >= ``min_worst``; masked padding excluded),
+   that reference (mean cos-sim >= ``min_cos`` and worst token >= ``min_worst``; padding excluded),
 3. times the candidates round-robin at the plan's shapes (median of ``rounds`` calls each; one that
    cannot win, below the floor or over ``SLACK`` times the fastest, stops being timed at that shape), and
 4. keeps the fastest candidate that meets the floor (sum of the medians over the shapes), so the plan
@@ -251,10 +250,8 @@ def cached_plans() -> list[tuple[str, CpuPlan]]:
 
 def held_out_inputs(cfg, shapes: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Inputs no plan sees while it is made: full-length rows of the longest shape, no mask, at least
-    HELD_OUT_TOKENS tokens in all (the worst token is a tail estimate: too few tokens flatter it); a
-    prompt-shaped row of that length, no mask (:func:`.cpu.prompt_ids`: what Flux or SD3 sends, every padding
-    position an embedding their transformer reads); and two shorter rows with a mask, the first half padded
-    (``[B, L]`` ids, ``[B, L]`` mask or None)."""
+    HELD_OUT_TOKENS tokens in all (the worst token is a tail estimate: too few tokens flatter it); and two
+    shorter rows with a mask, the first half padded (``[B, L]`` ids, ``[B, L]`` mask or None)."""
     gen = torch.Generator().manual_seed(HELD_OUT_SEED)
     longest = max(s for _, s in shapes)
     short = max(4, min(longest, 96) - 7)  # a length no tune shape uses
@@ -262,8 +259,7 @@ def held_out_inputs(cfg, shapes: Sequence[tuple[int, int]]) -> list[tuple[torch.
     ids_short = torch.randint(2, cfg.vocab_size, (2, short), generator=gen)
     mask = torch.ones(2, short, dtype=torch.long)
     mask[0, short // 2:] = 0
-    prompt = fcpu.prompt_ids(cfg, 1, longest, seed=HELD_OUT_SEED)  # [1, L]
-    return [(ids_long, None), (prompt, None), (ids_short, mask)]
+    return [(ids_long, None), (ids_short, mask)]
 
 
 def fidelity(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
