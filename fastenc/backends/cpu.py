@@ -542,19 +542,14 @@ def plan_int8(
         steps += [ffn(wi, n) for wi in range(first["wi"] + 1, n + 1)]
         steps += [proj] if core == attn + proj and proj else []
         steps.append([])
-
-        def scores(names: list[str]) -> tuple[tuple[float, float] | None, tuple[float, float]]:
-            """(search batch, confirming batch); the search batch only where the confirming one passes."""
-            c2 = score(names, confirm)
-            return (score(names) if passes(c2) else None), c2
-
         # a step must pass on both batches: a smaller set is not always better on the search batch (errors of
         # different GEMMs can cancel), and the search scored only the sets on its path
-        cand, (c1, c2) = base, (best, score(base, confirm))
+        cand, c1, c2 = base, best, score(base, confirm)
         for step in steps:
-            if c1 is not None and passes(c1) and passes(c2):
+            if passes(c2) and passes(c1):  # c1 is None only where c2 fails
                 break
-            cand, (c1, c2) = step, scores(step)
+            cand, c2 = step, score(step, confirm)
+            c1 = score(step) if passes(c2) else None  # the search batch only where the confirming one passes
         if cand != base:
             log.info("fastenc: the int8 set of %d weights missed the floor on the confirming batch; %d kept",
                      len(base), len(cand))
